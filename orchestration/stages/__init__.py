@@ -1,0 +1,10 @@
+"""The pipeline's stages, in order."""
+
+from orchestration.pipeline import Stage
+from orchestration.stages import generalist
+
+STAGES: tuple[Stage, ...] = (generalist.STAGE,)
+
+
+def stage_names() -> list[str]:
+    return [stage.name for stage in STAGES]

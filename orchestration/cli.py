@@ -1,0 +1,116 @@
+"""The ``specdistill`` command.
+
+    specdistill run [CONFIG] [key=value ...] [--only STAGE] [--from STAGE]
+    specdistill generalist [CONFIG] [key=value ...]      # one stage
+    specdistill config [CONFIG] [key=value ...]          # print the resolved config
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from orchestration.config import ConfigError, load_config
+from orchestration.stages import STAGES, stage_names
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def _split_config_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    """CONFIG is the first argument without '='; the rest are dotted overrides."""
+    if args and "=" not in args[0]:
+        return args[0], list(args[1:])
+    return None, list(args)
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "args", nargs="*", metavar="[CONFIG] [key=value]",
+        help="YAML config (default: built-in quickstart) and dotted overrides, e.g. generalist.epochs=3",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specdistill",
+        description="Specialist ensembles distilled into one compact student (Ray + MLflow + PyTorch).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the pipeline's stages in order, skipping finished ones")
+    _add_config_args(run)
+    group = run.add_mutually_exclusive_group()
+    group.add_argument("--only", choices=stage_names(), help="run just this stage")
+    group.add_argument("--from", dest="start", choices=stage_names(), help="re-run from this stage on")
+    for name in stage_names():
+        stage = sub.add_parser(name, help=f"run the {name} stage only")
+        _add_config_args(stage)
+    show = sub.add_parser("config", help="print the fully resolved config")
+    _add_config_args(show)
+    return parser
+
+
+def _load(args: Sequence[str]):
+    path, overrides = _split_config_args(args)
+    return load_config(Path(path) if path else None, overrides)
+
+
+def _cmd_run(ns: argparse.Namespace, console: Console) -> int:
+    from orchestration.pipeline import run_pipeline
+
+    config = _load(ns.args)
+    only = ns.command if ns.command in stage_names() else getattr(ns, "only", None)
+    outcome = run_pipeline(config, STAGES, only=only, start=getattr(ns, "start", None), console=console)
+    _print_summary(outcome, console)
+    return 0
+
+
+def _print_summary(outcome, console: Console) -> None:
+    gen = outcome.manifests.get("generalist")
+    if gen is not None:
+        m = gen.metrics
+        console.print(
+            f"generalist: test top1 {m['test_top1']:.4f}  top5 {m['test_top5']:.4f}  "
+            f"params {int(m['params']):,}"
+        )
+    console.print(f"run dir: {outcome.run_dir}")
+    console.print(f"mlflow run id: {outcome.parent_run_id}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    console = Console()
+    errors = Console(stderr=True)
+    try:
+        if ns.command == "config":
+            console.print(_load(ns.args).to_yaml(), end="", markup=False, highlight=False)
+            return 0
+        return _cmd_run(ns, console)
+    except ConfigError as exc:
+        errors.print(f"error: {exc}", markup=False, highlight=False)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        errors.print("interrupted; re-run the same command to resume", markup=False)
+        return 130
+    except _user_errors() as exc:
+        errors.print(f"error: {exc}", markup=False, highlight=False)
+        return EXIT_BAD_INPUT if isinstance(exc, ValueError) else EXIT_FAILED
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message already names the problem and the fix: no traceback for these."""
+    from generalist.data import DataError
+    from generalist.train import NonFiniteLossError
+    from orchestration.checkpoints import CheckpointError
+    from orchestration.rundir import RunDirError
+    from orchestration.tracking import TrackingError
+
+    return (DataError, CheckpointError, NonFiniteLossError, TrackingError, RunDirError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Typed, validated pipeline configuration.
+
+Every section is a frozen pydantic model that rejects unknown keys. A config is loaded from
+YAML, dotted ``key=value`` overrides are applied to the raw mapping, and the result is
+validated once. The defaults are the quickstart: built-in glyphs, a CPU-sized generalist.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(Section):
+    name: str = Field("quickstart", description="Run name; the run directory is root/name.")
+    root: str = Field("runs", description="Parent folder of run directories.")
+    dir: str | None = Field(None, description="Explicit run directory (overrides root/name).")
+    seed: int = Field(0, description="Seed for data generation, splits, init and batch order.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if available.")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch default.")
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir) if self.dir else Path(self.root) / self.name
+
+
+class TrackingConfig(Section):
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."
+    )
+    experiment: str = Field("specdistill", description="MLflow experiment name.")
+
+
+class DataConfig(Section):
+    name: str = Field("glyphs", description="Data set: glyphs, hierarchy, cifar100, mnist, image_folder, ...")
+    root: str | None = Field(None, description="Folder holding the data for external data sets.")
+    options: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "num_classes": 320,
+            "train_per_class": 60,
+            "holdout_per_class": 12,
+            "test_per_class": 15,
+        },
+        description="Data-set specific options (validated by the data set; see README).",
+    )
+
+
+class GeneralistConfig(Section):
+    model: str = Field("cnn", description="Model name in the registry (cnn, resnet, tv.<name>).")
+    width: float = Field(1.0, gt=0, description="Channel-width multiplier.")
+    depth: float = Field(1.0, gt=0, description="Depth multiplier.")
+    epochs: int = Field(6, ge=1, description="Maximum training epochs.")
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    warmup_epochs: float = Field(0.5, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")
+    patience: int = Field(3, ge=1, description="Early stopping patience on holdout loss (epochs).")
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    data: DataConfig = DataConfig()
+    generalist: GeneralistConfig = GeneralistConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def section_hash(self, keys: Sequence[str]) -> str:
+        """sha256 of the named dotted config keys, e.g. ("data", "generalist", "run.seed")."""
+        values = {key: _get_dotted(self.model_dump(mode="json"), key) for key in keys}
+        blob = json.dumps(values, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def flat(self) -> dict[str, Any]:
+        """Flattened dotted keys -> values (for MLflow params)."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load YAML at ``path`` (None = built-in defaults), apply ``key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+    return validate_config(raw, source=str(path) if path else "defaults")
+
+
+def validate_config(raw: Mapping[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, source)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist; the shipped configs are in configs/")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. generalist.epochs=3)")
+    return key.strip(), yaml.safe_load(text) if text.strip() else None
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _get_dotted(data: Mapping[str, Any], key: str) -> Any:
+    node: Any = data
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _fields_at(loc: Sequence[Any]) -> list[str]:
+    """Valid field names of the section that holds ``loc`` (the last element is the bad key)."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _explain(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join(loc)
+        if err["type"] == "extra_forbidden":
+            valid = _fields_at(loc)
+            close = difflib.get_close_matches(loc[-1], valid, n=1)
+            hint = f"; did you mean '{'.'.join(loc[:-1] + close)}'?" if close else ""
+            lines.append(f"  unknown key '{key}'{hint} (valid here: {', '.join(valid)})")
+        else:
+            got = err.get("input")
+            lines.append(f"  {key}: {err['msg']} (got {got!r})")
+    return "\n".join(lines)

@@ -1,0 +1,232 @@
+"""Stage 1, the generalist: train a classifier on all classes, evaluate, checkpoint, resume.
+
+Reads top to bottom: build the model from the config, resume from the last epoch checkpoint
+if one fits, train with early stopping on the holdout loss, evaluate the best weights on the
+test split, and write ``model.safetensors`` + ``model.json`` + ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from generalist.models import create_model, summarize_model
+from generalist.train import (
+    EarlyStopping,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    iterate_batches,
+    set_seed,
+    train_one_epoch,
+)
+from orchestration.checkpoints import (
+    CheckpointError,
+    load_train_state,
+    load_weights,
+    read_metadata,
+    save_model,
+    save_train_state,
+)
+from orchestration.pipeline import Stage, StageContext, StageResult
+from orchestration.rundir import write_json
+
+NAME = "generalist"
+LAST, BEST, FINAL = "checkpoints/last", "checkpoints/best", "model"
+TRAIN_STATE = "checkpoints/train_state.pt"
+
+
+def model_spec(ctx: StageContext) -> dict[str, Any]:
+    cfg, data = ctx.config.generalist, ctx.data()
+    channels, height, _ = data.image_shape
+    return {
+        "name": cfg.model,
+        "num_classes": data.num_classes,
+        "in_channels": channels,
+        "image_size": height,
+        "width": cfg.width,
+        "depth": cfg.depth,
+    }
+
+
+def build_from_spec(spec: dict[str, Any]) -> torch.nn.Module:
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    return create_model(spec["name"], **kwargs)
+
+
+def load_generalist(stage_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained generalist and its metadata, for later stages (CheckpointError if unusable)."""
+    meta = read_metadata(stage_dir / FINAL)
+    model = load_weights(stage_dir / FINAL, build_from_spec(meta["model"]))
+    return model.eval(), meta
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, data = ctx.config.generalist, ctx.data()
+    set_seed(ctx.config.run.seed)
+    spec = model_spec(ctx)
+    model = build_from_spec(spec).to(ctx.device)
+    summary = summarize_model(model, data.image_shape, device=str(ctx.device))
+    ctx.console.print(
+        f"  model {cfg.model} width={cfg.width} depth={cfg.depth}: {summary.params:,} parameters, "
+        f"{summary.latency_ms:.3f} ms/example; data {data.name}: {data.num_classes} classes, "
+        f"{len(data.train):,} train / {len(data.holdout):,} holdout / {len(data.test):,} test"
+    )
+    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    optimizer = build_optimizer(
+        model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+    )
+    scheduler = build_scheduler(
+        optimizer,
+        total_steps=steps_per_epoch * cfg.epochs,
+        warmup_steps=int(cfg.warmup_epochs * steps_per_epoch),
+    )
+    stopper = EarlyStopping(patience=cfg.patience)
+    start_epoch = _resume(ctx, model, optimizer, scheduler, stopper)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        stop = _train_epoch(ctx, model, optimizer, scheduler, stopper, epoch, spec, steps_per_epoch)
+        if stop:
+            ctx.console.print(f"  early stop after epoch {epoch + 1}: holdout loss did not improve")
+            break
+
+    return _finish(ctx, spec, summary)
+
+
+def _train_epoch(ctx, model, optimizer, scheduler, stopper, epoch, spec, steps_per_epoch) -> bool:
+    cfg, data, device = ctx.config.generalist, ctx.data(), ctx.device
+    batches = iterate_batches(
+        data.train.images, data.train.labels, batch_size=cfg.batch_size, shuffle=True,
+        seed=ctx.config.run.seed, epoch=epoch, device=device,
+    )
+    with _step_progress(ctx, epoch, steps_per_epoch) as advance:
+        result = train_one_epoch(
+            model, batches, optimizer, scheduler, epoch=epoch, device=device,
+            label_smoothing=cfg.label_smoothing, amp=cfg.amp and device.type == "cuda",
+            on_step=advance,
+        )
+    holdout = evaluate(model, _eval_batches(ctx, data.holdout), device=device)
+    improved_before = stopper.best
+    stop = stopper.step(holdout["loss"])
+    metrics = {
+        "train_loss": result.loss,
+        "train_accuracy": result.accuracy,
+        "holdout_loss": holdout["loss"],
+        "holdout_top1": holdout["top1"],
+        "examples_per_s": result.examples_per_s,
+        "lr": optimizer.param_groups[0]["lr"],
+    }
+    ctx.logger.log_metrics(metrics, step=epoch + 1)
+    ctx.console.print(
+        f"  epoch {epoch + 1}/{cfg.epochs}  loss {result.loss:.4f}  train acc {result.accuracy:.3f}  "
+        f"holdout loss {holdout['loss']:.4f}  holdout top1 {holdout['top1']:.3f}  "
+        f"{result.examples_per_s:,.0f} img/s  {result.seconds:.1f}s"
+    )
+    if stopper.best != improved_before:
+        save_model(ctx.stage_dir / BEST, model, {"model": spec, "epoch": epoch + 1})
+    save_model(ctx.stage_dir / LAST, model, {"model": spec, "epoch": epoch + 1})
+    save_train_state(
+        ctx.stage_dir / TRAIN_STATE,
+        {
+            "epoch": epoch + 1,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "early_stopping": stopper.state_dict(),
+        },
+    )
+    return stop
+
+
+def _resume(ctx, model, optimizer, scheduler, stopper) -> int:
+    """Continue from the last epoch checkpoint; a corrupt one is reported and training restarts."""
+    if not (ctx.stage_dir / TRAIN_STATE).exists():
+        return 0
+    try:
+        state = load_train_state(ctx.stage_dir / TRAIN_STATE)
+        load_weights(ctx.stage_dir / LAST, model)
+        read_metadata(ctx.stage_dir / BEST)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        stopper.load_state_dict(state["early_stopping"])
+    except (CheckpointError, KeyError, ValueError) as exc:
+        ctx.console.print(f"[yellow]warning[/] cannot resume ({exc}); training from scratch")
+        set_seed(ctx.config.run.seed)
+        model.load_state_dict(build_from_spec(model_spec(ctx)).state_dict())
+        return 0
+    epoch = int(state["epoch"])
+    ctx.console.print(f"  resuming after epoch {epoch} from {ctx.stage_dir / LAST}.safetensors")
+    return epoch
+
+
+def _finish(ctx, spec, summary) -> StageResult:
+    data, device = ctx.data(), ctx.device
+    try:
+        model = load_weights(ctx.stage_dir / BEST, build_from_spec(spec)).to(device)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; delete {ctx.stage_dir} to re-train the generalist") from None
+    test = evaluate(model, _eval_batches(ctx, data.test), device=device)
+    best_epoch = read_metadata(ctx.stage_dir / BEST)["epoch"]
+    metrics = {
+        "test_top1": test["top1"],
+        "test_top5": test["top5"],
+        "test_loss": test["loss"],
+        "params": summary.params,
+        "latency_ms": summary.latency_ms,
+        "best_epoch": best_epoch,
+    }
+    metadata = {
+        "model": spec,
+        "class_names": list(data.class_names),
+        "data": data.describe(),
+        "config": ctx.config.generalist.model_dump(mode="json"),
+        "metrics": metrics,
+    }
+    save_model(ctx.stage_dir / FINAL, model, metadata)
+    write_json(ctx.stage_dir / "metrics.json", metrics)
+    ctx.logger.log_metrics({k: v for k, v in metrics.items() if k != "best_epoch"})
+    ctx.logger.log_artifact(ctx.stage_dir / "metrics.json")
+    ctx.logger.log_artifact(ctx.stage_dir / f"{FINAL}.json")
+    ctx.console.print(
+        f"  generalist test top1 {test['top1']:.4f}  top5 {test['top5']:.4f}  "
+        f"params {summary.params:,}  (best epoch {best_epoch})"
+    )
+    outputs = [f"{FINAL}.safetensors", f"{FINAL}.json", "metrics.json"]
+    return StageResult(outputs=outputs, metrics=metrics, details={"data": data.describe()})
+
+
+def _eval_batches(ctx, split):
+    return iterate_batches(
+        split.images, split.labels, batch_size=ctx.config.generalist.eval_batch_size,
+        shuffle=False, device=ctx.device,
+    )
+
+
+class _step_progress:
+    """A transient per-step progress bar on terminals; silent otherwise (logs get epoch lines)."""
+
+    def __init__(self, ctx, epoch: int, total: int):
+        self.progress = Progress(
+            TextColumn(f"  epoch {epoch + 1}"), BarColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+            TimeRemainingColumn(), console=ctx.console, transient=True,
+            disable=not ctx.console.is_terminal,
+        )
+        self.task = self.progress.add_task("train", total=total, loss=float("nan"))
+
+    def __enter__(self):
+        self.progress.start()
+        return lambda step, loss: self.progress.update(self.task, completed=step + 1, loss=loss)
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+
+STAGE = Stage(
+    name=NAME,
+    config_keys=("data", "generalist", "run.seed"),
+    upstream=(),
+    run=run,
+)
