@@ -1,0 +1,133 @@
+"""`image_folder`: any folder-per-class tree of images, loaded into memory.
+
+    root/<class name>/**/<image>               test carved from it (test_fraction)
+    root/train/<class name>/**/<image>  and root/test/<class name>/**/<image>
+
+Images are decoded with PIL, converted to L (channels=1) or RGB (channels=3), resized to
+image_size x image_size (bilinear, aspect ratio not kept) and stored as
+(N, channels, image_size, image_size) uint8. Class ids follow sorted folder names.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from generalist.data.core import DataBundle, DataError, Split
+from generalist.data.external import finish
+from generalist.data.registry import (
+    check_float,
+    check_int,
+    check_num_classes,
+    register_dataset,
+)
+from generalist.data.splits import SPLIT_STREAM, carve, derive_seed, shuffled
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def class_images(folder: Path) -> dict[str, list[Path]]:
+    """Image files per class sub-folder of `folder` (hidden entries skipped), sorted."""
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = {}
+    for directory in classes:
+        files = sorted(
+            p for p in directory.rglob("*")
+            if p.suffix.lower() in EXTENSIONS and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+        )
+        if not files:
+            raise DataError(
+                f"class folder {directory} holds no images ({', '.join(EXTENSIONS)}); add "
+                "images to it or remove the folder."
+            )
+        found[directory.name] = files
+    return found
+
+
+def load_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """One image as (channels, size, size) uint8."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB")
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
+            pixels = np.asarray(image, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError) as err:
+        raise DataError(f"cannot read image {path} ({err}); fix or delete the file.") from err
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+def load_split(files: dict[str, list[Path]], class_ids: dict[str, int], size: int,
+               channels: int) -> Split:
+    """All images of `files` (class -> paths) as a Split, labels from `class_ids`."""
+    paths = [(p, class_ids[name]) for name, ps in files.items() for p in ps]
+    images = np.zeros((len(paths), channels, size, size), dtype=np.uint8)
+    for index, (path, _) in enumerate(paths):
+        images[index] = load_image(path, size, channels)
+    labels = np.array([label for _, label in paths], dtype=np.int64)
+    return Split(torch.from_numpy(images), torch.from_numpy(labels))
+
+
+def read_tree(root: Path) -> tuple[dict[str, list[Path]], dict[str, list[Path]] | None]:
+    """(train files, test files or None when test must be carved) per class."""
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        train, test = class_images(root / "train"), class_images(root / "test")
+        extra = sorted(set(test) - set(train))
+        if extra:
+            raise DataError(
+                f"{root / 'test'} has classes {extra} that {root / 'train'} lacks; every test "
+                "class needs training images: add them under train/ or remove them from test/."
+            )
+        return train, test
+    return class_images(root), None
+
+
+@register_dataset("image_folder")
+def build_image_folder(*, root: str | None = None, seed: int = 0, image_size: int = 32,
+                       channels: int = 3, holdout_fraction: float = 0.1,
+                       test_fraction: float = 0.1, num_classes: int | None = None) -> DataBundle:
+    """Images of a folder-per-class tree at `root` (see module doc), splits by seed."""
+    base = _check_root(root)
+    size = check_int("image_size", image_size, minimum=4, maximum=1024)
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise DataError(f"option channels={channels!r} is invalid; pass channels=1 or 3.")
+    train_files, test_files = read_tree(base)
+    if len(train_files) < 2:
+        raise DataError(
+            f"{base} holds {len(train_files)} class folder(s) with images ({list(train_files)}); "
+            "a classifier needs at least 2: add one sub-folder of images per class."
+        )
+    check_num_classes("image_folder", num_classes, len(train_files))
+    class_ids = {name: k for k, name in enumerate(train_files)}
+    train = load_split(train_files, class_ids, size, channels)
+    if test_files is None:
+        fraction = check_float("test_fraction", test_fraction, minimum=0.0, maximum=1.0,
+                               max_inclusive=False)
+        train, test = carve(train, fraction, derive_seed(seed, SPLIT_STREAM["test"]))
+    else:
+        test = load_split(test_files, class_ids, size, channels)
+    train = shuffled(train, seed, SPLIT_STREAM["train"], 0)
+    info = {"root": str(base), "test_source": "test/" if test_files else "carved",
+            "image_size": size, "channels": channels}
+    return finish("image_folder", list(train_files), train, test, seed, holdout_fraction,
+                  num_classes, info)
+
+
+def _check_root(root: str | None) -> Path:
+    if root is None:
+        raise DataError(
+            "image_folder needs root=<folder> holding one sub-folder of images per class "
+            "(or train/ and test/ folders laid out that way). The built-in data sets "
+            "'glyphs' and 'hierarchy' need no files."
+        )
+    base = Path(os.path.expanduser(str(root)))
+    if not base.is_dir():
+        raise DataError(
+            f"image_folder root {str(base)!r} does not exist or is not a folder; pass the "
+            "folder holding one sub-folder of images per class."
+        )
+    return base
