@@ -2,6 +2,8 @@
 
     specdistill run [CONFIG] [key=value ...] [--only STAGE] [--from STAGE]
     specdistill generalist [CONFIG] [key=value ...]      # one stage
+    specdistill clustering [CONFIG] [key=value ...]      # one stage
+    specdistill groups RUN                               # the confusable groups of a run
     specdistill config [CONFIG] [key=value ...]          # print the resolved config
 """
 
@@ -51,7 +53,36 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(stage)
     show = sub.add_parser("config", help="print the fully resolved config")
     _add_config_args(show)
+    groups = sub.add_parser("groups", help="print the confusable groups of a run")
+    groups.add_argument("run", metavar="RUN", help="run directory (or a run name under runs/)")
     return parser
+
+
+def resolve_run_dir(run: str) -> Path:
+    """A run directory given as a path, or as a run name under ./runs."""
+    for candidate in (Path(run), Path("runs") / run):
+        if (candidate / "config.yaml").exists():
+            return candidate
+    raise FileNotFoundError(
+        f"no run directory at {run!r} (nor runs/{run}); pass the run.dir of a pipeline run"
+    )
+
+
+def _cmd_groups(ns: argparse.Namespace, console: Console) -> int:
+    from orchestration.rundir import read_json
+    from orchestration.stages.clustering import load_groups, print_groups_table
+
+    stage_dir = resolve_run_dir(ns.run) / "clustering"
+    record = load_groups(stage_dir)
+    rows = read_json(stage_dir / "groups_table.json")
+    m = record["metrics"]
+    console.print(
+        f"{len(record['groups'])} groups of {record['num_classes']} classes "
+        f"({record['method']}, {record['normalize']}), {len(record['unassigned'])} unassigned, "
+        f"stability ARI {m['stability_ari']:.3f}"
+    )
+    print_groups_table(console, rows)
+    return 0
 
 
 def _load(args: Sequence[str]):
@@ -77,6 +108,13 @@ def _print_summary(outcome, console: Console) -> None:
             f"generalist: test top1 {m['test_top1']:.4f}  top5 {m['test_top5']:.4f}  "
             f"params {int(m['params']):,}"
         )
+    clus = outcome.manifests.get("clustering")
+    if clus is not None:
+        m = clus.metrics
+        console.print(
+            f"clustering: {m['n_specialist_groups']} groups, {m['n_unassigned']} classes unassigned, "
+            f"stability ARI {m['stability_ari']:.3f}"
+        )
     console.print(f"run dir: {outcome.run_dir}")
     console.print(f"mlflow run id: {outcome.parent_run_id}")
 
@@ -89,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "config":
             console.print(_load(ns.args).to_yaml(), end="", markup=False, highlight=False)
             return 0
+        if ns.command == "groups":
+            return _cmd_groups(ns, console)
         return _cmd_run(ns, console)
     except ConfigError as exc:
         errors.print(f"error: {exc}", markup=False, highlight=False)
@@ -109,7 +149,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from orchestration.rundir import RunDirError
     from orchestration.tracking import TrackingError
 
-    return (DataError, CheckpointError, NonFiniteLossError, TrackingError, RunDirError)
+    return (
+        DataError, CheckpointError, NonFiniteLossError, TrackingError, RunDirError, FileNotFoundError,
+    )
 
 
 if __name__ == "__main__":

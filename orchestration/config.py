@@ -77,11 +77,29 @@ class GeneralistConfig(Section):
     patience: int = Field(3, ge=1, description="Early stopping patience on holdout loss (epochs).")
 
 
+class ClusteringConfig(Section):
+    n_groups: int | None = Field(None, ge=1, description="Number of groups; None = chosen by rule.")
+    method: Literal["auto", "kmeans", "minibatch_kmeans", "spectral", "agglomerative", "faiss"] = Field(
+        "auto", description="auto = faiss k-means for K >= 2000, else scikit-learn k-means."
+    )
+    normalize: Literal["correlation", "l2"] = Field("correlation", description="Column normalisation.")
+    group_size: int | None = Field(
+        None, ge=2, description="Overlapping fixed-size groups (each centroid's nearest classes)."
+    )
+    min_group_size: int = Field(2, ge=1, description="Smaller groups are dropped (classes unassigned).")
+    sparse_top_k: int | None = Field(
+        None, ge=1, description="Sparse top-k co-prediction path for very large K; None = dense."
+    )
+    stability_seeds: int = Field(3, ge=0, description="Seeds for the stability ARI (< 2 skips it).")
+    batch_size: int = Field(512, ge=1)
+
+
 class Config(Section):
     run: RunConfig = RunConfig()
     tracking: TrackingConfig = TrackingConfig()
     data: DataConfig = DataConfig()
     generalist: GeneralistConfig = GeneralistConfig()
+    clustering: ClusteringConfig = ClusteringConfig()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

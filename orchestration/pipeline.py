@@ -124,8 +124,9 @@ def run_pipeline(
     load_data = functools.lru_cache(maxsize=1)(functools.partial(_load_data, config))
     manifests: dict[str, Manifest] = {}
     ran, skipped = [], []
+    last = max(i for i, s in enumerate(stages) if s.name in selected)
     try:
-        for stage in stages:
+        for stage in stages[: last + 1]:
             config_hash, inputs = stage_fingerprint(config, stage, manifests)
             reason = run_dir.is_complete(stage.name, config_hash, inputs)
             if reason is None or stage.name not in selected:

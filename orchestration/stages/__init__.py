@@ -1,9 +1,9 @@
 """The pipeline's stages, in order."""
 
 from orchestration.pipeline import Stage
-from orchestration.stages import generalist
+from orchestration.stages import clustering, generalist
 
-STAGES: tuple[Stage, ...] = (generalist.STAGE,)
+STAGES: tuple[Stage, ...] = (generalist.STAGE, clustering.STAGE)
 
 
 def stage_names() -> list[str]:

@@ -1,0 +1,87 @@
+"""Fixtures: a tiny hierarchy config, an isolated sqlite MLflow store, a real mlflow server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+TINY_DATA = (
+    "data.name=hierarchy",
+    "data.options={num_superclasses: 3, classes_per_superclass: 3, train_per_class: 24, "
+    "holdout_per_class: 8, test_per_class: 8, image_size: 16}",
+)
+TINY_GENERALIST = (
+    "generalist.model=cnn",
+    "generalist.width=0.25",
+    "generalist.epochs=2",
+    "generalist.batch_size=32",
+    "generalist.lr=0.05",
+)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """Run in tmp_path (MLflow's default ./mlruns artifacts land here, not in the repo)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def tiny_args(workdir):
+    def make(*extra: str, run_dir: str = "run", uri: str | None = None) -> list[str]:
+        uri = uri or f"sqlite:///{workdir / 'mlflow.db'}"
+        return [
+            f"run.dir={workdir / run_dir}", "run.device=cpu", "run.num_threads=1",
+            f"tracking.uri={uri}", *TINY_DATA, *TINY_GENERALIST, *extra,
+        ]
+
+    return make
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1, stopped at the end of the session."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    proc = subprocess.Popen(
+        [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"),
+        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError((root / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("mlflow server did not start in 90 s")
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -1,0 +1,136 @@
+"""The generalist stage end to end through the `specdistill` CLI entry point."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from orchestration.cli import main
+from orchestration.stages.generalist import load_generalist
+
+
+def _runs(uri: str):
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("specdistill")
+    return client, client.search_runs([exp.experiment_id])
+
+
+def test_run_trains_logs_and_then_skips(tiny_args, workdir, capsys):
+    args = tiny_args()
+    assert main(["run", *args]) == 0
+    out = capsys.readouterr().out
+    assert "generalist test top1" in out and "mlflow run id:" in out and "parameters" in out
+    run_dir = workdir / "run"
+    manifest = json.loads((run_dir / "generalist" / "manifest.json").read_text())
+    assert manifest["stage"] == "generalist"
+    assert set(manifest["outputs"]) == {"model.safetensors", "model.json", "metrics.json"}
+    assert manifest["details"]["data"]["num_classes"] == 9
+    assert 0.0 <= manifest["metrics"]["test_top1"] <= 1.0
+    assert (run_dir / "config.yaml").exists()
+
+    client, runs = _runs(f"sqlite:///{workdir / 'mlflow.db'}")
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.data.tags["specdistill.stage"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert len(parent) == 1 and set(children) == {"generalist", "clustering"}
+    assert all(c.data.tags["mlflow.parentRunId"] == parent[0].info.run_id for c in children.values())
+    child = [children["generalist"]]
+    assert parent[0].data.params["generalist.epochs"] == "2"
+    assert child[0].data.params["data.name"] == "hierarchy"
+    history = client.get_metric_history(child[0].info.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(child[0].info.run_id)}
+    assert {"metrics.json", "model.json", "manifest.json"} <= artifacts
+
+    assert main(["run", *args]) == 0
+    out = capsys.readouterr().out
+    assert "skip generalist" in out and "skip clustering" in out
+    _, runs_after = _runs(f"sqlite:///{workdir / 'mlflow.db'}")
+    assert len(runs_after) == 3, "a skipped stage must not create MLflow runs"
+
+
+def test_changing_a_stage_key_reruns_it_other_keys_do_not(tiny_args, capsys):
+    assert main(["generalist", *tiny_args()]) == 0
+    capsys.readouterr()
+    assert main(["generalist", *tiny_args("tracking.experiment=elsewhere")]) == 0
+    assert "skip generalist" in capsys.readouterr().out
+    assert main(["generalist", *tiny_args("generalist.lr=0.02")]) == 0
+    out = capsys.readouterr().out
+    assert "stage generalist (config changed)" in out and "skip" not in out
+
+
+def test_corrupted_final_checkpoint_is_detected_and_rebuilt(tiny_args, workdir, capsys):
+    assert main(["run", *tiny_args()]) == 0
+    weights = workdir / "run" / "generalist" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["run", *tiny_args()]) == 0
+    assert "model.safetensors changed or corrupt" in capsys.readouterr().out
+    model, meta = load_generalist(workdir / "run" / "generalist")
+    assert meta["model"]["num_classes"] == 9 and len(meta["class_names"]) == 9
+
+
+def test_corrupted_epoch_checkpoint_retrains_from_scratch(tiny_args, workdir, capsys):
+    assert main(["run", *tiny_args()]) == 0
+    stage = workdir / "run" / "generalist"
+    (stage / "manifest.json").unlink()
+    last = stage / "checkpoints" / "last.safetensors"
+    last.write_bytes(last.read_bytes()[: len(last.read_bytes()) // 2])
+    capsys.readouterr()
+    assert main(["run", *tiny_args()]) == 0
+    out = capsys.readouterr().out
+    assert "cannot resume" in out and "training from scratch" in out and "epoch 1/2" in out
+
+
+def test_finished_epochs_are_resumed_not_repeated(tiny_args, workdir, capsys):
+    assert main(["run", *tiny_args()]) == 0
+    (workdir / "run" / "generalist" / "manifest.json").unlink()
+    capsys.readouterr()
+    assert main(["run", *tiny_args()]) == 0
+    out = capsys.readouterr().out
+    assert "resuming after epoch 2" in out and "epoch 1/2" not in out
+
+
+def test_nan_loss_stops_with_epoch_and_step(tiny_args, workdir, capsys):
+    code = main(["run", *tiny_args("generalist.lr=1e12", "generalist.warmup_epochs=0")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "epoch" in err and "step" in err
+    assert not (workdir / "run" / "generalist" / "manifest.json").exists()
+
+
+def test_missing_data_root_says_how_to_get_data(tiny_args, workdir, capsys):
+    code = main(["run", *tiny_args("data.name=cifar100", f"data.root={workdir / 'nope'}",
+                                   "data.options={}")])
+    err = capsys.readouterr().err
+    assert code == 2 and "glyphs" in err and str(workdir / "nope") in err
+
+
+def test_class_count_that_does_not_match_the_data(tiny_args, workdir, capsys):
+    code = main(["run", *tiny_args("data.name=glyphs", "data.options={num_classes: 100000}")])
+    err = capsys.readouterr().err
+    assert code == 2 and "100000" in err
+
+
+def test_unknown_config_key_from_the_cli(capsys):
+    assert main(["run", "generalist.epohcs=2"]) == 2
+    assert "did you mean 'generalist.epochs'" in capsys.readouterr().err
+
+
+def test_unreachable_tracking_server_fails_before_training(tiny_args, workdir, capsys):
+    code = main(["run", *tiny_args(uri="http://127.0.0.1:9")])
+    assert code == 1
+    assert "unreachable" in capsys.readouterr().err
+    assert not (workdir / "run" / "generalist" / "checkpoints").exists()
+
+
+def test_tracking_against_a_real_mlflow_server(tiny_args, mlflow_server, capsys):
+    assert main(["run", *tiny_args(uri=mlflow_server)]) == 0
+    client, runs = _runs(mlflow_server)
+    child = next(r for r in runs if r.data.tags.get("specdistill.stage") == "generalist")
+    assert child.info.status == "FINISHED"
+    assert child.data.metrics["test_top1"] >= 0.0
+    assert len(client.get_metric_history(child.info.run_id, "holdout_loss")) == 2
+    local = Path(client.download_artifacts(child.info.run_id, "model.json"))
+    assert json.loads(local.read_text())["model"]["num_classes"] == 9
