@@ -48,6 +48,7 @@ class StageContext:
     device: torch.device
     load_data: Callable[[], Any]
     upstream: dict[str, Manifest]
+    tracker: PipelineTracker | None = None      # parent run id and client, for per-item child runs
 
     def data(self):
         return self.load_data()
@@ -193,6 +194,7 @@ def _run_stage(stage, config, run_dir, tracker, console, device, load_data, mani
             device=device,
             load_data=load_data,
             upstream={name: manifests[name] for name in stage.upstream},
+            tracker=tracker,
         )
         result = stage.run(ctx)
         seconds = time.perf_counter() - started
