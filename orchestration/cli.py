@@ -115,14 +115,21 @@ def _print_summary(outcome, console: Console) -> None:
             f"clustering: {m['n_specialist_groups']} groups, {m['n_unassigned']} classes unassigned, "
             f"stability ARI {m['stability_ari']:.3f}"
         )
+    spec = outcome.manifests.get("specialists")
+    if spec is not None:
+        m = spec.metrics
+        console.print(
+            f"specialists: {m['n_specialists']} trained, group top1 {m['mean_group_top1']:.3f} "
+            f"(generalist {m['mean_init_group_top1']:.3f}), {m['n_resumed']} resumed from a checkpoint"
+        )
     console.print(f"run dir: {outcome.run_dir}")
     console.print(f"mlflow run id: {outcome.parent_run_id}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    console = Console()
-    errors = Console(stderr=True)
+    console = Console(soft_wrap=True)          # log lines stay whole in files and job logs
+    errors = Console(stderr=True, soft_wrap=True)
     try:
         if ns.command == "config":
             console.print(_load(ns.args).to_yaml(), end="", markup=False, highlight=False)

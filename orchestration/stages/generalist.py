@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from generalist.data import DataError
 from generalist.models import create_model, summarize_model
 from generalist.train import (
     EarlyStopping,
@@ -65,8 +66,20 @@ def load_generalist(stage_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model.eval(), meta
 
 
+def check_splits(data) -> None:
+    """Every split must hold examples: holdout drives early stopping and clustering."""
+    for split in ("train", "holdout", "test"):
+        if len(getattr(data, split)) == 0:
+            raise DataError(
+                f"the {split} split is empty ({data.name}); early stopping and clustering need "
+                f"held-out examples and evaluation needs a test split: raise "
+                f"data.options.{split}_per_class (built-in sets) or the {split} fraction"
+            )
+
+
 def run(ctx: StageContext) -> StageResult:
     cfg, data = ctx.config.generalist, ctx.data()
+    check_splits(data)
     set_seed(ctx.config.run.seed)
     spec = model_spec(ctx)
     model = build_from_spec(spec).to(ctx.device)

@@ -23,6 +23,7 @@ TINY_GENERALIST = (
     "generalist.width=0.25",
     "generalist.epochs=2",
     "generalist.batch_size=32",
+    "generalist.optimizer=sgd",
     "generalist.lr=0.05",
 )
 
