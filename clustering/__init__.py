@@ -9,7 +9,12 @@ from clustering.groups import ConfusableGroups, resolve_method, stability_score
 from clustering.plots import covariance_heatmap, group_size_histogram
 from clustering.report import confusion_mass_share, group_table, reorder_by_groups
 from clustering.selection import choose_n_groups
-from clustering.synthetic import planted_covariance, planted_labels, simulate_topk_predictions
+from clustering.synthetic import (
+    covariance_from_labels,
+    planted_covariance,
+    planted_labels,
+    simulate_topk_predictions,
+)
 
 __all__ = [
     "ConfusableGroups",
@@ -17,6 +22,7 @@ __all__ = [
     "SparseCoPredictionAccumulator",
     "choose_n_groups",
     "confusion_mass_share",
+    "covariance_from_labels",
     "covariance_heatmap",
     "group_size_histogram",
     "group_table",
