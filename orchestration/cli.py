@@ -153,11 +153,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from generalist.data import DataError
     from generalist.train import NonFiniteLossError
     from orchestration.checkpoints import CheckpointError
+    from orchestration.parallel import WorkerLostError
     from orchestration.rundir import RunDirError
     from orchestration.tracking import TrackingError
 
     return (
         DataError, CheckpointError, NonFiniteLossError, TrackingError, RunDirError, FileNotFoundError,
+        WorkerLostError,
     )
 
 

@@ -61,14 +61,14 @@ class DataConfig(Section):
 
 
 class GeneralistConfig(Section):
-    model: str = Field("cnn", description="Model name in the registry (cnn, resnet, tv.<name>).")
+    model: str = Field("cnn_fast", description="Model in the registry (cnn, cnn_fast, resnet, tv.<name>).")
     width: float = Field(1.0, gt=0, description="Channel-width multiplier.")
     depth: float = Field(1.0, gt=0, description="Depth multiplier.")
-    epochs: int = Field(6, ge=1, description="Maximum training epochs.")
+    epochs: int = Field(4, ge=1, description="Maximum training epochs.")
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(512, ge=1)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(0.003, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     warmup_epochs: float = Field(0.5, ge=0)
@@ -94,12 +94,43 @@ class ClusteringConfig(Section):
     batch_size: int = Field(512, ge=1)
 
 
+class SpecialistsConfig(Section):
+    epochs: int = Field(3, ge=1, description="Maximum training epochs per specialist.")
+    batch_size: int = Field(64, ge=2, description="Examples per batch: half in the group, half from the rest.")
+    num_batches: int | None = Field(
+        None, ge=1, description="Batches per epoch; None = one pass over the group's training examples."
+    )
+    eval_batch_size: int = Field(512, ge=1, description="Batch size for the holdout loss.")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="Optimizer of the trainable parameters.")
+    lr: float = Field(0.01, gt=0, description="Peak learning rate (cosine decay over the epochs).")
+    weight_decay: float = Field(5e-4, ge=0, description="Weight decay (not on biases and norms).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum / AdamW beta1.")
+    finetune: Literal["all", "head", "last_n"] = Field(
+        "last_n", description="What trains: everything, the head only, or the last_n blocks + head."
+    )
+    last_n: int = Field(1, ge=1, description="Trailing trunk blocks that train when finetune=last_n.")
+    patience: int = Field(2, ge=1, description="Early stopping patience on the specialist's holdout loss.")
+    cpus_per_specialist: float = Field(1.0, gt=0, description="Ray CPUs per specialist (also its torch threads).")
+    gpus_per_specialist: float = Field(0.0, ge=0, description="Ray GPUs per specialist (fractions share a GPU); 0 on CPU machines.")
+    max_concurrency: int | None = Field(
+        None, ge=1, description="Specialists training at once; None = as many as the cluster fits."
+    )
+    max_retries: int = Field(3, ge=0, description="Retries of a specialist whose worker or node died (resumes from its checkpoint).")
+    ray_address: str | None = Field(
+        None, description="Ray cluster; None = the job's cluster under `ray job submit`, else a private local Ray."
+    )
+    local_num_cpus: int | None = Field(
+        None, ge=1, description="CPUs of the private local Ray (ray_address=None); None = all cores."
+    )
+
+
 class Config(Section):
     run: RunConfig = RunConfig()
     tracking: TrackingConfig = TrackingConfig()
     data: DataConfig = DataConfig()
     generalist: GeneralistConfig = GeneralistConfig()
     clustering: ClusteringConfig = ClusteringConfig()
+    specialists: SpecialistsConfig = SpecialistsConfig()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -1,9 +1,9 @@
 """The pipeline's stages, in order."""
 
 from orchestration.pipeline import Stage
-from orchestration.stages import clustering, generalist
+from orchestration.stages import clustering, generalist, specialists
 
-STAGES: tuple[Stage, ...] = (generalist.STAGE, clustering.STAGE)
+STAGES: tuple[Stage, ...] = (generalist.STAGE, clustering.STAGE, specialists.STAGE)
 
 
 def stage_names() -> list[str]:

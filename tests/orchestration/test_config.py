@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from orchestration.config import Config, ConfigError, load_config
 
@@ -71,7 +72,7 @@ def test_out_of_range_and_bad_choice():
 
 
 def test_config_is_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         Config().generalist.epochs = 2  # type: ignore[misc]
 
 

@@ -1,0 +1,270 @@
+"""What one specialist's worker does (a Ray task of the specialists stage; no Ray in here).
+
+Reads top to bottom: build the specialist from the generalist checkpoint, resume from the
+last epoch snapshot if there is one, train on half-and-half batches with early stopping on
+the balanced holdout loss, prior-correct the best epoch, and write ``model.safetensors`` +
+``model.json`` (written last: the group is done). Everything lives in the group's folder on
+shared storage, so a retried task on any node picks up where the dead one stopped::
+
+    GROUP/worker.pid                       pid of the process training it (tests kill it)
+    GROUP/progress.json                    per-epoch records and resumes (the driver prints them)
+    GROUP/checkpoints/train_state.pt       epoch snapshot: weights, optimizer, scheduler, stopper
+    GROUP/checkpoints/best.safetensors     best epoch so far (+ best.json); both removed when done
+    GROUP/model.safetensors, model.json    the prior-corrected specialist
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from generalist.models import create_model
+from generalist.train import (
+    EarlyStopping,
+    build_optimizer,
+    build_scheduler,
+    set_seed,
+    train_one_epoch,
+)
+from orchestration.checkpoints import (
+    CheckpointError,
+    load_train_state,
+    load_weights,
+    read_metadata,
+    save_model,
+    save_train_state,
+)
+from orchestration.config import SpecialistsConfig
+from orchestration.rundir import read_json, write_json
+from specialists.model import build_specialist
+from specialists.prior import apply_prior_correction, group_prior
+from specialists.sampler import HalfAndHalfBatchSampler, specialist_targets
+from specialists.train import (
+    balanced_holdout,
+    evaluate_specialist,
+    init_invariant_maxdiff,
+    sampled_batches,
+)
+
+MODEL = "model"
+BEST = "checkpoints/best"
+TRAIN_STATE = "checkpoints/train_state.pt"
+PROGRESS = "progress.json"
+PID_FILE = "worker.pid"
+INVARIANT_EXAMPLES = 64
+
+
+@dataclass(frozen=True)
+class SpecialistJob:
+    """Everything a worker needs besides the data (picklable; paths on shared storage)."""
+
+    group_id: int
+    classes: tuple[int, ...]
+    names: tuple[str, ...]
+    group_dir: str
+    generalist_dir: str
+    seed: int
+    settings: SpecialistsConfig
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.group_dir)
+
+
+def load_generalist(stage_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The generalist checkpoint (``orchestration.stages.generalist`` wrote it). Read here
+    without importing the stage scripts, which would cost every Ray worker seconds of imports
+    (clustering, plotting, MLflow) it never uses."""
+    meta = read_metadata(stage_dir / "model")
+    spec = dict(meta["model"])
+    model = create_model(spec.pop("name"), **spec)
+    return load_weights(stage_dir / "model", model).eval(), meta
+
+
+def is_finished(job: SpecialistJob) -> bool:
+    """True when the group's corrected model was written for exactly these classes."""
+    meta_path = job.dir / f"{MODEL}.json"
+    if not (meta_path.exists() and (job.dir / f"{MODEL}.safetensors").exists()):
+        return False
+    try:
+        meta = read_metadata(job.dir / MODEL)
+    except CheckpointError:
+        return False
+    return meta.get("specialist", {}).get("classes") == list(job.classes)
+
+
+def train_specialist(job: SpecialistJob, data: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Train, correct and save one specialist; returns the summary written to ``model.json``.
+
+    ``data`` holds ``train_images (N, C, H, W) uint8``, ``train_labels (N,)``,
+    ``holdout_images``, ``holdout_labels``.
+    """
+    cfg = job.settings
+    torch.set_num_threads(max(1, int(cfg.cpus_per_specialist)))
+    job.dir.mkdir(parents=True, exist_ok=True)
+    (job.dir / PID_FILE).write_text(str(os.getpid()))
+    device = torch.device("cuda" if cfg.gpus_per_specialist > 0 and torch.cuda.is_available() else "cpu")
+    generalist, gen_meta = load_generalist(Path(job.generalist_dir))
+    set_seed(job.seed)
+    model = build_specialist(generalist, job.classes, finetune=cfg.finetune, last_n=cfg.last_n).to(device)
+
+    train_targets = specialist_targets(data["train_labels"], job.classes)  # (N,)
+    holdout_idx = balanced_holdout(data["holdout_labels"], job.classes, seed=job.seed)
+    holdout = (data["holdout_images"][holdout_idx],
+               specialist_targets(data["holdout_labels"][holdout_idx], job.classes))
+    invariant = init_invariant_maxdiff(generalist, model, holdout[0][:INVARIANT_EXAMPLES])
+    sampler = HalfAndHalfBatchSampler(data["train_labels"], job.classes, batch_size=cfg.batch_size,
+                                      num_batches=cfg.num_batches, seed=job.seed)
+    optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                momentum=cfg.momentum)
+    scheduler = build_scheduler(optimizer, total_steps=cfg.epochs * len(sampler))
+    stopper = EarlyStopping(patience=cfg.patience)
+    progress = _resume(job, model, optimizer, scheduler, stopper)
+    if not progress["epochs"]:
+        progress["init"] = _evaluate(job, model, holdout, device)
+        write_json(job.dir / PROGRESS, progress)
+        _log(job, {f"holdout_{k}": v for k, v in progress["init"].items()}, step=0)
+
+    for epoch in range(len(progress["epochs"]) + 1, cfg.epochs + 1):
+        if stopper.should_stop:
+            break
+        sampler.set_epoch(epoch)
+        batches = sampled_batches(data["train_images"], train_targets, sampler, device=device)
+        result = train_one_epoch(model, batches, optimizer, scheduler, epoch=epoch, device=device)
+        scores = _evaluate(job, model, holdout, device)
+        improved = stopper.improves(scores["loss"])
+        stopper.step(scores["loss"], epoch)
+        record = {"epoch": epoch, "train_loss": result.loss, "train_top1": result.accuracy,
+                  "examples_per_s": result.examples_per_s, "seconds": result.seconds,
+                  **{f"holdout_{k}": v for k, v in scores.items()}}
+        _log(job, {k: v for k, v in record.items() if k != "epoch"}, step=epoch)  # at least once
+        progress["epochs"].append(record)
+        _checkpoint(job, model, optimizer, scheduler, stopper, progress, improved)
+    return _finish(job, model, gen_meta, data["train_labels"], sampler, progress, invariant)
+
+
+def _evaluate(job: SpecialistJob, model, holdout, device) -> dict[str, float]:
+    images, targets = holdout
+    scores = evaluate_specialist(model, images, targets, dustbin_index=len(job.classes),
+                                 batch_size=job.settings.eval_batch_size, device=device)
+    return {k: v for k, v in scores.items() if k != "examples"}
+
+
+def _checkpoint(job, model, optimizer, scheduler, stopper, progress, improved: bool) -> None:
+    """Best weights first, then the whole epoch snapshot (with the progress) in one atomic file,
+    then the progress mirror the driver reads."""
+    epoch = len(progress["epochs"])
+    if improved:
+        save_model(job.dir / BEST, model, {"epoch": epoch, "classes": list(job.classes)})
+    save_train_state(job.dir / TRAIN_STATE, {
+        "epoch": epoch,
+        "classes": list(job.classes),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "early_stopping": stopper.state_dict(),
+        "progress": progress,
+    })
+    write_json(job.dir / PROGRESS, progress)
+
+
+def _fresh_progress() -> dict[str, Any]:
+    return {"epochs": [], "resumes": [], "init": None, "warnings": []}
+
+
+def _resume(job: SpecialistJob, model, optimizer, scheduler, stopper) -> dict[str, Any]:
+    """Load the last epoch snapshot (if any) and return the progress record to continue from.
+
+    A corrupt snapshot is noted in the progress warnings and the specialist restarts."""
+    state_path = job.dir / TRAIN_STATE
+    if not state_path.exists():
+        return _fresh_progress()
+    try:
+        state = load_train_state(state_path)
+        progress, epoch = state["progress"], int(state["epoch"])
+        if state["classes"] != list(job.classes):
+            raise ValueError(f"the snapshot is for classes {state['classes']}")
+    except (CheckpointError, KeyError, ValueError) as exc:
+        progress = _fresh_progress()
+        progress["warnings"].append(f"cannot resume ({exc}); training from scratch")
+        return progress
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    stopper.load_state_dict(state["early_stopping"])
+    progress["resumes"] = max(progress["resumes"], _mirrored_resumes(job), key=len)
+    progress["resumes"].append({"from_epoch": epoch, "pid": os.getpid(), "time": time.time()})
+    write_json(job.dir / PROGRESS, progress)
+    return progress
+
+
+def _mirrored_resumes(job: SpecialistJob) -> list[dict[str, Any]]:
+    """Resumes recorded in the mirror after the last snapshot (a worker died twice in a row)."""
+    try:
+        return list(read_json(job.dir / PROGRESS).get("resumes", []))
+    except (OSError, ValueError):
+        return []
+
+
+def _finish(job, model, gen_meta, train_labels, sampler, progress, invariant) -> dict[str, Any]:
+    """Prior-correct the best epoch, write the final model, return its summary."""
+    if not (job.dir / f"{BEST}.json").exists():
+        losses = [r["holdout_loss"] for r in progress["epochs"]]
+        raise CheckpointError(f"specialist group {job.group_id} has no best epoch: no epoch gave a "
+                              f"finite holdout loss ({losses}); lower specialists.lr")
+    best_epoch = read_metadata(job.dir / BEST)["epoch"]
+    load_weights(job.dir / BEST, model)
+    pi_m = group_prior(train_labels, job.classes)
+    corrected = apply_prior_correction(model.cpu(), pi_m, sampler.in_group_fraction)
+    best = progress["epochs"][best_epoch - 1]
+    metrics = {
+        "best_holdout_loss": best["holdout_loss"], "best_holdout_top1": best["holdout_top1"],
+        "best_group_top1": best["holdout_group_top1"],
+        "init_holdout_loss": progress["init"]["loss"], "init_group_top1": progress["init"]["group_top1"],
+        "best_epoch": best_epoch, "epochs_trained": len(progress["epochs"]),
+        "init_invariant_maxdiff": invariant,
+    }
+    cfg = job.settings
+    summary = {
+        "model": gen_meta["model"],
+        "specialist": {
+            "group_id": job.group_id, "classes": list(job.classes), "names": list(job.names),
+            "size": len(job.classes), "order": "group classes as listed, then the dustbin",
+            "dustbin_index": len(job.classes), "finetune": cfg.finetune, "last_n": cfg.last_n,
+            "train_out_rows": False,
+        },
+        "pi_m": pi_m, "in_group_fraction": sampler.in_group_fraction,
+        "prior_correction": corrected.prior_correction,
+        "metrics": metrics, "resumed_from_epochs": [r["from_epoch"] for r in progress["resumes"]],
+        "history": progress["epochs"], "mlflow_run_id": job.mlflow_run_id,
+    }
+    save_model(job.dir / MODEL, corrected, summary)
+    shutil.rmtree(job.dir / "checkpoints")  # done: model.json now marks the group finished
+    return summary
+
+
+@functools.lru_cache(maxsize=4)
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _log(job: SpecialistJob, metrics: dict[str, float], step: int) -> None:
+    """Per-epoch metrics into the specialist's MLflow child run (made by the driver)."""
+    if not (job.tracking_uri and job.mlflow_run_id):
+        return
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    _client(job.tracking_uri).log_batch(job.mlflow_run_id, metrics=batch)

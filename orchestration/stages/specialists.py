@@ -1,0 +1,328 @@
+"""Stage 3, specialists: one model per confusable group, trained in parallel on Ray.
+
+Reads top to bottom: check the clustering stage's groups against the generalist, plan one job
+per group (finished groups are never retrained), open an MLflow child run of the pipeline run
+per specialist, connect to Ray and fail fast if no node can fit a specialist's resources, run
+every job as a Ray task (``orchestration.specialist_job.train_specialist``: resumable epochs,
+early stopping, prior correction) while printing each specialist's epochs, then write the
+index ``specialists.json``. Each group's folder holds its prior-corrected
+``model.safetensors`` + ``model.json``; all of them are outputs checksummed by the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from mlflow.exceptions import MlflowException
+
+from generalist.data import DataError
+from orchestration.checkpoints import CheckpointError, load_weights, read_metadata
+from orchestration.config import ConfigError, SpecialistsConfig
+from orchestration.parallel import (
+    TaskResources,
+    WorkerLostError,
+    cluster_summary,
+    connect,
+    run_tasks,
+    unmet_request,
+)
+from orchestration.pipeline import Stage, StageContext, StageResult
+from orchestration.rundir import read_json, write_json
+from orchestration.specialist_job import (
+    MODEL,
+    PROGRESS,
+    SpecialistJob,
+    is_finished,
+    train_specialist,
+)
+from orchestration.stages.clustering import load_groups
+from orchestration.stages.generalist import FINAL, build_from_spec
+from orchestration.tracking import PARENT_TAG, RunLogger
+from specialists.model import Specialist, build_specialist, validate_group
+
+NAME = "specialists"
+INDEX = "specialists.json"
+# Where and how fast specialists train, not what they learn: changing these never retrains.
+EXECUTION_KEYS = ("cpus_per_specialist", "gpus_per_specialist", "max_concurrency", "max_retries",
+                  "ray_address", "local_num_cpus")
+
+
+class GroupsError(DataError):
+    """The clustering stage's groups do not fit the generalist (ids, names, empty or full groups)."""
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg = ctx.config.specialists
+    class_names = _generalist_metadata(ctx)["class_names"]
+    groups = check_groups(load_groups(ctx.run_dir.path / "clustering"), class_names)
+    jobs = [_plan(ctx, group) for group in groups]
+    todo = [job for job in jobs if not is_finished(job)]
+    ctx.console.print(
+        f"  {len(jobs)} specialists (finetune={cfg.finetune}, up to {cfg.epochs} epochs); "
+        f"{len(jobs) - len(todo)} finished earlier, {len(todo)} to train"
+    )
+    if todo:
+        _train_in_parallel(ctx, todo)
+    summaries = [read_metadata(job.dir / MODEL) for job in jobs]
+    return _finish(ctx, jobs, summaries)
+
+
+def _generalist_metadata(ctx: StageContext) -> dict[str, Any]:
+    stage_dir = ctx.run_dir.path / "generalist"
+    try:
+        meta = read_metadata(stage_dir / FINAL)
+        if not (stage_dir / f"{FINAL}.safetensors").exists():
+            raise CheckpointError(f"checkpoint {stage_dir / FINAL}.safetensors is missing")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}: specialists are initialised from the generalist; train it "
+                              "first (specdistill run CONFIG, or --from generalist)") from None
+    return meta
+
+
+def check_groups(record: dict[str, Any], class_names: list[str]) -> list[dict[str, Any]]:
+    """The groups of a clustering record, checked against the generalist's classes."""
+    fix = "re-run clustering for this generalist: specdistill run CONFIG --from clustering"
+    if record.get("num_classes") != len(class_names) or record.get("class_names", class_names) != class_names:
+        raise GroupsError(f"the groups file was made for {record.get('num_classes')} classes that "
+                          f"differ from the generalist's {len(class_names)}; {fix}")
+    if not record.get("groups"):
+        raise GroupsError("the groups file holds no groups (clustering dropped every group smaller "
+                          "than clustering.min_group_size); lower it or set clustering.n_groups")
+    for group in record["groups"]:
+        try:
+            classes = validate_group(group["classes"], len(class_names))
+        except ValueError as exc:
+            raise GroupsError(f"group {group.get('id')} of the groups file: {exc}; {fix}") from None
+        names = [class_names[c] for c in classes]
+        if group.get("names", names) != names:
+            raise GroupsError(f"group {group['id']} names {group['names']} but its class ids "
+                              f"{list(classes)} are {names} for the generalist; {fix}")
+    return record["groups"]
+
+
+def _plan(ctx: StageContext, group: dict[str, Any]) -> SpecialistJob:
+    tracker = ctx.tracker
+    return SpecialistJob(
+        group_id=int(group["id"]),
+        classes=tuple(int(c) for c in group["classes"]),
+        names=tuple(group["names"]),
+        group_dir=str((ctx.stage_dir / f"group_{int(group['id']):03d}").resolve()),
+        generalist_dir=str((ctx.run_dir.path / "generalist").resolve()),
+        seed=ctx.config.run.seed * 100_003 + int(group["id"]),
+        settings=ctx.config.specialists,
+        tracking_uri=_absolute_uri(tracker.uri) if tracker else None,
+    )
+
+
+def _absolute_uri(uri: str) -> str:
+    """Workers run in other folders (and nodes): make a relative sqlite/file store absolute."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if "://" not in uri:
+        return str(Path(uri).resolve())
+    return uri
+
+
+# ----------------------------------------------------------------------------- training
+def _train_in_parallel(ctx: StageContext, jobs: list[SpecialistJob]) -> None:
+    cfg = ctx.config.specialists
+    resources = TaskResources(cpus=cfg.cpus_per_specialist, gpus=cfg.gpus_per_specialist)
+    where = connect(cfg.ray_address, local_num_cpus=cfg.local_num_cpus)
+    _require(resources)
+    ctx.console.print(
+        f"  on {where} [{cluster_summary()}]: {resources.cpus:g} CPU + {resources.gpus:g} GPU "
+        f"per specialist, at most {cfg.max_concurrency or 'as many as fit'} at once"
+    )
+    # Largest groups first: the longest specialists start early instead of ending last alone.
+    jobs = [_open_child_run(ctx, job) for job in sorted(jobs, key=lambda j: -len(j.classes))]
+    printer = ProgressPrinter(ctx.console, jobs, cfg.epochs)
+    failures = run_tasks(
+        train_specialist, jobs, shared=_shared_data(ctx), resources=resources,
+        max_concurrency=cfg.max_concurrency, max_retries=cfg.max_retries,
+        on_result=partial(_on_result, ctx, printer), on_tick=printer.poll,
+    )
+    for failure in failures:
+        _close_child_run(ctx, failure.item, None)
+        ctx.console.print(f"  [red]failed[/] group {failure.item.group_id}: {failure.error}")
+    if failures:
+        first = failures[0]
+        if isinstance(first.error, WorkerLostError):
+            raise WorkerLostError(
+                f"specialist group {first.item.group_id}: {first.error}; its checkpoint is kept: "
+                "run the same command again to resume, or raise specialists.max_retries"
+            )
+        raise first.error
+
+
+def _require(resources: TaskResources) -> None:
+    reason = unmet_request(resources)
+    if reason is not None:
+        raise ConfigError(
+            f"specialists cannot be scheduled: {reason}; lower specialists.gpus_per_specialist "
+            "(0 on CPU machines) / specialists.cpus_per_specialist, or add nodes that have them"
+        )
+
+
+def _shared_data(ctx: StageContext) -> dict[str, torch.Tensor]:
+    data = ctx.data()
+    return {"train_images": data.train.images, "train_labels": data.train.labels,
+            "holdout_images": data.holdout.images, "holdout_labels": data.holdout.labels}
+
+
+def _on_result(ctx: StageContext, printer: ProgressPrinter, job: SpecialistJob,
+               summary: dict[str, Any]) -> None:
+    printer.poll()
+    printer.done(job, summary)
+    _close_child_run(ctx, job, summary)
+
+
+# ----------------------------------------------------------------------------- MLflow
+def _open_child_run(ctx: StageContext, job: SpecialistJob) -> SpecialistJob:
+    """The specialist's child run of the pipeline run: reused on retry and re-run, else new."""
+    tracker = ctx.tracker
+    if tracker is None or tracker.parent is None:
+        return job
+    record_path = job.dir / "mlflow.json"
+    run_id = read_json(record_path).get("mlflow_run_id") if record_path.exists() else None
+    if run_id and _is_child(tracker, run_id):
+        tracker.client.update_run(run_id, status="RUNNING")
+    else:
+        tags = {
+            PARENT_TAG: tracker.parent.run_id, "specdistill.stage": NAME,
+            "specdistill.group_id": str(job.group_id), "specdistill.group_size": str(len(job.classes)),
+            "specdistill.class_names": ", ".join(job.names)[:5000],
+            "specdistill.class_ids": ",".join(map(str, job.classes))[:5000],
+        }
+        run_id = tracker.client.create_run(
+            tracker.experiment_id, run_name=f"specialist-{job.group_id:03d}", tags=tags
+        ).info.run_id
+        write_json(record_path, {"mlflow_run_id": run_id})
+    return dataclasses.replace(job, mlflow_run_id=run_id)
+
+
+def _is_child(tracker, run_id: str) -> bool:
+    try:
+        run = tracker.client.get_run(run_id)
+    except MlflowException:  # deleted, or from another tracking store: start a fresh one
+        return False
+    return (run.info.experiment_id == tracker.experiment_id
+            and run.data.tags.get(PARENT_TAG) == tracker.parent.run_id)
+
+
+def _close_child_run(ctx: StageContext, job: SpecialistJob, summary: dict[str, Any] | None) -> None:
+    if not (ctx.tracker and job.mlflow_run_id):
+        return
+    logger = RunLogger(ctx.tracker.client, job.mlflow_run_id)
+    if summary is None:
+        logger.finish("FAILED")
+        return
+    logger.log_metrics({**summary["metrics"], "pi_m": summary["pi_m"],
+                        "prior_correction": summary["prior_correction"]})
+    logger.log_params({f"specialists.{k}": v for k, v in job.settings.model_dump().items()})
+    logger.log_artifact(job.dir / f"{MODEL}.json")
+    logger.finish()
+
+
+# ----------------------------------------------------------------------------- output
+def _finish(ctx: StageContext, jobs: list[SpecialistJob], summaries: list[dict[str, Any]]) -> StageResult:
+    entries = [_index_entry(job, s) for job, s in zip(jobs, summaries, strict=True)]
+    write_json(ctx.stage_dir / INDEX, {"finetune": ctx.config.specialists.finetune, "specialists": entries})
+    ms = [s["metrics"] for s in summaries]
+    metrics = {
+        "n_specialists": len(jobs),
+        "mean_group_top1": statistics.fmean(m["best_group_top1"] for m in ms),
+        "mean_init_group_top1": statistics.fmean(m["init_group_top1"] for m in ms),
+        "mean_holdout_loss": statistics.fmean(m["best_holdout_loss"] for m in ms),
+        "init_invariant_maxdiff": max(m["init_invariant_maxdiff"] for m in ms),
+        "n_resumed": sum(bool(s["resumed_from_epochs"]) for s in summaries),
+    }
+    ctx.logger.log_metrics(metrics)
+    ctx.logger.log_artifact(ctx.stage_dir / INDEX)
+    ctx.console.print(
+        f"  {len(jobs)} specialists: group top1 {metrics['mean_group_top1']:.3f} "
+        f"(generalist {metrics['mean_init_group_top1']:.3f}) on their balanced holdouts; "
+        f"init invariant max diff {metrics['init_invariant_maxdiff']:.1e}"
+    )
+    outputs = [INDEX] + [f"{job.dir.name}/{MODEL}{ext}" for job in jobs for ext in (".safetensors", ".json")]
+    return StageResult(outputs=outputs, metrics=metrics)
+
+
+def _index_entry(job: SpecialistJob, summary: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "group_id": job.group_id, "dir": job.dir.name, "classes": list(job.classes),
+        "names": list(job.names), "pi_m": summary["pi_m"],
+        "prior_correction": summary["prior_correction"], "metrics": summary["metrics"],
+        "resumed_from_epochs": summary["resumed_from_epochs"], "mlflow_run_id": summary["mlflow_run_id"],
+    }
+
+
+def load_specialist(group_dir: Path) -> tuple[Specialist, dict[str, Any]]:
+    """A trained, prior-corrected specialist and its metadata (for the ensemble stage)."""
+    meta = read_metadata(group_dir / MODEL)
+    spec = meta["specialist"]
+    skeleton = build_specialist(build_from_spec(meta["model"]), spec["classes"],
+                                finetune=spec["finetune"], last_n=spec["last_n"])
+    return load_weights(group_dir / MODEL, skeleton).eval(), meta
+
+
+class ProgressPrinter:
+    """Prints each specialist's new epochs, resumes and warnings from its ``progress.json``."""
+
+    def __init__(self, console, jobs: list[SpecialistJob], epochs: int):
+        self.console, self.epochs = console, epochs
+        self.jobs = {job.group_id: job for job in jobs}
+        self.seen = {job.group_id: self._counts(self._read(job) or {}) for job in jobs}
+
+    @staticmethod
+    def _read(job: SpecialistJob) -> dict[str, Any] | None:
+        path = job.dir / PROGRESS
+        return read_json(path) if path.exists() else None
+
+    @staticmethod
+    def _counts(progress: dict[str, Any]) -> tuple[int, int, int]:
+        """Epochs, resumes and warnings already shown (those of an earlier invocation count)."""
+        return tuple(len(progress.get(k, [])) for k in ("epochs", "resumes", "warnings"))
+
+    def poll(self) -> None:
+        for job in list(self.jobs.values()):
+            progress = self._read(job)
+            if progress is not None:
+                self._print_new(job, progress)
+
+    def _print_new(self, job: SpecialistJob, progress: dict[str, Any]) -> None:
+        n_epochs, n_resumes, n_warnings = self.seen[job.group_id]
+        for note in progress.get("warnings", [])[n_warnings:]:
+            self.console.print(f"  [yellow]warning[/] group {job.group_id}: {note}")
+        for resume in progress["resumes"][n_resumes:]:
+            self.console.print(f"  group {job.group_id}: worker restarted, resumed from epoch "
+                               f"{resume['from_epoch']} (pid {resume['pid']})")
+        for r in progress["epochs"][n_epochs:]:
+            self.console.print(
+                f"  group {job.group_id:>3} ({len(job.classes)} classes: {' '.join(job.names[:6])}"
+                f"{' ...' if len(job.names) > 6 else ''}) epoch {r['epoch']}/{self.epochs}  "
+                f"loss {r['train_loss']:.4f}  holdout loss {r['holdout_loss']:.4f}  "
+                f"group top1 {r['holdout_group_top1']:.3f}  {r['examples_per_s']:,.0f} img/s"
+            )
+        self.seen[job.group_id] = self._counts(progress)
+
+    def done(self, job: SpecialistJob, summary: dict[str, Any]) -> None:
+        m = summary["metrics"]
+        self.console.print(
+            f"  [green]done[/] group {job.group_id}: best epoch {m['best_epoch']}, group top1 "
+            f"{m['best_group_top1']:.3f} (generalist {m['init_group_top1']:.3f}), dustbin logit "
+            f"{summary['prior_correction']:+.3f} (pi {summary['pi_m']:.4f})"
+        )
+        self.jobs.pop(job.group_id, None)
+
+
+STAGE = Stage(
+    name=NAME,
+    config_keys=("run.seed", *(f"{NAME}.{k}" for k in SpecialistsConfig.model_fields if k not in EXECUTION_KEYS)),
+    upstream=("generalist", "clustering"),
+    run=run,
+)
