@@ -4,6 +4,8 @@
     specdistill generalist [CONFIG] [key=value ...]      # one stage
     specdistill clustering [CONFIG] [key=value ...]      # one stage
     specdistill groups RUN                               # the confusable groups of a run
+    specdistill report RUN                               # ensemble evaluation + Table 4 of a run
+    specdistill query RUN IMAGE... [--top-k K] [--temperature T] [--json]
     specdistill config [CONFIG] [key=value ...]          # print the resolved config
 """
 
@@ -55,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(show)
     groups = sub.add_parser("groups", help="print the confusable groups of a run")
     groups.add_argument("run", metavar="RUN", help="run directory (or a run name under runs/)")
+    report = sub.add_parser("report", help="print the ensemble evaluation and Table 4 of a run")
+    report.add_argument("run", metavar="RUN", help="run directory (or a run name under runs/)")
+    query = sub.add_parser("query", help="the ensemble's class probabilities for image files")
+    query.add_argument("run", metavar="RUN", help="run directory (or a run name under runs/)")
+    query.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (PNG, JPEG, ...)")
+    query.add_argument("--top-k", type=int, default=5, help="classes to print per image (default 5)")
+    query.add_argument("--temperature", type=float, default=1.0, help="soft-target temperature T")
+    query.add_argument("--json", action="store_true", help="print machine-readable JSON")
     return parser
 
 
@@ -82,6 +92,33 @@ def _cmd_groups(ns: argparse.Namespace, console: Console) -> int:
         f"stability ARI {m['stability_ari']:.3f}"
     )
     print_groups_table(console, rows)
+    return 0
+
+
+def _cmd_report(ns: argparse.Namespace, console: Console) -> int:
+    from orchestration.stages.ensemble import load_report, print_report
+
+    print_report(console, load_report(resolve_run_dir(ns.run)))
+    return 0
+
+
+def _cmd_query(ns: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from orchestration.ensemble_api import Ensemble
+
+    ensemble = Ensemble.load(resolve_run_dir(ns.run))
+    top_k = min(ns.top_k, len(ensemble.class_names)) if ns.top_k >= 1 else ns.top_k
+    results = ensemble.soft_targets(ns.inputs, temperature=ns.temperature, top_k=top_k)
+    if ns.json:
+        data = [{"input": path, "top_k": [{"class": name, "probability": p} for name, p in pairs]}
+                for path, pairs in zip(ns.inputs, results, strict=True)]
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+        return 0
+    for path, pairs in zip(ns.inputs, results, strict=True):
+        console.print(path, markup=False, highlight=False)
+        for name, p in pairs:
+            console.print(f"  {p:.4f}  {name}", markup=False, highlight=False)
     return 0
 
 
@@ -122,6 +159,14 @@ def _print_summary(outcome, console: Console) -> None:
             f"specialists: {m['n_specialists']} trained, group top1 {m['mean_group_top1']:.3f} "
             f"(generalist {m['mean_init_group_top1']:.3f}), {m['n_resumed']} resumed from a checkpoint"
         )
+    ens = outcome.manifests.get("ensemble")
+    if ens is not None:
+        m = ens.metrics
+        console.print(
+            f"ensemble: test top1 generalist {m['generalist_top1']:.4f} -> ensemble "
+            f"{m['ensemble_top1']:.4f}  ({m['n_covered']:,} of {m['n_examples']:,} covered by a "
+            "specialist; specdistill report RUN for Table 4)"
+        )
     console.print(f"run dir: {outcome.run_dir}")
     console.print(f"mlflow run id: {outcome.parent_run_id}")
 
@@ -136,6 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if ns.command == "groups":
             return _cmd_groups(ns, console)
+        if ns.command == "report":
+            return _cmd_report(ns, console)
+        if ns.command == "query":
+            return _cmd_query(ns, console)
         return _cmd_run(ns, console)
     except ConfigError as exc:
         errors.print(f"error: {exc}", markup=False, highlight=False)
@@ -153,13 +202,14 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from generalist.data import DataError
     from generalist.train import NonFiniteLossError
     from orchestration.checkpoints import CheckpointError
+    from orchestration.ensemble_api import EnsembleInputError
     from orchestration.parallel import WorkerLostError
     from orchestration.rundir import RunDirError
     from orchestration.tracking import TrackingError
 
     return (
         DataError, CheckpointError, NonFiniteLossError, TrackingError, RunDirError, FileNotFoundError,
-        WorkerLostError,
+        WorkerLostError, EnsembleInputError,
     )
 
 

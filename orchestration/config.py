@@ -124,6 +124,13 @@ class SpecialistsConfig(Section):
     )
 
 
+class EnsembleConfig(Section):
+    top_n: int = Field(1, ge=1, description="A specialist is active when its group holds one of the generalist's top_n classes.")
+    tol: float = Field(1e-10, gt=0, description="Fixed-point solver stops a row once no probability moves by more than this.")
+    max_iter: int = Field(1000, ge=1, description="Most fixed-point (SQUAREM) iterations per batch.")
+    batch_size: int = Field(512, ge=1, description="Test examples per ensemble batch.")
+
+
 class Config(Section):
     run: RunConfig = RunConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -131,6 +138,7 @@ class Config(Section):
     generalist: GeneralistConfig = GeneralistConfig()
     clustering: ClusteringConfig = ClusteringConfig()
     specialists: SpecialistsConfig = SpecialistsConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

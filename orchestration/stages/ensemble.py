@@ -1,0 +1,213 @@
+"""Stage 4, ensemble: combine the generalist with its specialists and evaluate like the paper.
+
+Reads top to bottom: load the generalist, the clustering stage's groups and the trained
+specialists (checked against each other), route the test split through the ensemble batch by
+batch (each specialist runs only on the examples whose generalist top-``n`` class is in its
+group; a frozen shared trunk runs once), then report generalist vs ensemble top-1, the
+conditional accuracy on covered examples and the paper's Table 4 breakdown by the number of
+specialists covering the true class. Writes ``evaluation.json``, ``table4.json`` and
+``table4.md``; logs the metrics and the table to the stage's MLflow run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from generalist.train import iterate_batches
+from orchestration.pipeline import Stage, StageContext, StageResult
+from orchestration.rundir import read_json, write_json
+from orchestration.stages.clustering import load_groups
+from orchestration.stages.generalist import FINAL, load_generalist
+from orchestration.stages.specialists import INDEX, GroupsError, check_groups, load_specialist
+from specialists.ensemble import (
+    RoutedEnsemble,
+    build_ensemble,
+    ensemble_forward,
+    evaluate_predictions,
+)
+
+NAME = "ensemble"
+EVALUATION, TABLE4, TABLE4_MD = "evaluation.json", "table4.json", "table4.md"
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, data = ctx.config.ensemble, ctx.data()
+    loaded = load_ensemble(ctx.run_dir.path, top_n=cfg.top_n, tol=cfg.tol, max_iter=cfg.max_iter,
+                           device=ctx.device)
+    ensemble = loaded.ensemble
+    ctx.console.print(
+        f"  generalist + {len(ensemble.specialists)} specialists, top_n={cfg.top_n}, "
+        f"{'shared frozen trunk (heads only)' if ensemble.shared_trunk else 'full specialists'}; "
+        f"{len(data.test):,} test examples"
+    )
+    started = time.perf_counter()
+    general_pred, ensemble_pred, n_active = _predict(ctx, ensemble, data.test)
+    seconds = time.perf_counter() - started
+    report = evaluate_predictions(data.test.labels, general_pred, ensemble_pred, ensemble.membership)
+    report.update(_routing_stats(n_active, seconds, ensemble))
+    outputs = _write_outputs(ctx, report)
+    _log(ctx, report)
+    print_report(ctx.console, report)
+    return StageResult(outputs=outputs, metrics=_metrics(report))
+
+
+@dataclass(frozen=True)
+class LoadedEnsemble:
+    """A run's ensemble, ready for inference."""
+
+    ensemble: RoutedEnsemble
+    class_names: list[str]
+    image_shape: tuple[int, int, int]  # (C, H, W) the generalist expects
+
+
+def load_ensemble(run_path: Path, *, top_n: int = 1, tol: float = 1e-10, max_iter: int = 1000,
+                  device: torch.device | str = "cpu") -> LoadedEnsemble:
+    """Generalist + specialists of a finished run, checked against the clustering groups.
+
+    Raises FileNotFoundError naming the missing stage output and the command that makes it.
+    """
+    _require(run_path / "generalist" / f"{FINAL}.safetensors", "generalist")
+    _require(run_path / "clustering" / "groups.json", "clustering")
+    _require(run_path / "specialists" / INDEX, "specialists")
+    generalist, meta = load_generalist(run_path / "generalist")
+    class_names = list(meta["class_names"])
+    groups = check_groups(load_groups(run_path / "clustering"), class_names)
+    entries = read_json(run_path / "specialists" / INDEX)["specialists"]
+    _check_index(entries, groups, run_path)
+    specialists = [load_specialist(run_path / "specialists" / e["dir"])[0].to(device) for e in entries]
+    ensemble = build_ensemble(generalist.to(device), specialists, top_n=top_n, tol=tol, max_iter=max_iter)
+    spec = meta["model"]
+    return LoadedEnsemble(ensemble, class_names, (spec["in_channels"], spec["image_size"], spec["image_size"]))
+
+
+def _require(path: Path, stage: str) -> None:
+    if not path.exists():
+        run = path.parents[1]
+        raise FileNotFoundError(
+            f"{path} is missing: the {stage} stage of run {run} has not finished; run it with "
+            f"`specdistill run CONFIG run.dir={run}` (or `specdistill {stage} CONFIG run.dir={run}`)"
+        )
+
+
+def _check_index(entries: list[dict[str, Any]], groups: list[dict[str, Any]], run_path: Path) -> None:
+    trained = [list(e["classes"]) for e in entries]
+    expected = [list(g["classes"]) for g in groups]
+    if trained != expected:
+        raise GroupsError(
+            f"the specialists in {run_path / 'specialists'} were trained for other groups than "
+            f"{run_path / 'clustering' / 'groups.json'} holds; re-train them: "
+            f"specdistill run CONFIG run.dir={run_path} --from specialists"
+        )
+
+
+@torch.no_grad()
+def _predict(ctx: StageContext, ensemble: RoutedEnsemble, split) -> tuple[torch.Tensor, ...]:
+    """Top-1 of the generalist and of the ensemble, and active specialists per example, (N,) each."""
+    general, combined, n_active = [], [], []
+    batches = iterate_batches(split.images, split.labels, batch_size=ctx.config.ensemble.batch_size,
+                              shuffle=False, device=ctx.device)
+    for x, _ in batches:
+        out = ensemble_forward(ensemble, x)
+        general.append(out.p_general.argmax(dim=1).cpu())
+        combined.append(out.q.argmax(dim=1).cpu())
+        n_active.append(out.active.sum(dim=1).cpu())
+        if not out.info["converged"]:
+            ctx.console.print(f"  [yellow]warning[/] fixed point not converged in {ensemble.max_iter} "
+                              f"iterations (max change {out.info['max_change']:.2e}); raise ensemble.max_iter")
+    return torch.cat(general), torch.cat(combined), torch.cat(n_active)
+
+
+def _routing_stats(n_active: torch.Tensor, seconds: float, ensemble: RoutedEnsemble) -> dict[str, Any]:
+    return {
+        "n_specialists": len(ensemble.specialists),
+        "top_n": ensemble.top_n,
+        "shared_trunk": ensemble.shared_trunk,
+        "mean_active_specialists": float(n_active.double().mean()),
+        "fraction_routed": float((n_active > 0).double().mean()),
+        "examples_per_s": len(n_active) / max(seconds, 1e-9),
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _write_outputs(ctx: StageContext, report: dict[str, Any]) -> list[str]:
+    write_json(ctx.stage_dir / EVALUATION, {k: _json_safe(v) for k, v in report.items()})
+    write_json(ctx.stage_dir / TABLE4, report["table4"])
+    (ctx.stage_dir / TABLE4_MD).write_text(table4_markdown(report["table4"]))
+    return [EVALUATION, TABLE4, TABLE4_MD]
+
+
+def _metrics(report: dict[str, Any]) -> dict[str, Any]:
+    keys = ("generalist_top1", "ensemble_top1", "n_covered", "covered_generalist_top1",
+            "covered_ensemble_top1", "n_examples", "n_specialists", "mean_active_specialists",
+            "fraction_routed", "examples_per_s")
+    return {k: report[k] for k in keys if isinstance(report[k], int) or math.isfinite(report[k])}
+
+
+def _log(ctx: StageContext, report: dict[str, Any]) -> None:
+    log, rows = ctx.logger, report["table4"]
+    log.log_metrics(_metrics(report))
+    log.log_artifact(ctx.stage_dir / EVALUATION)
+    table = {key: [r[key] for r in rows] for key in rows[0]}
+    log.client.log_table(log.run_id, data=table, artifact_file=TABLE4)
+    log.log_text(table4_markdown(rows), TABLE4_MD)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.1%}"
+
+
+def table4_markdown(rows: list[dict[str, Any]]) -> str:
+    """The paper's Table 4 as markdown."""
+    lines = ["| # specialists covering | # test examples | delta top-1 correct | relative accuracy change |",
+             "|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['specialists_covering']} | {r['n_examples']} | {r['delta_correct']:+d} | "
+                     f"{_percent(r['relative_accuracy_change'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.4f}"
+
+
+def print_report(console, report: dict[str, Any]) -> None:
+    """Top-1 summary and the Table 4 breakdown (also used by ``specdistill report``)."""
+    from rich.table import Table
+
+    console.print(
+        f"  test top1: generalist {_fmt(report['generalist_top1'])} -> ensemble "
+        f"{_fmt(report['ensemble_top1'])} on {report['n_examples']:,} examples; covered by a "
+        f"specialist: {report['n_covered']:,}, conditional top1 {_fmt(report['covered_generalist_top1'])} "
+        f"-> {_fmt(report['covered_ensemble_top1'])}; {report['mean_active_specialists']:.2f} active "
+        f"specialists per example"
+    )
+    table = Table(title="Table 4: accuracy change by specialists covering the true class")
+    for col in ("# specialists covering", "# test examples", "delta top-1 correct", "relative change"):
+        table.add_column(col, justify="right")
+    for r in report["table4"]:
+        table.add_row(str(r["specialists_covering"]), f"{r['n_examples']:,}", f"{r['delta_correct']:+d}",
+                      _percent(r["relative_accuracy_change"]))
+    console.print(table)
+
+
+def load_report(run_path: Path) -> dict[str, Any]:
+    """The ``evaluation.json`` of a finished ensemble stage."""
+    _require(run_path / NAME / EVALUATION, NAME)
+    return read_json(run_path / NAME / EVALUATION)
+
+
+STAGE = Stage(
+    name=NAME,
+    config_keys=("ensemble",),
+    upstream=("generalist", "clustering", "specialists"),
+    run=run,
+)
