@@ -130,6 +130,9 @@ def run_pipeline(
         for stage in stages[: last + 1]:
             config_hash, inputs = stage_fingerprint(config, stage, manifests)
             reason = run_dir.is_complete(stage.name, config_hash, inputs)
+            if start is not None and stage.name in selected:
+                reason = f"--from {start}: re-run from scratch"
+                shutil.rmtree(run_dir.path / stage.name, ignore_errors=True)
             if reason is None or stage.name not in selected:
                 manifest = run_dir.read_manifest(stage.name)
                 if manifest is None:

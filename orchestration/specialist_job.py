@@ -44,7 +44,7 @@ from orchestration.checkpoints import (
 from orchestration.config import SpecialistsConfig
 from orchestration.rundir import read_json, write_json
 from specialists.model import build_specialist
-from specialists.prior import apply_prior_correction, group_prior
+from specialists.prior import apply_prior_correction, group_prior, shift_to_training_mix
 from specialists.sampler import HalfAndHalfBatchSampler, specialist_targets
 from specialists.train import (
     balanced_holdout,
@@ -124,6 +124,7 @@ def train_specialist(job: SpecialistJob, data: dict[str, torch.Tensor]) -> dict[
     invariant = init_invariant_maxdiff(generalist, model, holdout[0][:INVARIANT_EXAMPLES])
     sampler = HalfAndHalfBatchSampler(data["train_labels"], job.classes, batch_size=cfg.batch_size,
                                       num_batches=cfg.num_batches, seed=job.seed)
+    shift_to_training_mix(model, group_prior(data["train_labels"], job.classes), sampler.in_group_fraction)
     optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 momentum=cfg.momentum)
     scheduler = build_scheduler(optimizer, total_steps=cfg.epochs * len(sampler))

@@ -33,12 +33,13 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from specialists.model import Specialist
 from specialists.sampler import in_group_mask
 
-__all__ = ["apply_prior_correction", "dustbin_log_correction", "group_prior"]
+__all__ = ["apply_prior_correction", "dustbin_log_correction", "group_prior", "shift_to_training_mix"]
 
 
 def group_prior(labels: Tensor | np.ndarray, group: Sequence[int]) -> float:
@@ -98,3 +99,22 @@ def apply_prior_correction(specialist: Specialist, pi_m: float,
     corrected = copy.deepcopy(specialist)
     corrected.add_prior_correction(offset)
     return corrected
+
+
+def shift_to_training_mix(specialist: Specialist, pi_m: float, in_group_fraction: float = 0.5) -> None:
+    """Start a freshly built specialist from the generalist's posterior under the training mix.
+
+    A specialist built from the generalist reproduces the generalist's collapsed posterior,
+    which is calibrated to the natural prior pi_m; but it trains on a mix with a share
+    ``in_group_fraction`` of in-group examples. Subtracting the prior correction from the
+    dustbin bias (in place, not recorded) makes the starting point the Bayes posterior under
+    that mix, so training does not have to learn the prior shift and the correction applied
+    after training (:func:`apply_prior_correction`) is exact: an untrained specialist, shifted
+    and then corrected, equals the generalist again. Without the shift, a specialist that moves
+    little during training gets the correction on top of an already natural-prior posterior,
+    which over-weights the dustbin.
+    """
+    if specialist.prior_correction is not None:
+        raise ValueError("shift_to_training_mix applies to an uncorrected specialist before training")
+    with torch.no_grad():
+        specialist.dustbin_bias.sub_(dustbin_log_correction(pi_m, in_group_fraction))

@@ -60,6 +60,15 @@ def test_changing_a_stage_key_reruns_it_other_keys_do_not(tiny_args, capsys):
     assert "stage generalist (config changed)" in out and "skip" not in out
 
 
+def test_from_stage_reruns_it_and_everything_after(tiny_args, capsys):
+    assert main(["run", *tiny_args()]) == 0
+    capsys.readouterr()
+    assert main(["run", *tiny_args(), "--from", "clustering"]) == 0
+    out = capsys.readouterr().out
+    assert "skip generalist" in out
+    assert "stage clustering (--from clustering" in out and "stage specialists (--from clustering" in out
+
+
 def test_corrupted_final_checkpoint_is_detected_and_rebuilt(tiny_args, workdir, capsys):
     assert main(["run", *tiny_args()]) == 0
     weights = workdir / "run" / "generalist" / "model.safetensors"

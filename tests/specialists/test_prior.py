@@ -178,3 +178,24 @@ def test_group_prior_and_apply_errors() -> None:
         group_prior(np.array([], dtype=np.int64), (1,))
     with pytest.raises(ValueError, match="Specialist"):
         apply_prior_correction(nn.Linear(2, 2), 0.2)  # type: ignore[arg-type]
+
+
+def test_shift_then_correct_an_untrained_specialist_gives_back_the_generalist():
+    """Training starts at the posterior under the 50/50 mix; the correction undoes exactly that."""
+    from generalist.models import create_model
+    from specialists.prior import shift_to_training_mix
+
+    torch.manual_seed(0)
+    generalist = create_model("cnn", num_classes=6, in_channels=1, image_size=16, width=0.25).eval()
+    group, pi = (1, 4), 0.2
+    spec = build_specialist(generalist, group)
+    shift_to_training_mix(spec, pi, 0.5)
+    x = torch.rand(5, 1, 16, 16)
+    with torch.no_grad():
+        target = collapse_probs(torch.softmax(generalist(x), 1), group)          # (5, 3)
+        shifted = torch.softmax(spec.eval()(x), 1)
+        # under the 50/50 mix the in-group odds are multiplied by (1 - pi) / pi = 4
+        odds = target[:, :2].sum(1) / target[:, 2]
+        assert torch.allclose(shifted[:, :2].sum(1) / shifted[:, 2], 4 * odds, rtol=1e-4)
+        corrected = apply_prior_correction(spec, pi, 0.5).eval()
+        assert torch.allclose(torch.softmax(corrected(x), 1), target, atol=1e-5)
