@@ -151,11 +151,12 @@ def check_cov(cov: Any) -> np.ndarray | sp.csr_matrix:
     scale = 0.0
     for start in range(0, arr.shape[0], _BLOCK):
         rows = arr[start : start + _BLOCK]
-        if not np.isfinite(rows).all():
+        low, high = float(rows.min()), float(rows.max())  # NaN propagates; no temporaries
+        if not (np.isfinite(low) and np.isfinite(high)):
             raise ValueError(
                 "cov contains NaN or inf; recompute the covariance from finite probabilities."
             )
-        scale = max(scale, float(np.abs(rows).max()))
+        scale = max(scale, -low, high)
     if _max_asymmetry(arr) > _SYM_RTOL * scale + 1e-12:
         raise ValueError(
             "cov is not symmetric; a covariance must satisfy C == C.T (symmetrise with "

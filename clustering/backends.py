@@ -74,9 +74,7 @@ def faiss_kmeans(
 
     x32 = np.ascontiguousarray(x, dtype=np.float32)
     threads = faiss.omp_get_max_threads()
-    if x32.shape[0] * x32.shape[1] * n_clusters < _FAISS_SMALL_WORK:
-        # Small problems: OpenMP start-up/barrier cost dominates (10x slower on 2 busy cores).
-        faiss.omp_set_num_threads(1)
+    faiss.omp_set_num_threads(faiss_threads(x32.shape[0], x32.shape[1], n_clusters))
     best = None
     try:
         for restart in range(n_init):
@@ -88,6 +86,17 @@ def faiss_kmeans(
     finally:
         faiss.omp_set_num_threads(threads)
     return best[1], best[2], best[3]
+
+
+def faiss_threads(n: int, d: int, n_clusters: int) -> int:
+    """OpenMP threads ``faiss_kmeans`` uses for (n, d) points and k clusters.
+
+    1 below 2e8 multiply-adds (n * d * k) per Lloyd iteration, where OpenMP start-up and
+    barrier cost dominates (10x slower on 2 busy cores); faiss's maximum otherwise.
+    """
+    import faiss
+
+    return 1 if n * d * n_clusters < _FAISS_SMALL_WORK else faiss.omp_get_max_threads()
 
 
 def faiss_lloyd(

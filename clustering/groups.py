@@ -27,6 +27,7 @@ from clustering._validation import (
 from clustering.features import (
     affinity,
     default_svd_components,
+    dense_embedding,
     normalized_descriptors,
     normalized_sparse,
     sparse_embedding,
@@ -44,18 +45,27 @@ class ConfusableGroups(BaseEstimator):
         n_groups: number of clusters k; None chooses it with ``choose_n_groups`` (eigengap of
             the normalised affinity over 2 .. min(K // 2, 100)).
         method: "kmeans" | "minibatch_kmeans" | "spectral" | "agglomerative" | "faiss" |
-            "auto" (faiss when K >= 2,000, else kmeans).
+            "auto" (spectral when K < 2,000, else faiss). "kmeans" is scikit-learn KMeans
+            (k-means++, Lloyd) on the full (K, K) float64 normalised descriptors. "faiss"
+            first projects the descriptors onto their top ``svd_components`` right singular
+            vectors (randomized SVD with 1 power iteration, in cov's dtype) and runs faiss
+            k-means (k-means++ seeding) in that d-dimensional space: a (K, d) problem instead
+            of (K, K), e.g. K = 15,000, k = 50 -> d = 100.
         normalize: "correlation" (C_ij / sqrt(C_ii C_jj)) or "l2" (unit-norm columns).
         group_size: None for disjoint groups (the clusters); an int s for overlapping
             fixed-size groups: each of the k centroids takes its s nearest classes (methods
-            without centroids use the clusters' mean descriptors).
+            without centroids use the clusters' mean descriptors). Distances are measured
+            in the space the clusters were found in (the d-dim projection for "faiss" and
+            sparse input), so a class's nearest centroid is its own cluster's.
         min_group_size: groups smaller than this are dropped (their classes become
             unassigned, i.e. handled by the generalist alone).
         random_state: seed for every random step.
         max_iter: Lloyd iterations (faiss runs exactly this many; sklearn at most this many).
         n_init: k-means restarts (best objective kept).
-        svd_components: sparse input only: size of the randomized TruncatedSVD embedding;
-            default k + 16 (keep it >= k: one dimension per group).
+        svd_components: size d of the randomized-SVD embedding used for sparse input (any
+            method) and for method "faiss"; default k + 16 for sparse and 2k for dense input,
+            capped at K - 1 (keep it >= k: one dimension per group; see
+            ``features.default_svd_components``).
         compute_stability: also compute ``stability_`` (mean pairwise ARI over seeds
             random_state, +1, +2); triples the fit time, so off by default.
 
@@ -71,6 +81,9 @@ class ConfusableGroups(BaseEstimator):
         zero_variance_classes_: classes with zero variance (never clusterable).
         method_, normalize_: the method actually used and the normalisation.
         n_iter_: Lloyd iterations run (k-means methods; None for spectral/agglomerative).
+        n_components_: dimension d of the embedding the classes were clustered in ("faiss"
+            and sparse input); None when the full normalised descriptors (or, for spectral,
+            the affinity) were clustered.
         stability_: only with ``compute_stability=True``.
     """
 
@@ -102,7 +115,8 @@ class ConfusableGroups(BaseEstimator):
         """Cluster the classes of ``cov``, a dense (K, K) ndarray or scipy.sparse matrix.
 
         Sparse input is normalised sparsely and embedded with randomized TruncatedSVD before
-        clustering (never densified); dense input is clustered on its K-dim descriptors.
+        clustering (never densified). Dense input is clustered on its K-dim descriptors,
+        except with method "faiss", which first projects them to ``n_components_`` dims.
         """
         self._check_params()
         mat = check_cov(cov)
@@ -147,6 +161,7 @@ class ConfusableGroups(BaseEstimator):
         return {
             "method": self.method_,
             "normalize": self.normalize_,
+            "n_components": self.n_components_,
             "n_classes": int(self.n_features_in_),
             "n_groups": int(self.n_groups_),
             "n_groups_kept": len(self.groups_),
@@ -180,6 +195,7 @@ class ConfusableGroups(BaseEstimator):
         """Returns (cluster labels, overlapping groups or None, nearest-centroid cluster)."""
         n, rs = self.n_groups_, self.random_state
         need_x = self.method_ != "spectral" or self.group_size is not None
+        self.n_components_ = None
         x = self._descriptors(sub) if need_x else None
         centroids, self.n_iter_ = None, None
         if self.method_ == "spectral":
@@ -208,11 +224,18 @@ class ConfusableGroups(BaseEstimator):
         return labels, groups, np.argmin(dist, axis=1)
 
     def _descriptors(self, sub: np.ndarray | sp.csr_matrix) -> np.ndarray:
+        """(K', d) descriptors of the active classes; sets ``n_components_``."""
+        dim = self.svd_components or default_svd_components(
+            self.n_groups_, sub.shape[0], sparse=sp.issparse(sub)
+        )
         if sp.issparse(sub):
-            dim = self.svd_components or default_svd_components(self.n_groups_, sub.shape[0])
-            return sparse_embedding(normalized_sparse(sub, self.normalize), dim, self.random_state)
-        dtype = np.float32 if self.method_ == "faiss" else np.float64
-        return normalized_descriptors(sub, self.normalize, dtype=dtype)
+            x = sparse_embedding(normalized_sparse(sub, self.normalize), dim, self.random_state)
+        elif self.method_ == "faiss":
+            x = dense_embedding(sub, self.normalize, dim, self.random_state)
+        else:
+            return normalized_descriptors(sub, self.normalize, dtype=np.float64)
+        self.n_components_ = int(x.shape[1])
+        return x
 
     def _set_groups(
         self,
@@ -258,10 +281,17 @@ class ConfusableGroups(BaseEstimator):
 
 
 def resolve_method(method: str, num_classes: int) -> str:
-    """The concrete method: "auto" becomes "faiss" when K >= 2,000, else "kmeans"."""
+    """The concrete method: "auto" becomes "spectral" when K < 2,000, else "faiss".
+
+    Below 2,000 classes spectral clustering of the correlation affinity is cheap (dense
+    eigendecomposition) and follows chains of confusion that k-means merges (on a real
+    320-class glyph covariance it separates diacritic families such as A-grave / A-acute /
+    A-ring, where k-means on raw columns gives one 89-class group); from 2,000 classes on,
+    the projected faiss k-means (see ``ConfusableGroups``) scales to large K.
+    """
     if method != "auto":
         return method
-    return "faiss" if num_classes >= AUTO_FAISS_MIN_CLASSES else "kmeans"
+    return "faiss" if num_classes >= AUTO_FAISS_MIN_CLASSES else "spectral"
 
 
 def _submatrix(mat: np.ndarray | sp.csr_matrix, idx: np.ndarray) -> np.ndarray | sp.csr_matrix:

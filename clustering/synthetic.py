@@ -130,9 +130,10 @@ def _lowrank_covariance(
 ) -> np.ndarray:
     """A - v v^T / (1^T v), A = F F^T + D, F = [cross factors | group loadings], blockwise.
 
-    v = A 1 is computed from the factors, the rank-one correction is applied while row blocks
-    are written in place, then the upper triangle is mirrored so the result is exactly
-    symmetric; only the output K x K array is allocated.
+    v = A 1 is computed from the factors; the cross term and the rank-one correction come
+    from one GEMM per row block ([cross | v'] @ [cross | -v']^T, v' = v / sqrt(1^T v)) written
+    in place, then the upper triangle is mirrored so the result is exactly symmetric; only
+    the output K x K array is allocated (no (block, K) temporaries).
     """
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype must be np.float32 or np.float64, got {dtype}.")
@@ -143,16 +144,16 @@ def _lowrank_covariance(
     diag = _DIAG * scale**2
     member = sp.csr_matrix((loading, (np.arange(k), labels)), shape=(k, int(labels.max()) + 1))
     mass = cross @ cross.sum(axis=0) + member @ np.asarray(member.sum(axis=0)).ravel() + diag
-    mass_scaled = (mass / np.sqrt(mass.sum())).astype(dtype)
-    cross = cross.astype(dtype)
+    mass_scaled = mass / np.sqrt(mass.sum())
+    left = np.column_stack([cross, mass_scaled]).astype(dtype)
+    right_t = np.ascontiguousarray(np.column_stack([cross, -mass_scaled]).astype(dtype).T)
     cov = np.empty((k, k), dtype=dtype)
     for start in range(0, k, _BLOCK):
         stop = min(start + _BLOCK, k)
         block = cov[start:stop]
-        np.matmul(cross[start:stop], cross.T, out=block)
+        np.matmul(left[start:stop], right_t, out=block)
         within = (member[start:stop] @ member.T).tocoo()
         block[within.row, within.col] += within.data.astype(dtype)
-        block -= mass_scaled[start:stop, None] * mass_scaled[None, :]
         block[np.arange(stop - start), np.arange(start, stop)] += diag[start:stop].astype(dtype)
     symmetrize_inplace(cov)
     return cov

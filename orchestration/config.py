@@ -80,7 +80,7 @@ class GeneralistConfig(Section):
 class ClusteringConfig(Section):
     n_groups: int | None = Field(None, ge=1, description="Number of groups; None = chosen by rule.")
     method: Literal["auto", "kmeans", "minibatch_kmeans", "spectral", "agglomerative", "faiss"] = Field(
-        "auto", description="auto = faiss k-means for K >= 2000, else scikit-learn k-means."
+        "auto", description="auto = spectral for K < 2000, else faiss k-means on a PCA projection."
     )
     normalize: Literal["correlation", "l2"] = Field("correlation", description="Column normalisation.")
     group_size: int | None = Field(

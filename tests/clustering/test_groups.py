@@ -54,12 +54,16 @@ def test_softmax_covariance_recovered(easy_softmax) -> None:
 
 
 def test_auto_method_threshold(easy_planted) -> None:
-    cov, _ = easy_planted
-    assert ConfusableGroups(n_groups=6).fit(cov).method_ == "kmeans"
+    cov, truth = easy_planted
+    est = ConfusableGroups(n_groups=6).fit(cov)
+    assert est.method_ == "spectral" and est.n_components_ is None
+    assert adjusted_rand_score(truth, est.labels_) >= 0.9
     from clustering import resolve_method
 
-    assert resolve_method("auto", 2_000) == "faiss" and resolve_method("auto", 1_999) == "kmeans"
+    assert resolve_method("auto", 2_000) == "faiss"
+    assert resolve_method("auto", 1_999) == "spectral"
     assert resolve_method("spectral", 50_000) == "spectral"
+    assert resolve_method("kmeans", 50_000) == "kmeans"
 
 
 @pytest.mark.parametrize("method", ["faiss", "agglomerative"])
