@@ -17,15 +17,6 @@ from distill import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny convs are faster single-threaded on the shared 2-core CI box; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_onehot_loss_is_ce_with_argmax():
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     # row 0: -log(e^2 / (e^2 + 2)) ; row 1: -log(e / (e + 2))

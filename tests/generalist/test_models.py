@@ -22,15 +22,6 @@ from generalist.models import (
 from generalist.models.registry import _REGISTRY
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP barrier stalls on shared CPUs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def conv_bn(cin: int, cout: int) -> int:
     """Hand count of a bias-free 3x3 conv followed by BatchNorm (weight + bias)."""
     return 9 * cin * cout + 2 * cout

@@ -27,15 +27,6 @@ from generalist.train import (
 )
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP barrier stalls on shared CPUs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def quadrant_data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """4 linearly separable classes on 1x8x8 uint8 images: class c has a bright quadrant c plus noise."""
     g = torch.Generator().manual_seed(seed)

@@ -22,14 +22,6 @@ from specialists.combine import (
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on small shared machines OpenMP barriers stall under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def t(rows) -> torch.Tensor:
     return torch.tensor(rows, dtype=f64)

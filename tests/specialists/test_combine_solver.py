@@ -17,14 +17,6 @@ from specialists.combine import (
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on small shared machines OpenMP barriers stall under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def random_problem(batch: int, num_classes: int, groups: list[list[int]], *, top_n: int, seed: int, noise: float = 0.8):
     """Peaky generalist; specialists agree with it up to logit noise. Returns the routed problem."""
