@@ -137,36 +137,32 @@ def _cmd_run(ns: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+# One summary line per finished stage, from the metrics in its manifest.
+_SUMMARY_LINES = {
+    "generalist": lambda m: (
+        f"generalist: test top1 {m['test_top1']:.4f}  top5 {m['test_top5']:.4f}  "
+        f"params {int(m['params']):,}"
+    ),
+    "clustering": lambda m: (
+        f"clustering: {m['n_specialist_groups']} groups, {m['n_unassigned']} classes unassigned, "
+        f"stability ARI {m['stability_ari']:.3f}"
+    ),
+    "specialists": lambda m: (
+        f"specialists: {m['n_specialists']} trained, group top1 {m['mean_group_top1']:.3f} "
+        f"(generalist {m['mean_init_group_top1']:.3f}), {m['n_resumed']} resumed from a checkpoint"
+    ),
+    "ensemble": lambda m: (
+        f"ensemble: test top1 generalist {m['generalist_top1']:.4f} -> ensemble "
+        f"{m['ensemble_top1']:.4f}  ({m['n_covered']:,} of {m['n_examples']:,} covered by a "
+        "specialist; specdistill report RUN for Table 4)"
+    ),
+}
+
+
 def _print_summary(outcome, console: Console) -> None:
-    gen = outcome.manifests.get("generalist")
-    if gen is not None:
-        m = gen.metrics
-        console.print(
-            f"generalist: test top1 {m['test_top1']:.4f}  top5 {m['test_top5']:.4f}  "
-            f"params {int(m['params']):,}"
-        )
-    clus = outcome.manifests.get("clustering")
-    if clus is not None:
-        m = clus.metrics
-        console.print(
-            f"clustering: {m['n_specialist_groups']} groups, {m['n_unassigned']} classes unassigned, "
-            f"stability ARI {m['stability_ari']:.3f}"
-        )
-    spec = outcome.manifests.get("specialists")
-    if spec is not None:
-        m = spec.metrics
-        console.print(
-            f"specialists: {m['n_specialists']} trained, group top1 {m['mean_group_top1']:.3f} "
-            f"(generalist {m['mean_init_group_top1']:.3f}), {m['n_resumed']} resumed from a checkpoint"
-        )
-    ens = outcome.manifests.get("ensemble")
-    if ens is not None:
-        m = ens.metrics
-        console.print(
-            f"ensemble: test top1 generalist {m['generalist_top1']:.4f} -> ensemble "
-            f"{m['ensemble_top1']:.4f}  ({m['n_covered']:,} of {m['n_examples']:,} covered by a "
-            "specialist; specdistill report RUN for Table 4)"
-        )
+    for stage, line in _SUMMARY_LINES.items():
+        if stage in outcome.manifests:
+            console.print(line(outcome.manifests[stage].metrics))
     console.print(f"run dir: {outcome.run_dir}")
     console.print(f"mlflow run id: {outcome.parent_run_id}")
 
