@@ -80,3 +80,17 @@ def load_train_state(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated/corrupt files
         raise CheckpointError(f"training state {path} is corrupt or truncated ({exc})") from None
+
+
+def build_model(spec: dict[str, Any]) -> torch.nn.Module:
+    """A registry model from the ``model`` spec a checkpoint's metadata records."""
+    from generalist.models import create_model
+
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    return create_model(spec["name"], **kwargs)
+
+
+def load_model(path_stem: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model saved at ``path_stem`` (eval mode) and its metadata; CheckpointError if unusable."""
+    meta = read_metadata(path_stem)
+    return load_weights(path_stem, build_model(meta["model"])).eval(), meta

@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from generalist.models import create_model
 from generalist.train import (
     EarlyStopping,
     build_optimizer,
@@ -35,6 +34,7 @@ from generalist.train import (
 )
 from orchestration.checkpoints import (
     CheckpointError,
+    load_model,
     load_train_state,
     load_weights,
     read_metadata,
@@ -81,13 +81,9 @@ class SpecialistJob:
 
 
 def load_generalist(stage_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The generalist checkpoint (``orchestration.stages.generalist`` wrote it). Read here
-    without importing the stage scripts, which would cost every Ray worker seconds of imports
-    (clustering, plotting, MLflow) it never uses."""
-    meta = read_metadata(stage_dir / "model")
-    spec = dict(meta["model"])
-    model = create_model(spec.pop("name"), **spec)
-    return load_weights(stage_dir / "model", model).eval(), meta
+    """The generalist checkpoint, read without importing the stage scripts (which would cost
+    every Ray worker seconds of imports: clustering, plotting, MLflow)."""
+    return load_model(stage_dir / "model")
 
 
 def is_finished(job: SpecialistJob) -> bool:

@@ -15,7 +15,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from generalist.data import DataError
-from generalist.models import create_model, summarize_model
+from generalist.models import summarize_model
 from generalist.train import (
     EarlyStopping,
     build_optimizer,
@@ -27,6 +27,8 @@ from generalist.train import (
 )
 from orchestration.checkpoints import (
     CheckpointError,
+    build_model,
+    load_model,
     load_train_state,
     load_weights,
     read_metadata,
@@ -54,16 +56,9 @@ def model_spec(ctx: StageContext) -> dict[str, Any]:
     }
 
 
-def build_from_spec(spec: dict[str, Any]) -> torch.nn.Module:
-    kwargs = {k: v for k, v in spec.items() if k != "name"}
-    return create_model(spec["name"], **kwargs)
-
-
 def load_generalist(stage_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The trained generalist and its metadata, for later stages (CheckpointError if unusable)."""
-    meta = read_metadata(stage_dir / FINAL)
-    model = load_weights(stage_dir / FINAL, build_from_spec(meta["model"]))
-    return model.eval(), meta
+    return load_model(stage_dir / FINAL)
 
 
 def check_splits(data) -> None:
@@ -82,7 +77,7 @@ def run(ctx: StageContext) -> StageResult:
     check_splits(data)
     set_seed(ctx.config.run.seed)
     spec = model_spec(ctx)
-    model = build_from_spec(spec).to(ctx.device)
+    model = build_model(spec).to(ctx.device)
     summary = summarize_model(model, data.image_shape, device=str(ctx.device))
     ctx.console.print(
         f"  model {cfg.model} width={cfg.width} depth={cfg.depth}: {summary.params:,} parameters, "
@@ -168,7 +163,7 @@ def _resume(ctx, model, optimizer, scheduler, stopper) -> int:
     except (CheckpointError, KeyError, ValueError) as exc:
         ctx.console.print(f"[yellow]warning[/] cannot resume ({exc}); training from scratch")
         set_seed(ctx.config.run.seed)
-        model.load_state_dict(build_from_spec(model_spec(ctx)).state_dict())
+        model.load_state_dict(build_model(model_spec(ctx)).state_dict())
         return 0
     epoch = int(state["epoch"])
     ctx.console.print(f"  resuming after epoch {epoch} from {ctx.stage_dir / LAST}.safetensors")
@@ -178,7 +173,7 @@ def _resume(ctx, model, optimizer, scheduler, stopper) -> int:
 def _finish(ctx, spec, summary) -> StageResult:
     data, device = ctx.data(), ctx.device
     try:
-        model = load_weights(ctx.stage_dir / BEST, build_from_spec(spec)).to(device)
+        model = load_weights(ctx.stage_dir / BEST, build_model(spec)).to(device)
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}; delete {ctx.stage_dir} to re-train the generalist") from None
     test = evaluate(model, _eval_batches(ctx, data.test), device=device)

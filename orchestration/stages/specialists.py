@@ -21,7 +21,7 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from generalist.data import DataError
-from orchestration.checkpoints import CheckpointError, load_weights, read_metadata
+from orchestration.checkpoints import CheckpointError, build_model, load_weights, read_metadata
 from orchestration.config import ConfigError, SpecialistsConfig
 from orchestration.parallel import (
     TaskResources,
@@ -41,7 +41,7 @@ from orchestration.specialist_job import (
     train_specialist,
 )
 from orchestration.stages.clustering import load_groups
-from orchestration.stages.generalist import FINAL, build_from_spec
+from orchestration.stages.generalist import FINAL
 from orchestration.tracking import PARENT_TAG, RunLogger
 from specialists.model import Specialist, build_specialist, validate_group
 
@@ -265,7 +265,7 @@ def load_specialist(group_dir: Path) -> tuple[Specialist, dict[str, Any]]:
     """A trained, prior-corrected specialist and its metadata (for the ensemble stage)."""
     meta = read_metadata(group_dir / MODEL)
     spec = meta["specialist"]
-    skeleton = build_specialist(build_from_spec(meta["model"]), spec["classes"],
+    skeleton = build_specialist(build_model(meta["model"]), spec["classes"],
                                 finetune=spec["finetune"], last_n=spec["last_n"])
     return load_weights(group_dir / MODEL, skeleton).eval(), meta
 
