@@ -9,6 +9,7 @@ re-run or a resumed stage logs into the same runs instead of creating duplicates
 from __future__ import annotations
 
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -66,8 +67,6 @@ class RunLogger:
             self.client.log_batch(self.run_id, params=fresh[start : start + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        import time
-
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         if batch:
