@@ -1,6 +1,6 @@
 """The ``specdistill`` command.
 
-    specdistill run [CONFIG] [key=value ...] [--only STAGE] [--from STAGE]
+    specdistill run [CONFIG] [key=value ...] [--only STAGE] [--from STAGE] [--to STAGE]
     specdistill generalist [CONFIG] [key=value ...]      # one stage
     specdistill clustering [CONFIG] [key=value ...]      # one stage
     specdistill groups RUN                               # the confusable groups of a run
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = run.add_mutually_exclusive_group()
     group.add_argument("--only", choices=stage_names(), help="run just this stage")
     group.add_argument("--from", dest="start", choices=stage_names(), help="re-run from this stage on")
+    run.add_argument("--to", dest="stop", choices=stage_names(), help="stop after this stage")
     for name in stage_names():
         stage = sub.add_parser(name, help=f"run the {name} stage only")
         _add_config_args(stage)
@@ -132,7 +133,8 @@ def _cmd_run(ns: argparse.Namespace, console: Console) -> int:
 
     config = _load(ns.args)
     only = ns.command if ns.command in stage_names() else getattr(ns, "only", None)
-    outcome = run_pipeline(config, STAGES, only=only, start=getattr(ns, "start", None), console=console)
+    outcome = run_pipeline(config, STAGES, only=only, start=getattr(ns, "start", None),
+                           stop=getattr(ns, "stop", None), console=console)
     _print_summary(outcome, console)
     return 0
 

@@ -129,6 +129,48 @@ class EnsembleConfig(Section):
     tol: float = Field(1e-10, gt=0, description="Fixed-point solver stops a row once no probability moves by more than this.")
     max_iter: int = Field(1000, ge=1, description="Most fixed-point (SQUAREM) iterations per batch.")
     batch_size: int = Field(512, ge=1, description="Test examples per ensemble batch.")
+    cache: bool = Field(True, description="Write the soft-target cache of q over cache_split (Ray Data).")
+    cache_split: Literal["train", "holdout", "test"] = Field("train", description="Split the cache covers.")
+    cache_top_k: int = Field(32, ge=1, description="Probabilities kept per example (float16 + int32 ids + residual).")
+    cache_dense_max_classes: int = Field(
+        1024, ge=0, description="Store q densely (float16) when K is at most this; 0 = always top-k."
+    )
+    cache_shard_size: int = Field(8192, ge=1, description="Examples per cache shard.")
+    cache_actors: int = Field(2, ge=1, description="Ray Data actors computing the cache.")
+    cache_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per cache actor (0 on CPU machines).")
+
+
+class DistillConfig(Section):
+    student: str = Field("cnn", description="Student model in the registry (cnn, cnn_fast, resnet, tv.<name>).")
+    width: float = Field(0.5, gt=0, description="Student channel-width multiplier.")
+    depth: float = Field(1.0, gt=0, description="Student depth multiplier.")
+    teacher: Literal["ensemble", "generalist"] = Field("ensemble", description="Whose soft targets the student learns.")
+    targets: Literal["cache", "online"] = Field(
+        "cache", description="cache = the ensemble stage's soft-target cache (fixed views); online = routed ensemble per batch."
+    )
+    temperature: float = Field(4.0, gt=0, description="Softening temperature T of teacher and student.")
+    alpha: float = Field(0.9, ge=0, le=1, description="Weight of T^2 * KL(teacher_T || student_T); 1 - alpha on hard labels.")
+    losses: dict[str, float] = Field(
+        default_factory=dict, description="Extra losses by name with weights, e.g. {hint: 1.0, rkd: 0.5}."
+    )
+    hint_layers: list[str] = Field(
+        default_factory=list, description="[student module path, teacher module path] for hint/attention losses."
+    )
+    epochs: int = Field(6, ge=1)
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(0.003, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    warmup_epochs: float = Field(0.5, ge=0)
+    baselines: bool = Field(True, description="Also train the hard-label and generalist-teacher students (same budget).")
+    data_free: bool = Field(True, description="Also distill a student from generator samples only (DAFL).")
+    data_free_generator_steps: int = Field(400, ge=1, description="Generator training steps (DAFL).")
+    data_free_steps_per_epoch: int = Field(100, ge=1, description="Student steps per epoch on generated samples.")
+    data_free_latent_dim: int = Field(64, ge=1, description="Generator noise dimension.")
+    register_model: bool = Field(True, description="Log the student with mlflow.pytorch and register it (alias candidate).")
+    model_name: str = Field("specdistill-student", description="Registered model name.")
 
 
 class Config(Section):
@@ -139,6 +181,7 @@ class Config(Section):
     clustering: ClusteringConfig = ClusteringConfig()
     specialists: SpecialistsConfig = SpecialistsConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
+    distill: DistillConfig = DistillConfig()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

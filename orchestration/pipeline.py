@@ -84,17 +84,20 @@ def stage_fingerprint(config: Config, stage: Stage, manifests: dict[str, Manifes
     return config.section_hash(stage.config_keys), inputs
 
 
-def select_stages(stages: Sequence[Stage], only: str | None, start: str | None) -> set[str]:
-    """Names of the stages to (re)consider: all, one (``only``), or from ``start`` on."""
+def select_stages(stages: Sequence[Stage], only: str | None, start: str | None,
+                  stop: str | None = None) -> set[str]:
+    """Names of the stages to (re)consider: all, one (``only``), from ``start`` on, up to ``stop``."""
     names = [s.name for s in stages]
-    for name in (only, start):
+    for name in (only, start, stop):
         if name is not None and name not in names:
             raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(names)}")
     if only:
         return {only}
-    if start:
-        return set(names[names.index(start):])
-    return set(names)
+    first = names.index(start) if start else 0
+    last = names.index(stop) if stop else len(names) - 1
+    if last < first:
+        raise ValueError(f"--to {stop} comes before --from {start}; stages run in the order {', '.join(names)}")
+    return set(names[first:last + 1])
 
 
 def run_pipeline(
@@ -103,10 +106,11 @@ def run_pipeline(
     *,
     only: str | None = None,
     start: str | None = None,
+    stop: str | None = None,
     console: Console | None = None,
 ) -> PipelineOutcome:
     console = console or Console()
-    selected = select_stages(stages, only, start)
+    selected = select_stages(stages, only, start, stop)
     run_dir = RunDir(config.run.path)
     run_dir.ensure_writable()
     if config.run.num_threads:

@@ -86,3 +86,30 @@ def mlflow_server(tmp_path_factory):
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+TINY_SPECIALISTS = ("specialists.epochs=1", "specialists.batch_size=32", "specialists.finetune=head",
+                    "ensemble.batch_size=16")
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """A tiny run finished up to the ensemble stage, built once per session; treat it as read-only.
+
+    Returns ``{"path": run dir, "uri": its sqlite MLflow store, "root": the folder holding both}``.
+    """
+    from orchestration.cli import main
+
+    root = tmp_path_factory.mktemp("finished-run")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    args = [f"run.dir={root / 'run'}", "run.device=cpu", "run.num_threads=1", f"tracking.uri={uri}",
+            *TINY_DATA, *TINY_GENERALIST, *TINY_SPECIALISTS]
+    cwd, saved = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.chdir(root)
+    try:
+        assert main(["run", *args, "--to", "ensemble"]) == 0
+    finally:
+        os.chdir(cwd)
+        if saved is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+    return {"path": root / "run", "uri": uri, "root": root, "args": args}
