@@ -29,13 +29,20 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from specialists.combine import (
+# `python benchmarks/combine.py` puts benchmarks/ first on sys.path, where benchmarks/specialists.py
+# would shadow the `specialists` package: import the packages from the repository root instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+from specialists.combine import (  # noqa: E402
     GroupMembership,
     active_specialists,
     combine_objective,
@@ -183,6 +190,46 @@ def print_table(cases: list[dict[str, Any]]) -> None:
               f"mean top-1 prob {case['mean_top1_prob']:.3f}, speedup {case['speedup']:.0f}x")
 
 
+def routed_throughput(num_classes: int = 320, num_groups: int = 32, batch: int = 512,
+                      repeats: int = 5, seed: int = 0) -> list[dict[str, Any]]:
+    """Examples/s of the generalist alone vs the routed ensemble (glyph-sized models: cnn_fast on
+    1x32x32, ``num_groups`` disjoint groups, n = 1), with full specialists and with a shared trunk.
+
+    Throughput does not depend on the weights, so the models are freshly initialised; the
+    generalist's head is sharpened so that routing sends each example to one specialist.
+    """
+    from generalist.models import create_model
+    from specialists.ensemble import build_ensemble, ensemble_forward
+    from specialists.model import build_specialist
+
+    torch.manual_seed(seed)
+    generalist = create_model("cnn_fast", num_classes=num_classes, in_channels=1, image_size=32).eval()
+    groups = [list(range(g, num_classes, num_groups)) for g in range(num_groups)]
+    x = torch.rand(batch, 1, 32, 32)
+
+    def rate(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return batch / statistics.median(times)
+
+    with torch.no_grad():
+        general = rate(lambda: torch.softmax(generalist(x).double(), dim=1))
+        rows = [{"model": "generalist", "examples_per_s": general, "relative": 1.0}]
+        for finetune in ("last_n", "head"):
+            specialists = [build_specialist(generalist, g, finetune=finetune) for g in groups]
+            ensemble = build_ensemble(generalist, specialists)
+            routed = rate(lambda ens=ensemble: ensemble_forward(ens, x))
+            rows.append({"model": f"routed ensemble ({'shared trunk' if ensemble.shared_trunk else 'full specialists'})",
+                         "examples_per_s": routed, "relative": routed / general})
+    for row in rows:
+        print(f"  {row['model']:<40} {row['examples_per_s']:>10,.0f} examples/s  {row['relative']:.2f}x")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="K = 1,000 only, no variants (< 60 s)")
@@ -203,7 +250,12 @@ def main(argv: list[str] | None = None) -> None:
     if not args.quick:
         cases.append(run_case("K=15000 S=61 |S|=300", 15000, 61, 300, args.batch, 2, args.tol,
                               repeats=2, variants=False, seed=args.seed + 1))
+    routed = []
+    if not args.quick:
+        print("routed inference, K=320, 32 groups, batch 512 (cnn_fast, 1x32x32):")
+        routed = routed_throughput()
     result = {
+        "routed_throughput": routed,
         "quick": args.quick, "seed": args.seed, "tol": args.tol,
         "speedup": cases[0]["speedup"],
         "objective_gap": max(case["objective_gap"] for case in cases),

@@ -95,18 +95,18 @@ class ClusteringConfig(Section):
 
 
 class SpecialistsConfig(Section):
-    epochs: int = Field(3, ge=1, description="Maximum training epochs per specialist.")
+    epochs: int = Field(4, ge=1, description="Maximum training epochs per specialist.")
     batch_size: int = Field(64, ge=2, description="Examples per batch: half in the group, half from the rest.")
     num_batches: int | None = Field(
         None, ge=1, description="Batches per epoch; None = one pass over the group's training examples."
     )
     eval_batch_size: int = Field(512, ge=1, description="Batch size for the holdout loss.")
-    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="Optimizer of the trainable parameters.")
-    lr: float = Field(0.01, gt=0, description="Peak learning rate (cosine decay over the epochs).")
+    optimizer: Literal["sgd", "adamw"] = Field("adamw", description="Optimizer of the trainable parameters.")
+    lr: float = Field(0.001, gt=0, description="Peak learning rate (cosine decay over the epochs).")
     weight_decay: float = Field(5e-4, ge=0, description="Weight decay (not on biases and norms).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum / AdamW beta1.")
     finetune: Literal["all", "head", "last_n"] = Field(
-        "last_n", description="What trains: everything, the head only, or the last_n blocks + head."
+        "all", description="What trains: everything, the head only, or the last_n blocks + head."
     )
     last_n: int = Field(1, ge=1, description="Trailing trunk blocks that train when finetune=last_n.")
     patience: int = Field(2, ge=1, description="Early stopping patience on the specialist's holdout loss.")
