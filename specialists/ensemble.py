@@ -241,7 +241,9 @@ def evaluate_predictions(
         ``covered_generalist_top1``, ``covered_ensemble_top1`` (conditional accuracy; NaN when
         nothing is covered) and ``table4``: one row per coverage ``k = 0 .. max`` with
         ``n_examples``, correct counts, ``delta_correct`` and ``relative_accuracy_change`` =
-        ``delta_correct / generalist_correct`` (None when the generalist got none right).
+        ``delta_correct / generalist_correct`` (None when the generalist got none right),
+        and ``per_group``: per specialist ``m``, the test examples whose true class is in
+        ``S_m`` with the generalist's and the ensemble's top-1 on them (None when empty).
     """
     labels, general_pred, ensemble_pred = (t.reshape(-1).long().cpu() for t in (labels, general_pred, ensemble_pred))
     if not labels.shape == general_pred.shape == ensemble_pred.shape:
@@ -260,4 +262,18 @@ def evaluate_predictions(
         "covered_generalist_top1": _top1(gen_ok[covered]),
         "covered_ensemble_top1": _top1(ens_ok[covered]),
         "table4": _table4(coverage, gen_ok, ens_ok),
+        "per_group": _per_group(membership, labels, gen_ok, ens_ok),
     }
+
+
+def _per_group(membership: GroupMembership, labels: Tensor, gen_ok: Tensor, ens_ok: Tensor) -> list[dict[str, Any]]:
+    rows = []
+    for m, group in enumerate(membership.groups):
+        mask = torch.isin(labels, torch.tensor(group, dtype=torch.long))
+        n = int(mask.sum())
+        rows.append({
+            "group": m, "n_examples": n,
+            "generalist_top1": _top1(gen_ok[mask]) if n else None,
+            "ensemble_top1": _top1(ens_ok[mask]) if n else None,
+        })
+    return rows

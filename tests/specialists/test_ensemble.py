@@ -214,6 +214,11 @@ def test_evaluation_and_table4_on_a_hand_made_case():
     assert table[0]["relative_accuracy_change"] == pytest.approx(-0.5)
     assert table[1]["relative_accuracy_change"] == pytest.approx(1.0)
     assert table[2]["relative_accuracy_change"] == pytest.approx(1.0)
+    # group {1, 2}: labels 1, 1, 2, 2, 2 (gen right 2 of 5, ensemble 4); {2, 3}: labels 3, 3, 2, 2, 2
+    groups = report["per_group"]
+    assert [g["n_examples"] for g in groups] == [5, 5]
+    assert groups[0]["generalist_top1"] == pytest.approx(2 / 5) and groups[0]["ensemble_top1"] == pytest.approx(4 / 5)
+    assert groups[1]["generalist_top1"] == pytest.approx(2 / 5) and groups[1]["ensemble_top1"] == pytest.approx(4 / 5)
 
 
 def test_evaluation_edge_cases():
