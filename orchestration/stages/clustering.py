@@ -138,7 +138,7 @@ def _log_review(ctx, cov, estimator, rows, class_names, metrics) -> None:
     log.log_artifact(ctx.stage_dir / GROUPS_FILE)
     if rows:
         table = {key: [_cell(r[key]) for r in rows] for key in rows[0]}
-        log.client.log_table(log.run_id, data=table, artifact_file="groups_table.json")
+        log.log_table(table, "groups_table.json")
         log.log_text(_markdown_table(rows), "groups.md")
     if _dense(cov):
         log.log_figure(covariance_heatmap(cov, estimator.groups_, class_names), "covariance_heatmap.png")

@@ -6,7 +6,10 @@ batch (each specialist runs only on the examples whose generalist top-``n`` clas
 group; a frozen shared trunk runs once), then report generalist vs ensemble top-1, the
 conditional accuracy on covered examples and the paper's Table 4 breakdown by the number of
 specialists covering the true class. Writes ``evaluation.json``, ``table4.json`` and
-``table4.md``; logs the metrics and the table to the stage's MLflow run.
+``table4.md``; logs the metrics and the table to the stage's MLflow run. Then (``ensemble.cache``)
+computes the soft-target cache of ``ensemble.cache_split`` with Ray Data into ``cache/``
+(:mod:`orchestration.soft_cache`; Ray as configured in the specialists section), whose
+``manifest.json`` is an output of the stage.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ from typing import Any
 import torch
 
 from generalist.train import iterate_batches
+from orchestration.config import EnsembleConfig
+from orchestration.parallel import connect
 from orchestration.pipeline import Stage, StageContext, StageResult
-from orchestration.rundir import read_json, write_json
+from orchestration.rundir import MANIFEST, read_json, write_json
+from orchestration.soft_cache import CACHE_DIR, build_cache, data_identity
 from orchestration.stages.clustering import load_groups
 from orchestration.stages.generalist import FINAL, load_generalist
 from orchestration.stages.specialists import INDEX, GroupsError, check_groups, load_specialist
@@ -34,6 +40,8 @@ from specialists.ensemble import (
 
 NAME = "ensemble"
 EVALUATION, TABLE4, TABLE4_MD = "evaluation.json", "table4.json", "table4.md"
+# Where and how fast the cache is computed, not what it holds: changing these never re-runs the stage.
+EXECUTION_KEYS = ("cache_actors", "cache_gpus_per_actor")
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -54,7 +62,11 @@ def run(ctx: StageContext) -> StageResult:
     outputs = _write_outputs(ctx, report)
     _log(ctx, report)
     print_report(ctx.console, report)
-    return StageResult(outputs=outputs, metrics=_metrics(report))
+    metrics = _metrics(report)
+    if cfg.cache:
+        cache_outputs, cache_metrics = _build_cache(ctx, data)
+        outputs, metrics = outputs + cache_outputs, {**metrics, **cache_metrics}
+    return StageResult(outputs=outputs, metrics=metrics)
 
 
 @dataclass(frozen=True)
@@ -123,6 +135,34 @@ def _predict(ctx: StageContext, ensemble: RoutedEnsemble, split) -> tuple[torch.
     return torch.cat(general), torch.cat(combined), torch.cat(n_active)
 
 
+def _build_cache(ctx: StageContext, data) -> tuple[list[str], dict[str, Any]]:
+    """The soft-target cache of ``ensemble.cache_split``: its manifest (an output) and metrics."""
+    cfg, ray_cfg = ctx.config.ensemble, ctx.config.specialists
+    split = getattr(data, cfg.cache_split)
+    where = connect(ray_cfg.ray_address, local_num_cpus=ray_cfg.local_num_cpus)
+    ctx.console.print(f"  soft-target cache of the {cfg.cache_split} split ({len(split):,} examples) "
+                      f"on {where}: {cfg.cache_actors} actors, {cfg.cache_gpus_per_actor:g} GPU each")
+    manifest = build_cache(
+        ctx.run_dir.path, split.images, ctx.stage_dir / CACHE_DIR,
+        identity=data_identity(ctx.config, cfg.cache_split, split),
+        top_k=cfg.cache_top_k, dense_max_classes=cfg.cache_dense_max_classes,
+        shard_size=cfg.cache_shard_size, num_actors=cfg.cache_actors,
+        gpus_per_actor=cfg.cache_gpus_per_actor, batch_size=cfg.batch_size, console=ctx.console,
+    )
+    layout = ("dense float16" if manifest["layout"] == "dense"
+              else f"top-{manifest['top_k']} float16 + int32 ids + residual")
+    ctx.console.print(
+        f"  cache: {manifest['n_examples']:,} examples, {layout} (K={manifest['num_classes']}), "
+        f"{manifest['bytes_per_example']} bytes/example, {manifest['seconds']:.1f}s "
+        f"({manifest['examples_per_s']:,.0f} examples/s) -> {ctx.stage_dir / CACHE_DIR}"
+    )
+    metrics = {"cache_bytes_per_example": manifest["bytes_per_example"],
+               "cache_examples_per_s": manifest["examples_per_s"]}
+    ctx.logger.log_metrics(metrics)
+    ctx.logger.log_artifact(ctx.stage_dir / CACHE_DIR / MANIFEST, CACHE_DIR)
+    return [f"{CACHE_DIR}/{MANIFEST}"], metrics
+
+
 def _routing_stats(n_active: torch.Tensor, seconds: float, ensemble: RoutedEnsemble) -> dict[str, Any]:
     return {
         "n_specialists": len(ensemble.specialists),
@@ -157,7 +197,7 @@ def _log(ctx: StageContext, report: dict[str, Any]) -> None:
     log.log_metrics(_metrics(report))
     log.log_artifact(ctx.stage_dir / EVALUATION)
     table = {key: [r[key] for r in rows] for key in rows[0]}
-    log.client.log_table(log.run_id, data=table, artifact_file=TABLE4)
+    log.log_table(table, TABLE4)
     log.log_text(table4_markdown(rows), TABLE4_MD)
 
 
@@ -207,7 +247,7 @@ def load_report(run_path: Path) -> dict[str, Any]:
 
 STAGE = Stage(
     name=NAME,
-    config_keys=("ensemble",),
+    config_keys=tuple(f"{NAME}.{k}" for k in EnsembleConfig.model_fields if k not in EXECUTION_KEYS),
     upstream=("generalist", "clustering", "specialists"),
     run=run,
 )
