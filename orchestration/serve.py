@@ -1,0 +1,569 @@
+"""Serve a finished run's ensemble over HTTP with Ray Serve (``specdistill serve RUN``).
+
+Routes (all answers are JSON; docs/serve.md has examples with curl and Python):
+
+    GET  /healthz                  status, run dir, classes, image shape, limits, batching stats
+    GET  /v1/classes               the class names, in output order
+    POST /v1/soft_targets          {"inputs": (N, C, H, W) nested list, "top_k": 5, "temperature": 1.0}
+    POST /v1/soft_targets/npy      body = ``np.save`` bytes of an (N, C, H, W) array; ?top_k=&temperature=
+    POST /v1/soft_targets/png      body = one image file (PNG; any format Pillow reads); ?top_k=&temperature=
+
+Every soft-target route answers ``{"results": [{"top_k": [{"class": name, "probability": p},
+...]}, ...]}``, one result per input, most probable class first; ``probability`` is the
+ensemble's combined distribution softened to ``temperature``, ``softmax(log q / T)``.
+
+Batching happens across requests: each request's images go to one ``@serve.batch`` queue per
+replica, which concatenates the images of the requests waiting (up to ``max_batch_size``
+images, or whatever arrived within ``batch_wait_ms``), computes ``q`` once at ``T = 1``, and
+hands each request its rows back; each request then softens and takes its top-k itself. A
+request with more images than ``max_batch_size`` is split into chunks that queue separately.
+
+Bad requests get a 4xx with ``{"error": message}`` (what is wrong and what is expected) and
+the replica keeps serving: 400 body that is not JSON / not an ``.npy`` file / not an image,
+404 unknown route, 405 wrong method, 413 payload over ``max_payload_mb`` or more than
+``max_inputs`` images, 422 wrong shape, dtype, value range, ``top_k`` or ``temperature``.
+
+The parsing and validation functions (``parse_json_request``, ``parse_npy_request``,
+``parse_image_request``, ``parse_options``) are plain functions that raise
+:class:`RequestError`, testable without a server. :func:`build_app` makes the Serve
+application; :func:`start` connects Ray (``orchestration.parallel.connect``: a private local
+Ray unless an address is given), starts Serve's HTTP proxy on ``host:port`` and deploys the
+application; :meth:`RunningServer.stop` takes it down again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import math
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from torch import Tensor
+
+from orchestration.ensemble_api import Ensemble
+from specialists.combine import soft_targets as soften
+
+APP_NAME = "specdistill"
+DEFAULT_TOP_K = 5
+JSON_FIELDS = ("inputs", "top_k", "temperature")
+QUERY_FIELDS = ("top_k", "temperature")
+NPY_MAGIC = b"\x93NUMPY"
+
+
+class ServeError(RuntimeError):
+    """The server cannot start as asked (the message names the problem and the fix)."""
+
+
+class RequestError(ValueError):
+    """A request the server rejects: HTTP ``status`` and a message saying what is expected."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Request limits, batching and replicas (the ``specdistill serve`` options)."""
+
+    max_batch_size: int = 64        # images computed together, across requests
+    batch_wait_ms: float = 5.0      # how long a batch waits for more requests once one arrived
+    max_inputs: int = 256           # images per request
+    max_payload_mb: float = 16.0    # request body size (MiB)
+    replicas: int = 1
+    replica_cpus: float = 1.0       # CPUs each replica reserves (= its torch threads, at least 1)
+
+    def __post_init__(self) -> None:
+        def count(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        checks = {
+            "--max-batch-size must be an integer >= 1": count(self.max_batch_size),
+            "--batch-wait-ms must be a number >= 0": _finite(self.batch_wait_ms) and self.batch_wait_ms >= 0,
+            "--max-inputs must be an integer >= 1": count(self.max_inputs),
+            "--max-payload-mb must be a number > 0": _finite(self.max_payload_mb) and self.max_payload_mb > 0,
+            "--replicas must be an integer >= 1": count(self.replicas),
+            "--replica-cpus must be a number > 0 (fractions like 0.5 share a core)":
+                _finite(self.replica_cpus) and self.replica_cpus > 0,
+        }
+        problems = [f"{rule}, got {value!r}"
+                    for (rule, ok), value in zip(checks.items(), asdict(self).values(), strict=True) if not ok]
+        if problems:
+            raise ServeError("; ".join(problems))
+
+    @property
+    def max_payload_bytes(self) -> int:
+        return int(self.max_payload_mb * 1024 * 1024)
+
+    @property
+    def max_ongoing_requests(self) -> int:
+        """Requests a replica takes at once: enough to fill a batch with one-image requests."""
+        return max(2 * self.max_batch_size, 16)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class Query:
+    """A validated request: ``(N, C, H, W)`` float32 images in [0, 1], top-k and temperature."""
+
+    images: Tensor
+    top_k: int
+    temperature: float
+
+
+# ---------------------------------------------------------------------------------------------
+# Request parsing and validation (no server needed)
+# ---------------------------------------------------------------------------------------------
+
+def _shape_text(image_shape: tuple[int, int, int]) -> str:
+    return f"(N, {', '.join(map(str, image_shape))})"
+
+
+def parse_options(top_k: Any, temperature: Any, num_classes: int) -> tuple[int, float]:
+    """``top_k`` (int in [1, K], default ``min(5, K)``) and ``temperature`` (> 0, default 1).
+
+    Values may be JSON numbers or query-string text; None means the default.
+    """
+    if top_k is None:
+        k = min(DEFAULT_TOP_K, num_classes)
+    else:
+        if isinstance(top_k, str):
+            try:
+                top_k = int(top_k)
+            except ValueError:
+                raise RequestError(422, f"top_k must be an integer in [1, {num_classes}], got {top_k!r}") from None
+        if isinstance(top_k, float) and top_k.is_integer():
+            top_k = int(top_k)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_classes:
+            raise RequestError(422, f"top_k must be an integer in [1, {num_classes}] (this run has "
+                                    f"{num_classes} classes), got {top_k!r}")
+        k = top_k
+    if temperature is None:
+        t = 1.0
+    else:
+        if isinstance(temperature, str):
+            try:
+                temperature = float(temperature)
+            except ValueError:
+                raise RequestError(422, f"temperature must be a positive finite number, got {temperature!r}") from None
+        if not _finite(temperature) or temperature <= 0:
+            raise RequestError(422, f"temperature must be a positive finite number, got {temperature!r}")
+        t = float(temperature)
+    return k, t
+
+
+def check_images(array: np.ndarray, image_shape: tuple[int, int, int], max_inputs: int, *,
+                 source: str = "inputs") -> Tensor:
+    """``(N, C, H, W)`` uint8 (0..255) or float (in [0, 1]) array -> float32 tensor in [0, 1].
+
+    Integer arrays are accepted when their values fit 0..255 (JSON has no uint8); 422 for a
+    wrong shape, dtype or value range, 413 for more than ``max_inputs`` images.
+    """
+    expected = _shape_text(image_shape)
+    if array.dtype.kind not in "uif":
+        raise RequestError(422, f"{source} must hold numbers: uint8 0..255 or floats in [0, 1], "
+                                f"got dtype {array.dtype}")
+    if array.ndim == 3 and tuple(array.shape) == image_shape:
+        raise RequestError(422, f"{source} must be {expected} (a batch of images), got shape "
+                                f"{tuple(array.shape)}: wrap the single image in a list")
+    if array.ndim != 4 or tuple(array.shape[1:]) != image_shape:
+        raise RequestError(422, f"{source} must have shape {expected} (N, C, H, W) for this run's "
+                                f"models, got shape {tuple(array.shape)}")
+    if array.shape[0] == 0:
+        raise RequestError(422, f"{source} holds no images; send at least one, shape {expected}")
+    if array.shape[0] > max_inputs:
+        raise RequestError(413, f"{array.shape[0]} images in one request, at most {max_inputs} "
+                                f"allowed; split them over several requests")
+    if array.dtype.kind in "iu":
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 255:
+            raise RequestError(422, f"{source}: integer pixel values must be in 0..255 (uint8), got "
+                                    f"values from {low} to {high}; send floats in [0, 1] instead")
+        return torch.from_numpy(array.astype(np.uint8)).float() / 255
+    if not np.isfinite(array).all():
+        raise RequestError(422, f"{source}: float pixel values must be finite numbers in [0, 1], "
+                                f"got NaN or infinity")
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > 1:
+        raise RequestError(422, f"{source}: float pixel values must be in [0, 1], got values from "
+                                f"{low:g} to {high:g}; send uint8 0..255 (integers) or divide by 255")
+    return torch.from_numpy(array.astype(np.float32))
+
+
+def parse_json_request(body: bytes, image_shape: tuple[int, int, int], num_classes: int,
+                       max_inputs: int) -> Query:
+    """``{"inputs": nested list (N, C, H, W), "top_k": k, "temperature": T}`` -> :class:`Query`.
+
+    JSON integers are uint8 pixels (0..255); if any number has a fraction or exponent, all are
+    floats in [0, 1].
+    """
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError(400, f"body is not valid JSON ({exc}); expected "
+                                f'{{"inputs": [...], "top_k": 5, "temperature": 1.0}}') from None
+    if not isinstance(data, dict) or "inputs" not in data:
+        got = f"keys {sorted(data)}" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+        raise RequestError(422, f'expected a JSON object {{"inputs": {_shape_text(image_shape)} nested '
+                                f'list, "top_k": int, "temperature": float}}, got {got}')
+    unknown = sorted(set(data) - set(JSON_FIELDS))
+    if unknown:
+        raise RequestError(422, f"unknown field(s) {', '.join(unknown)}; expected {', '.join(JSON_FIELDS)}")
+    top_k, temperature = parse_options(data.get("top_k"), data.get("temperature"), num_classes)
+    inputs = data["inputs"]
+    if not isinstance(inputs, list):
+        raise RequestError(422, f"inputs must be a nested list of shape {_shape_text(image_shape)}, "
+                                f"got a JSON {type(inputs).__name__}")
+    if len(inputs) > max_inputs:  # before building the array
+        raise RequestError(413, f"{len(inputs)} images in one request, at most {max_inputs} allowed; "
+                                f"split them over several requests")
+    try:
+        array = np.asarray(inputs)
+    except (ValueError, OverflowError):
+        raise RequestError(422, f"inputs is ragged or mixes lists and numbers; expected a nested list "
+                                f"of numbers of shape {_shape_text(image_shape)}") from None
+    if array.dtype.kind not in "iuf":
+        got = {"b": "true/false", "U": "strings"}.get(array.dtype.kind, "null, huge integers or mixed types")
+        raise RequestError(422, f"inputs must hold only numbers, uint8 0..255 or floats in [0, 1], "
+                                f"got {got}")
+    return Query(check_images(array, image_shape, max_inputs), top_k, temperature)
+
+
+def parse_npy_request(body: bytes, params: Mapping[str, str], image_shape: tuple[int, int, int],
+                      num_classes: int, max_inputs: int) -> Query:
+    """Body = ``np.save`` bytes of an ``(N, C, H, W)`` uint8 or float array; ``params`` = query string."""
+    top_k, temperature = _query_options(params, num_classes)
+    if not body.startswith(NPY_MAGIC):
+        what = "an .npz archive" if body.startswith(b"PK\x03\x04") else "not a .npy file"
+        raise RequestError(400, f"body is {what}; send the bytes np.save writes for one array")
+    try:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise RequestError(422, "the .npy array holds Python objects; send a numeric array: "
+                                    "uint8 0..255 or float in [0, 1]") from None
+        raise RequestError(400, f"body is a damaged .npy file ({exc}); send the bytes np.save writes") from None
+    except (OSError, EOFError) as exc:
+        raise RequestError(400, f"body is a truncated .npy file ({exc}); send the bytes np.save writes") from None
+    if array.dtype.names is not None or not (array.dtype == np.uint8 or array.dtype.kind == "f"):
+        raise RequestError(422, f"the .npy array must be uint8 (0..255) or float (in [0, 1]), got dtype "
+                                f"{array.dtype}; convert it, e.g. a.astype(np.uint8)")
+    return Query(check_images(array, image_shape, max_inputs, source="the .npy array"), top_k, temperature)
+
+
+def parse_image_request(body: bytes, params: Mapping[str, str], image_shape: tuple[int, int, int],
+                        num_classes: int) -> Query:
+    """Body = one image file (PNG, or any format Pillow reads) of the models' size."""
+    from PIL import Image, UnidentifiedImageError
+
+    top_k, temperature = _query_options(params, num_classes)
+    channels, height, width = image_shape
+    if channels not in (1, 3):
+        raise RequestError(422, f"the models take {channels}-channel images; send an .npy array instead")
+    if not body:
+        raise RequestError(400, "empty body; send the bytes of one PNG image")
+    try:
+        with Image.open(io.BytesIO(body)) as img:
+            if img.size != (width, height):
+                raise RequestError(422, f"the image is {img.size[0]}x{img.size[1]} pixels but the models "
+                                        f"expect {width}x{height}; resize it to {width}x{height} first")
+            img = img.convert("L" if channels == 1 else "RGB")
+    except UnidentifiedImageError:
+        raise RequestError(400, "body is not an image Pillow can read; send the bytes of one PNG file") from None
+    except Image.DecompressionBombError as exc:
+        raise RequestError(422, f"{exc}; the models expect {width}x{height} images") from None
+    except OSError as exc:
+        raise RequestError(400, f"the image is truncated or corrupt ({exc}); send a complete PNG file") from None
+    array = np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(1, height, width, channels)
+    return Query(torch.from_numpy(array.transpose(0, 3, 1, 2).copy()).float() / 255, top_k, temperature)
+
+
+def _query_options(params: Mapping[str, str], num_classes: int) -> tuple[int, float]:
+    unknown = sorted(set(params) - set(QUERY_FIELDS))
+    if unknown:
+        raise RequestError(422, f"unknown query parameter(s) {', '.join(unknown)}; expected "
+                                f"{', '.join(QUERY_FIELDS)}")
+    return parse_options(params.get("top_k"), params.get("temperature"), num_classes)
+
+
+def top_k_results(q: Tensor, top_k: int, temperature: float, class_names: list[str]) -> dict[str, Any]:
+    """``(n, K)`` ``q`` at ``T = 1`` -> the response: per row the ``top_k`` softened probabilities."""
+    probs = q if temperature == 1.0 else soften(q, temperature)
+    values, ids = probs.topk(top_k, dim=1)
+    return {"results": [
+        {"top_k": [{"class": class_names[c], "probability": p} for p, c in zip(v, i, strict=True)]}
+        for v, i in zip(values.tolist(), ids.tolist(), strict=True)
+    ]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The Serve deployment
+# ---------------------------------------------------------------------------------------------
+
+api = FastAPI(title="specdistill ensemble", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+    return _error(exc.status, exc.message)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 404:
+        message = (f"no route {request.url.path}; routes: GET /healthz, GET /v1/classes, POST "
+                   "/v1/soft_targets, POST /v1/soft_targets/npy, POST /v1/soft_targets/png")
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}; see docs/serve.md"
+    else:
+        message = str(exc.detail)
+    return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error(422, f"invalid request: {exc.errors()}")
+
+
+def _count_images(chunks: list[Tensor]) -> int:
+    return sum(len(c) for c in chunks)
+
+
+class EnsembleServer:
+    """One replica: the run's ensemble, the routes, and the cross-request batch queue."""
+
+    def __init__(self, run_dir: str, options: ServeOptions) -> None:
+        self.run_dir = run_dir
+        self.options = options
+        self.ensemble = Ensemble.load(run_dir)
+        self.class_names = self.ensemble.class_names
+        self.image_shape = tuple(self.ensemble.image_shape)
+        self.stats = {"requests": 0, "inputs": 0, "batches": 0, "max_batch_requests": 0,
+                      "max_batch_inputs": 0}
+        self._batched_q.set_max_batch_size(options.max_batch_size)
+        self._batched_q.set_batch_wait_timeout_s(options.batch_wait_ms / 1000)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "run_dir": self.run_dir, "num_classes": len(self.class_names),
+                "image_shape": list(self.image_shape), "limits": asdict(self.options),
+                "stats": dict(self.stats)}
+
+    @api.get("/v1/classes")
+    async def classes(self) -> dict[str, Any]:
+        return {"classes": self.class_names}
+
+    @api.post("/v1/soft_targets")
+    async def soft_targets_json(self, request: Request) -> dict[str, Any]:
+        body = await self._read_body(request)
+        if request.query_params:
+            raise RequestError(422, "this route takes its options in the JSON body "
+                                    '({"inputs": ..., "top_k": 5, "temperature": 1.0}), not the query string')
+        return await self._answer(parse_json_request, body, self.image_shape, len(self.class_names),
+                                  self.options.max_inputs)
+
+    @api.post("/v1/soft_targets/npy")
+    async def soft_targets_npy(self, request: Request) -> dict[str, Any]:
+        body = await self._read_body(request)
+        return await self._answer(parse_npy_request, body, dict(request.query_params), self.image_shape,
+                                  len(self.class_names), self.options.max_inputs)
+
+    @api.post("/v1/soft_targets/png")
+    async def soft_targets_png(self, request: Request) -> dict[str, Any]:
+        body = await self._read_body(request)
+        return await self._answer(parse_image_request, body, dict(request.query_params), self.image_shape,
+                                  len(self.class_names))
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 as soon as it is known to be over the limit."""
+        limit = self.options.max_payload_bytes
+        too_big = (f"request body over the {self.options.max_payload_mb:g} MiB limit "
+                   f"(--max-payload-mb); send fewer images per request")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise RequestError(413, too_big)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, too_big)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _answer(self, parse: Callable[..., Query], *args: Any) -> dict[str, Any]:
+        """Parse the request (in a thread: a large JSON body takes a while), then batch it."""
+        query = await asyncio.to_thread(parse, *args)
+        step = self.options.max_batch_size
+        parts = await asyncio.gather(*(self._batched_q(query.images[i:i + step])
+                                       for i in range(0, len(query.images), step)))
+        self.stats["requests"] += 1
+        self.stats["inputs"] += len(query.images)
+        return top_k_results(torch.cat(parts), query.top_k, query.temperature, self.class_names)
+
+    @serve.batch(max_batch_size=ServeOptions.max_batch_size, batch_size_fn=_count_images)  # set in __init__
+    async def _batched_q(self, chunks: list[Tensor]) -> list[Tensor]:
+        """``q`` at ``T = 1`` for the images of every request in the batch, computed at once."""
+        x = torch.cat(chunks)
+        q = await asyncio.to_thread(self.ensemble.soft_targets, x)
+        self.stats["batches"] += 1
+        self.stats["max_batch_requests"] = max(self.stats["max_batch_requests"], len(chunks))
+        self.stats["max_batch_inputs"] = max(self.stats["max_batch_inputs"], len(x))
+        return list(q.split([len(c) for c in chunks]))
+
+
+# Serve subclasses the ingress class and ships that subclass to the replicas by value; keeping
+# EnsembleServer itself importable (orchestration.serve.EnsembleServer) makes its methods travel
+# by reference, so the replicas resolve their annotations (strings, under `from __future__ import
+# annotations`) in this module; FastAPI would otherwise take `request: Request` for a query field.
+ensemble_deployment = serve.deployment(name="EnsembleServer")(serve.ingress(api)(EnsembleServer))
+
+
+def build_app(run_dir: str | Path, options: ServeOptions | None = None) -> serve.Application:
+    """The Serve application answering for run directory ``run_dir`` (not deployed yet)."""
+    options = options or ServeOptions()
+    return ensemble_deployment.options(
+        num_replicas=options.replicas,
+        max_ongoing_requests=options.max_ongoing_requests,
+        graceful_shutdown_wait_loop_s=0.5,   # on stop: let in-flight requests finish, then go
+        ray_actor_options={"num_cpus": options.replica_cpus},
+    ).bind(str(Path(run_dir).resolve()), options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting and stopping
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class RunningServer:
+    """A deployed application; :meth:`stop` deletes it (and Serve + Ray when it started them)."""
+
+    url: str
+    run_dir: Path
+    image_shape: tuple[int, int, int]
+    class_names: list[str]
+    ray: str             # where Ray runs, in words
+    owns_ray: bool       # a private local Ray started for this server
+    stopped: bool = False
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        import ray
+
+        if self.owns_ray:
+            serve.shutdown()
+            ray.shutdown()
+        else:  # someone else's cluster: remove only this application
+            with contextlib.suppress(Exception):  # not deployed (yet): nothing to remove
+                serve.delete(APP_NAME)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ServeError when ``host:port`` cannot be bound here (in use, or not a local address)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.bind((host, port))
+    except OSError as exc:
+        raise ServeError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); the port is in "
+                         f"use or the host is not an address of this machine: pass another "
+                         f"--port (or --host)") from None
+
+
+def start(run_dir: str | Path, options: ServeOptions | None = None, *, host: str = "127.0.0.1",
+          port: int = 8000, address: str | None = None, ready_timeout_s: float = 120.0) -> RunningServer:
+    """Deploy the ensemble of ``run_dir`` on Ray Serve at ``http://host:port``; returns once it answers.
+
+    The ensemble is loaded here first, so a broken run directory fails before Ray starts. With
+    no ``address`` (and no ``RAY_ADDRESS``) a private local Ray is started and shut down by
+    :meth:`RunningServer.stop`; with one, the application is deployed on that cluster (whose
+    nodes must see ``run_dir``) and ``stop`` removes only the application.
+    """
+    import os
+
+    import ray
+
+    from orchestration.parallel import connect
+
+    options = options or ServeOptions()
+    run_path = Path(run_dir).resolve()
+    ensemble = Ensemble.load(run_path)  # FileNotFoundError / checks with the fix, before Ray
+    image_shape, class_names = tuple(ensemble.image_shape), list(ensemble.class_names)
+    del ensemble
+    owns_ray = not address and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
+    if owns_ray:
+        check_port_free(host, port)
+    where = connect(address)
+    server = RunningServer(_url(host, port), run_path, image_shape, class_names, where, owns_ray)
+    try:
+        if owns_ray:
+            needed = options.replicas * options.replica_cpus
+            have = ray.cluster_resources().get("CPU", 0.0)
+            if needed > have:
+                raise ServeError(
+                    f"{options.replicas} replica(s) x {options.replica_cpus:g} CPU need {needed:g} "
+                    f"CPUs but the local Ray has {have:g}; lower --replicas or --replica-cpus "
+                    f"(fractions like 0.5 share a core)")
+        serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
+        serve.run(build_app(run_path, options), name=APP_NAME, route_prefix="/")
+        if owns_ray:
+            _wait_ready(server.url + "/healthz", ready_timeout_s)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _url(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+
+
+def _wait_ready(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (OSError, urllib.error.HTTPError):
+            pass
+        if time.monotonic() > deadline:
+            raise ServeError(f"the application was deployed but {url} did not answer within "
+                             f"{timeout_s:g} s; check the Ray Serve logs under /tmp/ray/session_latest/logs/serve")
+        time.sleep(0.25)
+
+
+def example_commands(url: str, image_shape: tuple[int, int, int]) -> list[str]:
+    """Example commands for the startup banner (one all-black image as .npy, a PNG file)."""
+    shape = ", ".join(map(str, (1, *image_shape)))
+    return [
+        f"curl {url}/healthz",
+        f'python -c "import numpy as np, sys; np.save(sys.stdout.buffer, np.zeros(({shape}), np.uint8))" '
+        f"| curl -s --data-binary @- '{url}/v1/soft_targets/npy?top_k=3'",
+        f"curl -s --data-binary @IMAGE.png '{url}/v1/soft_targets/png?top_k=3'",
+    ]
