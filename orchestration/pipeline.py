@@ -158,6 +158,8 @@ def run_pipeline(
         parent.finish("FAILED")
         raise
     parent.finish()
+    if tracker.flush():
+        console.print("MLflow is back: the tracking calls buffered during the run were sent")
     return PipelineOutcome(run_dir.path, parent.run_id, manifests, ran, skipped)
 
 

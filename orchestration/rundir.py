@@ -14,6 +14,7 @@ skipped when its manifest exists, both hashes match, and every output is intact.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -31,6 +32,9 @@ class RunDirError(RuntimeError):
     """The run directory cannot be used (not writable, disk full, ...)."""
 
 
+_FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,8 +45,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in _FULL_OR_READ_ONLY:
+            raise RunDirError(
+                f"cannot write {path}: {exc.strerror or exc}; nothing was half-written (the previous "
+                "version, if any, is intact). Free disk space or point run.dir at another disk, then "
+                "re-run the same command to resume"
+            ) from None
         raise
 
 

@@ -262,6 +262,12 @@ def _log(job: SpecialistJob, metrics: dict[str, float], step: int) -> None:
         return
     from mlflow.entities import Metric
 
+    if job.mlflow_run_id.startswith("offline-"):  # the server was away when the run was opened
+        return
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-    _client(job.tracking_uri).log_batch(job.mlflow_run_id, metrics=batch)
+    try:
+        _client(job.tracking_uri).log_batch(job.mlflow_run_id, metrics=batch)
+    except Exception as exc:  # noqa: BLE001 - tracking must never stop training; progress.json has them
+        print(f"warning: specialist {job.group_id} epoch {step}: MLflow logging failed "
+              f"({type(exc).__name__}); the epoch's metrics stay in {job.dir / PROGRESS}", flush=True)

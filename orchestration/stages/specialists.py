@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from mlflow.exceptions import MlflowException
 
 from generalist.data import DataError
 from orchestration.checkpoints import CheckpointError, build_model, load_weights, read_metadata
@@ -42,7 +41,7 @@ from orchestration.specialist_job import (
 )
 from orchestration.stages.clustering import load_groups
 from orchestration.stages.generalist import FINAL
-from orchestration.tracking import PARENT_TAG, RunLogger
+from orchestration.tracking import OFFLINE_PREFIX, PARENT_TAG, TRACKING_ERRORS, RunLogger
 from specialists.model import Specialist, build_specialist, validate_group
 
 NAME = "specialists"
@@ -190,25 +189,24 @@ def _open_child_run(ctx: StageContext, job: SpecialistJob) -> SpecialistJob:
     record_path = job.dir / "mlflow.json"
     run_id = read_json(record_path).get("mlflow_run_id") if record_path.exists() else None
     if run_id and _is_child(tracker, run_id):
-        tracker.client.update_run(run_id, status="RUNNING")
+        RunLogger(tracker.client, run_id, tracker.connection)._call("status", {"status": "RUNNING"})
     else:
         tags = {
-            PARENT_TAG: tracker.parent.run_id, "specdistill.stage": NAME,
+            "specdistill.stage": NAME,
             "specdistill.group_id": str(job.group_id), "specdistill.group_size": str(len(job.classes)),
             "specdistill.class_names": ", ".join(job.names)[:5000],
             "specdistill.class_ids": ",".join(map(str, job.classes))[:5000],
         }
-        run_id = tracker.client.create_run(
-            tracker.experiment_id, run_name=f"specialist-{job.group_id:03d}", tags=tags
-        ).info.run_id
-        write_json(record_path, {"mlflow_run_id": run_id})
+        run_id = tracker.create_child(f"specialist-{job.group_id:03d}", tags, record_path)
     return dataclasses.replace(job, mlflow_run_id=run_id)
 
 
 def _is_child(tracker, run_id: str) -> bool:
+    if run_id.startswith(OFFLINE_PREFIX):  # made while the server was away; its creation is buffered
+        return True
     try:
         run = tracker.client.get_run(run_id)
-    except MlflowException:  # deleted, or from another tracking store: start a fresh one
+    except TRACKING_ERRORS:  # deleted, from another tracking store, or the server is away: a fresh one
         return False
     return (run.info.experiment_id == tracker.experiment_id
             and run.data.tags.get(PARENT_TAG) == tracker.parent.run_id)
@@ -217,7 +215,7 @@ def _is_child(tracker, run_id: str) -> bool:
 def _close_child_run(ctx: StageContext, job: SpecialistJob, summary: dict[str, Any] | None) -> None:
     if not (ctx.tracker and job.mlflow_run_id):
         return
-    logger = RunLogger(ctx.tracker.client, job.mlflow_run_id)
+    logger = RunLogger(ctx.tracker.client, job.mlflow_run_id, ctx.tracker.connection)
     if summary is None:
         logger.finish("FAILED")
         return
