@@ -65,6 +65,7 @@ def run(ctx: StageContext) -> StageResult:
         f"  {len(jobs)} specialists (finetune={cfg.finetune}, up to {cfg.epochs} epochs); "
         f"{len(jobs) - len(todo)} finished earlier, {len(todo)} to train"
     )
+    _close_interrupted_runs(ctx, [job for job in jobs if job not in todo])
     if todo:
         _train_in_parallel(ctx, todo)
     summaries = [read_metadata(job.dir / MODEL) for job in jobs]
@@ -199,6 +200,26 @@ def _open_child_run(ctx: StageContext, job: SpecialistJob) -> SpecialistJob:
         }
         run_id = tracker.create_child(f"specialist-{job.group_id:03d}", tags, record_path)
     return dataclasses.replace(job, mlflow_run_id=run_id)
+
+
+def _close_interrupted_runs(ctx: StageContext, finished: list[SpecialistJob]) -> None:
+    """A specialist that finished training just before the pipeline was killed has a model but an
+    MLflow child run still RUNNING (the driver had not closed it yet): close it now, with its
+    summary, so a resumed run leaves no dangling runs."""
+    tracker = ctx.tracker
+    if tracker is None or tracker.parent is None:
+        return
+    for job in finished:
+        record_path = job.dir / "mlflow.json"
+        run_id = read_json(record_path).get("mlflow_run_id") if record_path.exists() else None
+        if not run_id or run_id.startswith(OFFLINE_PREFIX):
+            continue
+        try:
+            status = tracker.client.get_run(run_id).info.status
+        except TRACKING_ERRORS:
+            continue
+        if status == "RUNNING":
+            _close_child_run(ctx, dataclasses.replace(job, mlflow_run_id=run_id), read_metadata(job.dir / MODEL))
 
 
 def _is_child(tracker, run_id: str) -> bool:

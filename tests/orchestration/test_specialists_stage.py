@@ -81,7 +81,7 @@ def trained(upstream, local_ray, tmp_path_factory):
     killer = _Killer(group_dir)
     killer.start()
     started = time.perf_counter()
-    code = main(["run", *_args(root)])
+    code = main(["run", "--to", "specialists", *_args(root)])
     seconds = time.perf_counter() - started
     killer.join(timeout=5)
     return {"root": root, "code": code, "killed": killer.killed, "seconds": seconds}
@@ -158,12 +158,12 @@ def test_each_specialist_is_an_mlflow_child_run_of_the_pipeline_run(trained):
 
 def test_rerun_never_retrains_a_finished_specialist(trained, capsys):
     root = trained["root"]
-    assert main(["run", *_args(root)]) == 0
+    assert main(["run", "--to", "specialists", *_args(root)]) == 0
     assert "skip specialists" in capsys.readouterr().out
     (root / "run" / "specialists" / "manifest.json").unlink()
     (root / "run" / "specialists" / "group_001" / "model.json").unlink()
     _, _, before = _specialist_runs(root)
-    assert main(["run", *_args(root)]) == 0
+    assert main(["run", "--to", "specialists", *_args(root)]) == 0
     out = capsys.readouterr().out
     assert "finished earlier, 1 to train" in out
     assert "done group 1" in out and "done group 0" not in out
