@@ -141,7 +141,7 @@ class EnsembleConfig(Section):
 
 
 class DistillConfig(Section):
-    student: str = Field("cnn", description="Student model in the registry (cnn, cnn_fast, resnet, tv.<name>).")
+    student: str = Field("cnn_fast", description="Student model in the registry (cnn, cnn_fast, resnet, tv.<name>).")
     width: float = Field(0.5, gt=0, description="Student channel-width multiplier.")
     depth: float = Field(1.0, gt=0, description="Student depth multiplier.")
     teacher: Literal["ensemble", "generalist"] = Field("ensemble", description="Whose soft targets the student learns.")
