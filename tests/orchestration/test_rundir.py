@@ -48,3 +48,16 @@ def test_unwritable_run_dir_is_a_clear_error(tmp_path):
     blocker.write_text("not a dir")
     with pytest.raises(RunDirError, match="not writable.*run.dir"):
         RunDir(blocker / "run").ensure_writable()
+
+
+def test_a_run_directory_as_working_directory_does_not_shadow_the_packages(tmp_path):
+    """Ray workers inherit the driver's working directory on sys.path; a run directory's stage
+    folders (clustering/, specialists/, ...) must not shadow the packages of the same names."""
+    import subprocess
+    import sys
+
+    for stage in ("generalist", "clustering", "specialists", "distill"):
+        (tmp_path / stage).mkdir()
+    code = "import orchestration, clustering, specialists.combine; print(clustering.ConfusableGroups.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ConfusableGroups", done.stderr[-2000:]
