@@ -4,8 +4,9 @@
     specdistill generalist [CONFIG] [key=value ...]      # one stage
     specdistill clustering [CONFIG] [key=value ...]      # one stage
     specdistill groups RUN                               # the confusable groups of a run
-    specdistill report RUN                               # ensemble evaluation + Table 4 of a run
+    specdistill report RUN                               # results report: models, groups, Table 4 (+ report.md, plots)
     specdistill query RUN IMAGE... [--top-k K] [--temperature T] [--json]
+    specdistill serve RUN [--host H] [--port P] [...]    # HTTP API on Ray Serve (docs/serve.md)
     specdistill config [CONFIG] [key=value ...]          # print the resolved config
 """
 
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(show)
     groups = sub.add_parser("groups", help="print the confusable groups of a run")
     groups.add_argument("run", metavar="RUN", help="run directory (or a run name under runs/)")
-    report = sub.add_parser("report", help="print the ensemble evaluation and Table 4 of a run")
+    report = sub.add_parser("report", help="print the results report of a run (models, groups, Table 4) and write report.md + plots")
     report.add_argument("run", metavar="RUN", help="run directory (or a run name under runs/)")
     query = sub.add_parser("query", help="the ensemble's class probabilities for image files")
     query.add_argument("run", metavar="RUN", help="run directory (or a run name under runs/)")
@@ -66,6 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--top-k", type=int, default=5, help="classes to print per image (default 5)")
     query.add_argument("--temperature", type=float, default=1.0, help="soft-target temperature T")
     query.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    serve_cmd = sub.add_parser("serve", help="serve the ensemble's soft targets over HTTP (Ray Serve)")
+    serve_cmd.add_argument("run", metavar="RUN", help="run directory (or a run name under runs/)")
+    serve_cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve_cmd.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    serve_cmd.add_argument("--max-batch-size", type=int, default=64,
+                           help="images computed together across requests (default 64)")
+    serve_cmd.add_argument("--batch-wait-ms", type=float, default=5.0,
+                           help="how long a batch waits for more requests (default 5)")
+    serve_cmd.add_argument("--max-inputs", type=int, default=256, help="images per request (default 256)")
+    serve_cmd.add_argument("--max-payload-mb", type=float, default=16.0,
+                           help="request body limit in MiB (default 16)")
+    serve_cmd.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")
+    serve_cmd.add_argument("--replica-cpus", type=float, default=1.0,
+                           help="CPUs reserved per replica (default 1; fractions share a core)")
+    serve_cmd.add_argument("--address", default=None,
+                           help="existing Ray cluster (auto, HOST:PORT, ray://...); default: a private local Ray")
     return parser
 
 
@@ -97,10 +114,34 @@ def _cmd_groups(ns: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_report(ns: argparse.Namespace, console: Console) -> int:
-    from orchestration.stages.ensemble import load_report, print_report
+    from orchestration.report import build_report, print_report, write_report
 
-    print_report(console, load_report(resolve_run_dir(ns.run)))
+    run = resolve_run_dir(ns.run)
+    report = build_report(run)
+    print_report(console, report)
+    files = write_report(report, run)
+    console.print(f"report: {files[0]}")
     return 0
+
+
+def _final_report(outcome, console: Console, tracking_uri: str) -> None:
+    """Report, report.md and plots at the end of a run that got as far as the ensemble; logged to
+    the parent MLflow run. A failure here never loses the run: it is printed and skipped."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestration.report import build_report, log_report, print_report, write_report
+
+    if "ensemble" not in outcome.manifests:
+        return
+    try:
+        report = build_report(outcome.run_dir)
+        files = write_report(report, outcome.run_dir)
+        print_report(console, report)
+        log_report(MlflowClient(tracking_uri), outcome.parent_run_id, files, report)
+        console.print(f"report: {files[0]}")
+    except Exception as exc:  # noqa: BLE001 - the stages' results are already safe on disk
+        console.print(f"[yellow]warning[/] the results report failed ({type(exc).__name__}: {exc}); "
+                      f"`specdistill report {outcome.run_dir}` retries it")
 
 
 def _cmd_query(ns: argparse.Namespace, console: Console) -> int:
@@ -123,6 +164,53 @@ def _cmd_query(ns: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_serve(ns: argparse.Namespace, console: Console) -> int:
+    """Start the server, print how to query it, block until Ctrl-C / SIGTERM, stop it cleanly."""
+    import signal
+    import time
+
+    run_dir = resolve_run_dir(ns.run)  # before importing Ray Serve or starting anything
+
+    from orchestration.serve import ServeError, ServeOptions, example_commands, start
+
+    def on_signal(signum: int, frame) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        options = ServeOptions(max_batch_size=ns.max_batch_size, batch_wait_ms=ns.batch_wait_ms,
+                               max_inputs=ns.max_inputs, max_payload_mb=ns.max_payload_mb,
+                               replicas=ns.replicas, replica_cpus=ns.replica_cpus)
+        console.print(f"starting Ray Serve for {run_dir} ...", markup=False, highlight=False)
+        server = start(run_dir, options, host=ns.host, port=ns.port, address=ns.address)
+    except ServeError as exc:
+        Console(stderr=True, soft_wrap=True).print(f"error: {exc}", markup=False, highlight=False)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # start() has taken down what it had started
+        Console(stderr=True).print("interrupted while starting; nothing was left running", markup=False)
+        return 130
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        console.print(f"serving {run_dir} at {server.url} on {server.ray}: {options.replicas} "
+                      f"replica(s), batches of up to {options.max_batch_size} images, at most "
+                      f"{options.max_inputs} images / {options.max_payload_mb:g} MiB per request",
+                      markup=False, highlight=False)
+        console.print("try:", markup=False)
+        for line in example_commands(server.url, server.image_shape):
+            console.print(f"  {line}", markup=False, highlight=False)
+        console.print("API: docs/serve.md; Ctrl-C (or SIGTERM) stops the server", markup=False)
+        while True:
+            time.sleep(60)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        console.print("stopping ...", markup=False)
+        server.stop()
+    console.print("stopped", markup=False)
+    return 0
+
+
 def _load(args: Sequence[str]):
     path, overrides = _split_config_args(args)
     return load_config(Path(path) if path else None, overrides)
@@ -136,6 +224,9 @@ def _cmd_run(ns: argparse.Namespace, console: Console) -> int:
     outcome = run_pipeline(config, STAGES, only=only, start=getattr(ns, "start", None),
                            stop=getattr(ns, "stop", None), console=console)
     _print_summary(outcome, console)
+    from orchestration.tracking import resolve_tracking_uri
+
+    _final_report(outcome, console, resolve_tracking_uri(config.tracking.uri))
     return 0
 
 
@@ -157,6 +248,16 @@ _SUMMARY_LINES = {
         f"ensemble: test top1 generalist {m['generalist_top1']:.4f} -> ensemble "
         f"{m['ensemble_top1']:.4f}  ({m['n_covered']:,} of {m['n_examples']:,} covered by a "
         "specialist; specdistill report RUN for Table 4)"
+    ),
+    "distill": lambda m: (
+        f"distill: student test top1 {m['student_top1']:.4f}  top5 {m['student_top5']:.4f}  "
+        f"params {int(m['student_params']):,} ({m['compression']:.1f}x fewer than the generalist)  "
+        f"{m['student_latency_ms']:.3f} ms/example"
+        + "".join(f"; {label} {m[key]:.4f}" for key, label in (
+            ("hard_labels_top1", "hard labels only"), ("generalist_kd_top1", "generalist-taught"),
+            ("data_free_top1", "data-free")) if key in m)
+        + (f"; registered version {m['registered_version']}" if "registered_version" in m else "")
+        + " (RUN/distill/results.md)"
     ),
 }
 
@@ -183,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_report(ns, console)
         if ns.command == "query":
             return _cmd_query(ns, console)
+        if ns.command == "serve":
+            return _cmd_serve(ns, console)
         return _cmd_run(ns, console)
     except ConfigError as exc:
         errors.print(f"error: {exc}", markup=False, highlight=False)
@@ -203,11 +306,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from orchestration.ensemble_api import EnsembleInputError
     from orchestration.parallel import WorkerLostError
     from orchestration.rundir import RunDirError
+    from orchestration.stages.distill import DistillError
     from orchestration.tracking import TrackingError
 
     return (
         DataError, CheckpointError, NonFiniteLossError, TrackingError, RunDirError, FileNotFoundError,
-        WorkerLostError, EnsembleInputError,
+        WorkerLostError, EnsembleInputError, DistillError,
     )
 
 

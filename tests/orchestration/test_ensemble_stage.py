@@ -127,8 +127,9 @@ def _check_bad_inputs(run_dir, workdir, test, capsys):
     err = capsys.readouterr().err
     assert "specialists.json is missing" in err and "specdistill run CONFIG" in err
     (run_dir / "ensemble" / "evaluation.json").unlink()
-    assert main(["report", str(run_dir)]) == 1
-    assert "evaluation.json is missing" in capsys.readouterr().err
+    assert main(["report", str(run_dir)]) == 0  # what did finish is still reported
+    out = capsys.readouterr().out
+    assert "generalist" in out and "Table 4" not in out
 
 
 def test_unknown_run_directory(workdir, capsys):

@@ -102,12 +102,14 @@ def _working_dir(root: Path, run_dir: Path, db: Path) -> Path:
         "generalist": {"model": "cnn", "width": 0.25, "epochs": 2, "batch_size": 32,
                        "optimizer": "sgd", "lr": 0.05},
         "specialists": {"epochs": 2, "batch_size": 32},
+        "distill": {"epochs": 1, "batch_size": 32, "width": 0.125, "data_free": False,
+                    "register_model": False},
     }
     (wd / "tiny.yaml").write_text(yaml.safe_dump(config))
     return wd
 
 
-def test_job_submitted_to_a_token_auth_cluster_trains_every_specialist(ray_head, tmp_path):
+def test_pipeline_submitted_to_a_token_auth_cluster_runs_every_stage(ray_head, tmp_path):
     run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
     wd = _working_dir(tmp_path, run_dir, db)
     job = subprocess.run(
@@ -118,6 +120,9 @@ def test_job_submitted_to_a_token_auth_cluster_trains_every_specialist(ray_head,
     output = job.stdout + job.stderr
     assert job.returncode == 0 and "succeeded" in output, output[-4000:]
     assert "on Ray cluster at" in output and "done specialists" in output
+    for stage in ("ensemble", "distill"):  # the whole pipeline ran as one job
+        assert (run_dir / stage / "manifest.json").exists(), output[-4000:]
+    assert (run_dir / "report.md").exists() and "specdistill results" in output
 
     groups = json.loads((run_dir / "clustering" / "groups.json").read_text())["groups"]
     manifest = json.loads((run_dir / "specialists" / "manifest.json").read_text())

@@ -1,0 +1,303 @@
+"""Benchmark: a distillation training step with cached soft targets vs plain cross-entropy.
+
+    python benchmarks/distill.py [--quick] [--out PATH] [--threads N] [--run RUN_DIR]
+
+The same student (``cnn`` at width 0.5 by default) trains on glyph-sized inputs (1x32x32,
+K = 320, batch 128) in two ways, each with its own copy of the same initial weights and its
+own AdamW:
+
+* ``ce``: ``cross_entropy(student(x), y)``;
+* ``kd (dense)``: the distill stage's cached path: ``q = SoftTargetCache.targets(ids, 1.0)``
+  read per batch from a soft-target cache on disk (memory-mapped float16 shards), then
+  ``kd_loss(student(x), y, teacher_probs=q, T=4, alpha=0.9)``;
+* ``kd (top-k)`` (full run only): the same from a top-k cache (k = 32 of K).
+
+A step is everything the training loop does per batch: gathering the batch (uint8 -> float),
+reading the targets, forward, loss, backward, optimizer step. The cache holds random but valid
+distributions (peaky softmaxes), written with the cache's own writer
+(``orchestration.soft_cache``); only reading it is timed. After a warm-up the variants
+run interleaved step by step (one step of each on the same batch, the order rotating), for
+``--rounds`` rounds of ``--steps`` batches, so load from other processes hits all of them alike;
+each variant's figure is its median step time (``vs ce``: ratio of medians). ``kd_step_ratio``
+= the median over batches of KD (dense) step / CE step on the same batch, in wall time (target
+<= 1.15; pairing cancels slow changes of the machine's load); ``kd_step_cpu_ratio`` = the ratio
+of median thread CPU times, which a busy machine disturbs less. The target read and the loss
+alone are timed separately (medians over 20 batches).
+
+``--run RUN_DIR`` prints the distill stage's accuracy table (``RUN_DIR/distill/results.json``:
+name, top-1, top-5, parameters, latency) when it exists. ``--quick`` (< 60 s on 2 cores) runs
+fewer rounds and only the dense cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# `python benchmarks/distill.py` puts benchmarks/ first on sys.path, where this file would
+# shadow the `distill` package: import the packages from the repository root instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+from distill.losses import kd_loss  # noqa: E402
+from generalist.models import count_parameters, create_model  # noqa: E402
+from generalist.train import build_optimizer  # noqa: E402
+from orchestration.rundir import MANIFEST, write_json  # noqa: E402
+from orchestration.soft_cache import (  # noqa: E402
+    FORMAT,
+    FORMAT_VERSION,
+    SoftTargetCache,
+    _ShardWriter,
+    bytes_per_example,
+    encode,
+    layout_for,
+)
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "distill.json"
+TEMPERATURE, ALPHA = 4.0, 0.9
+TargetFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+# ------------------------------------------------------------------------------ the cache
+def random_q(n: int, num_classes: int, gen: torch.Generator) -> torch.Tensor:
+    """``(n, K)`` peaky distributions like a trained ensemble's: softmax of scaled noise plus a
+    boost on one class."""
+    logits = 2.0 * torch.randn(n, num_classes, generator=gen, dtype=torch.float64)
+    top = torch.randint(num_classes, (n,), generator=gen)
+    logits[torch.arange(n), top] += 8.0
+    return logits.softmax(dim=1)
+
+
+def write_cache(out: Path, q: torch.Tensor, *, dense_max_classes: int, top_k: int,
+                shard_size: int) -> SoftTargetCache:
+    """A soft-target cache of ``q`` written with the cache's own encoder and shard writer
+    (what ``build_cache`` does after the ensemble ran), then opened with the real reader."""
+    n, num_classes = q.shape
+    layout = layout_for(num_classes, dense_max_classes)
+    k = num_classes if layout == "dense" else min(top_k, num_classes)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = _ShardWriter(out, n, shard_size, layout, num_classes, k, None, time.perf_counter())
+    for start in range(0, n, 1024):
+        ids = torch.arange(start, min(start + 1024, n))
+        writer.add({"id": ids.numpy(), **encode(q[ids], layout, k)})
+    shards = writer.finish()
+    identity = {"name": "random", "options": {}, "seed": 0, "split": "train", "n_examples": n,
+                "labels_sha256": ""}
+    write_json(out / MANIFEST, {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "layout": layout,
+        "num_classes": num_classes, "top_k": k, "split": "train", "n_examples": n,
+        "shard_size": shard_size, "shards": shards, "teacher": {"random": True}, "data": identity,
+        "class_names": [f"c{i}" for i in range(num_classes)],
+        "bytes_per_example": bytes_per_example(layout, num_classes, k),
+    })
+    return SoftTargetCache(out)
+
+
+def cache_targets(cache: SoftTargetCache) -> TargetFn:
+    """The one place targets are read: ``q`` at T = 1 for a batch of example ids, as the
+    distill stage does (``kd_loss`` softens it to ``softmax(log q / T)``)."""
+    return lambda ids: cache.targets(ids, 1.0)
+
+
+# ------------------------------------------------------------------------------ the steps
+class Variant:
+    """One student + optimizer and its step: ``targets`` None = plain cross-entropy."""
+
+    def __init__(self, name: str, student: torch.nn.Module, targets: TargetFn | None) -> None:
+        self.name, self.student, self.targets = name, copy.deepcopy(student), targets
+        self.optimizer = build_optimizer(self.student, "adamw", lr=3e-3, weight_decay=5e-4)
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
+        """One training step; appends its wall and thread CPU seconds."""
+        start, start_cpu = time.perf_counter(), time.thread_time()
+        x = images[ids].float().div_(255.0)
+        y = labels[ids]
+        logits = self.student(x)
+        if self.targets is None:
+            loss = F.cross_entropy(logits, y)
+        else:
+            q = self.targets(ids)
+            loss = kd_loss(logits, y, teacher_probs=q, temperature=TEMPERATURE, alpha=ALPHA)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.cpu.append(time.thread_time() - start_cpu)
+        self.wall.append(time.perf_counter() - start)
+
+
+def time_parts(targets: TargetFn, batches: list[torch.Tensor], num_classes: int) -> dict[str, float]:
+    """Median seconds of the target read alone and of the KD loss (forward + backward through
+    the logits only) alone, on the same batches."""
+    read, loss_s = [], []
+    for ids in batches:
+        start = time.perf_counter()
+        q = targets(ids)
+        read.append(time.perf_counter() - start)
+        logits = torch.randn(len(ids), num_classes, requires_grad=True)
+        y = torch.randint(num_classes, (len(ids),))
+        start = time.perf_counter()
+        kd_loss(logits, y, teacher_probs=q, temperature=TEMPERATURE, alpha=ALPHA).backward()
+        loss_s.append(time.perf_counter() - start)
+    return {"read_ms": 1e3 * statistics.median(read), "loss_ms": 1e3 * statistics.median(loss_s)}
+
+
+def run_timing(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(args.seed)
+    k, n = args.classes, args.examples
+    images = torch.randint(0, 256, (n, 1, args.image_size, args.image_size), dtype=torch.uint8,
+                           generator=gen)
+    labels = torch.randint(k, (n,), generator=gen)
+    q = random_q(n, k, gen)
+    caches = {"kd (dense)": write_cache(tmp / "dense", q, dense_max_classes=1024, top_k=32,
+                                        shard_size=args.shard_size)}
+    if not args.quick:
+        caches["kd (top-k)"] = write_cache(tmp / "topk", q, dense_max_classes=0, top_k=32,
+                                           shard_size=args.shard_size)
+    torch.manual_seed(args.seed)
+    student = create_model(args.student, num_classes=k, in_channels=1, image_size=args.image_size,
+                           width=args.width)
+    variants = [Variant("ce", student, None)]
+    variants += [Variant(name, student, cache_targets(cache)) for name, cache in caches.items()]
+    order = torch.randperm(n, generator=gen)
+    cursor = 0
+
+    def next_batch() -> torch.Tensor:  # random example ids, like a shuffled epoch
+        nonlocal cursor
+        if cursor + args.batch > n:
+            cursor = 0
+        cursor += args.batch
+        return order[cursor - args.batch:cursor]
+
+    for v in variants:  # warm-up: allocator, AdamW state, page cache of the shards
+        for _ in range(2):
+            v.step(images, labels, next_batch())
+        v.wall.clear()
+        v.cpu.clear()
+    round_ratios = []
+    for r in range(args.rounds):
+        for i in range(args.steps):  # one step of each variant on the same batch, order rotating
+            ids = next_batch()
+            shift = (r * args.steps + i) % len(variants)
+            for v in variants[shift:] + variants[:shift]:
+                v.step(images, labels, ids)
+        ce = statistics.median(variants[0].wall[-args.steps:])
+        round_ratios.append(statistics.median(variants[1].wall[-args.steps:]) / ce)
+    ce_wall, ce_cpu = statistics.median(variants[0].wall), statistics.median(variants[0].cpu)
+    rows = []
+    for v in variants:
+        wall, cpu = statistics.median(v.wall), statistics.median(v.cpu)
+        row = {"variant": v.name, "steps": len(v.wall), "median_ms": 1e3 * wall,
+               "min_ms": 1e3 * min(v.wall), "cpu_median_ms": 1e3 * cpu,
+               "ratio_vs_ce": wall / ce_wall, "cpu_ratio_vs_ce": cpu / ce_cpu}
+        if v.targets is not None:
+            # the same batch, adjacent in time: slow changes of the machine's load cancel
+            paired = [a / b for a, b in zip(v.wall, variants[0].wall, strict=True)]
+            row["paired_ratio"] = statistics.median(paired)
+            row.update(time_parts(v.targets, [next_batch() for _ in range(20)], k))
+            row["cache"] = repr(caches[v.name])
+        rows.append(row)
+    return {"rows": rows, "kd_step_ratio": rows[1]["paired_ratio"],
+            "kd_step_cpu_ratio": rows[1]["cpu_ratio_vs_ce"], "round_ratios": round_ratios,
+            "student": {"name": args.student, "width": args.width,
+                        "params": count_parameters(student)},
+            "shape": {"batch": args.batch, "image": [1, args.image_size, args.image_size],
+                      "classes": k, "examples": n}}
+
+
+# ------------------------------------------------------------------------------ reporting
+def print_timing(result: dict[str, Any]) -> None:
+    s, shape = result["student"], result["shape"]
+    print(f"student {s['name']} width {s['width']} ({s['params']:,} parameters), batch "
+          f"{shape['batch']} x {shape['image']}, K = {shape['classes']}, T = {TEMPERATURE}, "
+          f"alpha = {ALPHA}")
+    header = (f"{'variant':<12} {'steps':>6} {'median ms':>10} {'min ms':>8} {'vs ce':>7} "
+              f"{'paired':>7} {'cpu ms':>8} {'cpu vs ce':>9} {'read ms':>8} {'loss ms':>8}")
+    print(header)
+    print("-" * len(header))
+    for row in result["rows"]:
+        read = f"{row['read_ms']:8.2f}" if "read_ms" in row else f"{'-':>8}"
+        loss = f"{row['loss_ms']:8.2f}" if "loss_ms" in row else f"{'-':>8}"
+        paired = f"{row['paired_ratio']:7.3f}" if "paired_ratio" in row else f"{'-':>7}"
+        print(f"{row['variant']:<12} {row['steps']:>6} {row['median_ms']:>10.1f} "
+              f"{row['min_ms']:>8.1f} {row['ratio_vs_ce']:>7.3f} {paired} {row['cpu_median_ms']:>8.1f} "
+              f"{row['cpu_ratio_vs_ce']:>9.3f} {read} {loss}")
+    print("per-round kd/ce: " + " ".join(f"{r:.3f}" for r in result["round_ratios"]))
+
+
+def print_run_table(run_dir: Path) -> dict[str, Any] | None:
+    """The distill stage's accuracy table of ``run_dir``, if it has one."""
+    path = run_dir / "distill" / "results.json"
+    if not path.exists():
+        print(f"no {path} (the distill stage of that run has not finished); no accuracy table")
+        return None
+    rows = json.loads(path.read_text())["rows"]
+    header = f"{'name':<16} {'top1':>7} {'top5':>7} {'params':>11} {'latency_ms':>11}"
+    print(f"distill results of {run_dir}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['name']:<16} {r['top1']:>7.4f} {r['top5']:>7.4f} {r['params']:>11,} "
+              f"{r['latency_ms']:>11.3f}")
+    return {"path": str(path), "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="dense cache only, fewer rounds (< 60 s)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--run", type=Path, default=None, help="print RUN/distill/results.json")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of --steps batches (6 quick, 12 else)")
+    parser.add_argument("--steps", type=int, default=4, help="steps per variant and round")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--classes", type=int, default=320)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--examples", type=int, default=4096, help="examples in the cache")
+    parser.add_argument("--shard-size", type=int, default=1024)
+    parser.add_argument("--student", default="cnn")
+    parser.add_argument("--width", type=float, default=0.5)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    args.rounds = args.rounds or (6 if args.quick else 12)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
+        timing = run_timing(args, Path(tmp))
+    result = {
+        "quick": args.quick, "seed": args.seed, "temperature": TEMPERATURE, "alpha": ALPHA,
+        "rounds": args.rounds, "steps_per_round": args.steps, **timing,
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+                        "machine": platform.machine(), "device": "cpu"},
+    }
+    print_timing(result)
+    if args.run is not None:
+        result["run_results"] = print_run_table(args.run)
+    result["wall_seconds"] = time.perf_counter() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out} in {result['wall_seconds']:.1f} s "
+          f"(threads {result['environment']['threads']}, load {result['environment']['load_average'][0]:.1f})")
+    print(f"kd_step_ratio={result['kd_step_ratio']:.3f} "
+          f"kd_step_cpu_ratio={result['kd_step_cpu_ratio']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

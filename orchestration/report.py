@@ -1,0 +1,253 @@
+"""The results report of a run: terminal tables, ``report.md`` in the run directory, MLflow.
+
+Built from what the stages wrote (nothing is recomputed): the model rows of the distill stage
+(``distill/results.json``; before that stage runs, the generalist and ensemble rows from their
+own stages), the clustering stage's groups, the ensemble stage's evaluation (conditional
+accuracy, Table 4, per-group accuracy). Two plots where a person would rather look than read:
+test top-1 against parameters for every model, and the ensemble's top-1 gain per group.
+
+    report = build_report(Path("runs/quickstart"))
+    print_report(console, report)
+    write_report(report, Path("runs/quickstart"))      # report.md, accuracy_vs_params.png, ...
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from orchestration.rundir import read_json
+
+REPORT_MD = "report.md"
+PLOT_PARAMS = "accuracy_vs_params.png"
+PLOT_GROUPS = "per_group_gain.png"
+
+
+class ReportError(FileNotFoundError):
+    """The run has not got far enough to report on (the message says which stage to run)."""
+
+
+def _read(path: Path) -> Any | None:
+    return read_json(path) if path.exists() else None
+
+
+def _generalist_row(run: Path) -> dict[str, Any] | None:
+    metrics = _read(run / "generalist" / "metrics.json")
+    if metrics is None:
+        return None
+    return {"name": "generalist", "teacher": "-", "top1": metrics.get("test_top1"),
+            "top5": metrics.get("test_top5"), "params": metrics.get("params"),
+            "latency_ms": metrics.get("latency_ms")}
+
+
+def _model_rows(run: Path, evaluation: dict[str, Any] | None) -> list[dict[str, Any]]:
+    results = _read(run / "distill" / "results.json")
+    if results is not None:
+        rows = results["rows"] if isinstance(results, dict) else results
+        return [dict(r) for r in rows]
+    rows = [r for r in [_generalist_row(run)] if r]
+    if evaluation is not None:
+        rows.append({"name": "ensemble", "teacher": "-", "top1": evaluation["ensemble_top1"],
+                     "top5": evaluation.get("ensemble_top5"), "params": evaluation.get("params"),
+                     "latency_ms": evaluation.get("latency_ms")})
+    return rows
+
+
+def build_report(run: Path) -> dict[str, Any]:
+    """Everything the report shows, as plain data; ReportError if no stage has finished."""
+    run = Path(run)
+    evaluation = _read(run / "ensemble" / "evaluation.json")
+    groups = _read(run / "clustering" / "groups.json")
+    rows = _model_rows(run, evaluation)
+    if not rows:
+        raise ReportError(f"nothing to report in {run}: no stage has finished; run "
+                          f"`specdistill run CONFIG run.dir={run}` first")
+    report: dict[str, Any] = {"run_dir": str(run), "models": rows}
+    if groups is not None:
+        sizes = [len(g["classes"]) for g in groups["groups"]]
+        report["groups"] = {
+            "n_groups": len(sizes), "num_classes": groups["num_classes"], "method": groups["method"],
+            "unassigned": len(groups["unassigned"]), "stability_ari": groups["metrics"].get("stability_ari"),
+            "min_size": min(sizes, default=0), "max_size": max(sizes, default=0),
+            "mean_size": sum(sizes) / len(sizes) if sizes else 0.0,
+            "names": [g.get("names") or [str(c) for c in g["classes"]] for g in groups["groups"]],
+        }
+    if evaluation is not None:
+        report["ensemble"] = {k: evaluation.get(k) for k in (
+            "generalist_top1", "ensemble_top1", "n_examples", "n_covered", "covered_generalist_top1",
+            "covered_ensemble_top1", "mean_active_specialists", "n_specialists")}
+        report["table4"] = evaluation["table4"]
+        report["per_group"] = evaluation.get("per_group") or []
+    return report
+
+
+# ------------------------------------------------------------------------------ formatting
+def _num(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return format(value, fmt)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.1%}"
+
+
+def _model_cells(row: dict[str, Any]) -> list[str]:
+    return [str(row["name"]), str(row.get("teacher", "-")), _num(row.get("top1"), ".4f"),
+            _num(row.get("top5"), ".4f"), _num(row.get("params"), ",d") if isinstance(row.get("params"), int)
+            else _num(row.get("params"), ",.0f"), _num(row.get("latency_ms"), ".3f")]
+
+
+MODEL_COLUMNS = ("model", "teacher", "test top-1", "test top-5", "parameters", "latency ms/example")
+
+
+def _group_gains(report: dict[str, Any]) -> list[tuple[int, str, int, float]]:
+    """(group id, label, examples, top-1 gain) per group with test examples, largest gain first."""
+    names = report.get("groups", {}).get("names", [])
+    gains = []
+    for row in report.get("per_group", []):
+        if row["n_examples"]:
+            label = " ".join(names[row["group"]][:6]) if row["group"] < len(names) else str(row["group"])
+            gains.append((row["group"], label, row["n_examples"], row["ensemble_top1"] - row["generalist_top1"]))
+    return sorted(gains, key=lambda g: -g[3])
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The whole report as Markdown (``report.md``)."""
+    lines = [f"# specdistill report: {report['run_dir']}", "", "## Models (test split)", "",
+             "| " + " | ".join(MODEL_COLUMNS) + " |", "|---|---|---:|---:|---:|---:|"]
+    lines += ["| " + " | ".join(_model_cells(r)) + " |" for r in report["models"]]
+    if "groups" in report:
+        g = report["groups"]
+        lines += ["", "## Specialist groups", "",
+                  f"{g['n_groups']} groups of {g['num_classes']} classes ({g['method']}), sizes "
+                  f"{g['min_size']}-{g['max_size']} (mean {g['mean_size']:.1f}), {g['unassigned']} classes "
+                  f"unassigned, stability ARI {_num(g['stability_ari'], '.3f')}."]
+    if "ensemble" in report:
+        e = report["ensemble"]
+        lines += ["", "## Ensemble (paper section 5)", "",
+                  f"Generalist top-1 {_num(e['generalist_top1'], '.4f')} -> ensemble "
+                  f"{_num(e['ensemble_top1'], '.4f')} on {e['n_examples']:,} test examples; "
+                  f"{e['n_covered']:,} covered by a specialist, conditional top-1 "
+                  f"{_num(e['covered_generalist_top1'], '.4f')} -> {_num(e['covered_ensemble_top1'], '.4f')}.",
+                  "", "| # specialists covering | # test examples | delta top-1 correct | relative accuracy change |",
+                  "|---:|---:|---:|---:|"]
+        lines += [f"| {r['specialists_covering']} | {r['n_examples']:,} | {r['delta_correct']:+d} | "
+                  f"{_percent(r['relative_accuracy_change'])} |" for r in report["table4"]]
+        gains = _group_gains(report)
+        if gains:
+            lines += ["", "Largest and smallest per-group gains (ensemble - generalist top-1):", "",
+                      "| group | classes | # test examples | gain |", "|---:|---|---:|---:|"]
+            shown = gains[:5] + [g for g in gains[-3:] if g not in gains[:5]]
+            lines += [f"| {gid} | {label} | {n} | {gain:+.3f} |" for gid, label, n, gain in shown]
+    plots = [p for p in (PLOT_PARAMS, PLOT_GROUPS) if p in report.get("plots", [])]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def print_report(console, report: dict[str, Any]) -> None:
+    """The model table (and, when the ensemble ran, Table 4) in the terminal."""
+    from rich.table import Table
+
+    table = Table(title=f"specdistill results: {report['run_dir']}")
+    for i, col in enumerate(MODEL_COLUMNS):
+        table.add_column(col, justify="left" if i < 2 else "right")
+    for row in report["models"]:
+        table.add_row(*_model_cells(row))
+    console.print(table)
+    if "groups" in report:
+        g = report["groups"]
+        console.print(f"groups: {g['n_groups']} of {g['num_classes']} classes ({g['method']}), sizes "
+                      f"{g['min_size']}-{g['max_size']}, stability ARI {_num(g['stability_ari'], '.3f')}")
+    if "ensemble" in report:
+        e = report["ensemble"]
+        console.print(f"ensemble: test top1 generalist {_num(e['generalist_top1'], '.4f')} -> ensemble "
+                      f"{_num(e['ensemble_top1'], '.4f')}; covered by a specialist {e['n_covered']:,} of "
+                      f"{e['n_examples']:,}, conditional top1 {_num(e['covered_generalist_top1'], '.4f')} -> "
+                      f"{_num(e['covered_ensemble_top1'], '.4f')}")
+        t4 = Table(title="Table 4: accuracy change by specialists covering the true class")
+        for col in ("# specialists covering", "# test examples", "delta top-1 correct", "relative change"):
+            t4.add_column(col, justify="right")
+        for r in report["table4"]:
+            t4.add_row(str(r["specialists_covering"]), f"{r['n_examples']:,}", f"{r['delta_correct']:+d}",
+                       _percent(r["relative_accuracy_change"]))
+        console.print(t4)
+
+
+# ------------------------------------------------------------------------------ plots + files
+def plot_accuracy_vs_params(report: dict[str, Any]):
+    """Test top-1 against parameters (log x), one labelled point per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in report["models"]:
+        if row.get("params") and row.get("top1") is not None:
+            ax.scatter(row["params"], row["top1"])
+            ax.annotate(row["name"], (row["params"], row["top1"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("test top-1")
+    ax.set_title("accuracy vs parameters")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_group_gains(report: dict[str, Any]):
+    """Ensemble minus generalist top-1 per group, sorted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gains = _group_gains(report)
+    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(gains)), 4))
+    ax.bar(range(len(gains)), [g[3] for g in gains],
+           color=["tab:green" if g[3] >= 0 else "tab:red" for g in gains])
+    ax.set_xticks(range(len(gains)), [str(g[0]) for g in gains], fontsize=6)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_xlabel("group id")
+    ax.set_ylabel("top-1 gain (ensemble - generalist)")
+    ax.set_title("per-group accuracy gain on test examples of the group's classes")
+    fig.tight_layout()
+    return fig
+
+
+def write_report(report: dict[str, Any], run: Path) -> list[Path]:
+    """``report.md`` and the plots in the run directory; returns the files written."""
+    import matplotlib.pyplot as plt
+
+    from orchestration.rundir import atomic_write_text
+
+    run = Path(run)
+    written, plots = [], []
+    figures = [(PLOT_PARAMS, plot_accuracy_vs_params)]
+    if _group_gains(report):
+        figures.append((PLOT_GROUPS, plot_group_gains))
+    for name, draw in figures:
+        fig = draw(report)
+        fig.savefig(run / name, dpi=120)
+        plt.close(fig)
+        written.append(run / name)
+        plots.append(name)
+    report["plots"] = plots
+    atomic_write_text(run / REPORT_MD, markdown(report))
+    return [run / REPORT_MD, *written]
+
+
+def log_report(client, run_id: str, files: list[Path], report: dict[str, Any]) -> None:
+    """The report files and the model table as artifacts (and a few metrics) of an MLflow run."""
+    for path in files:
+        client.log_artifact(run_id, str(path), artifact_path="report")
+    models = report["models"]
+    client.log_table(run_id, data={k: [r.get(k) for r in models] for k in models[0]},
+                     artifact_file="report/models.json")
+    for row in models:
+        if row.get("top1") is not None:
+            client.log_metric(run_id, f"report.{row['name']}.top1", float(row["top1"]))

@@ -1,0 +1,491 @@
+"""Stage 5, distill: a compact student learns the ensemble's soft targets (DESIGN §2.4, §2.5).
+
+Reads top to bottom: load the teachers (the generalist, the routed ensemble, the soft-target
+cache) and check them against the data; check the extra losses' layers on one batch; then
+train each row of the comparison with the same architecture, budget and seed: the student
+(``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE`` plus extra losses, targets
+from the cache or the ensemble online), a student on hard labels only, one distilled from the
+generalist alone, and a data-free (DAFL) one. Each is evaluated at T = 1 on the test split
+(top-1, top-5, parameters, per-example latency at batch 1) beside the generalist and the
+ensemble. Writes ``student.safetensors`` + ``student.json`` (baselines under ``baselines/``),
+``results.json`` and ``results.md``; logs per-epoch metrics prefixed by row and registers the
+student in the MLflow model registry (alias ``candidate``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distill.data_free import distill_data_free
+from distill.train import (
+    DistillObjective,
+    TeacherFn,
+    build_objective,
+    distill_one_epoch,
+    evaluate_predictor,
+    feature_pairs,
+    iterate_indexed_batches,
+    make_teacher,
+    measure_latency_ms,
+    probe_feature_shapes,
+)
+from generalist.models import count_parameters
+from generalist.train import build_optimizer, build_scheduler, set_seed
+from orchestration.checkpoints import (
+    CheckpointError,
+    build_model,
+    load_train_state,
+    load_weights,
+    save_model,
+    save_train_state,
+)
+from orchestration.pipeline import Stage, StageContext, StageResult
+from orchestration.rundir import read_json, write_json
+from orchestration.soft_cache import (
+    CacheCorruptError,
+    CacheMismatchError,
+    SoftTargetCache,
+    cache_dir,
+    data_identity,
+)
+from orchestration.stages.ensemble import load_ensemble, load_report
+from orchestration.stages.generalist import _step_progress
+from orchestration.tracking import TrackingError
+from specialists.ensemble import RoutedEnsemble, ensemble_forward
+
+NAME = "distill"
+STUDENT = "student"                      # model file stem inside each row's folder
+LAST, TRAIN_STATE, ROW = "checkpoints/last", "checkpoints/train_state.pt", "row.json"
+RESULTS, RESULTS_MD, REGISTRY = "results.json", "results.md", "registry.json"
+LATENCY_REPEATS = 20
+
+
+class DistillError(ValueError):
+    """The distill stage cannot run with this config or these upstream outputs; says what to change."""
+
+
+@dataclass(frozen=True)
+class Teachers:
+    """The run's trained models, checked against the data."""
+
+    generalist: nn.Module
+    ensemble: RoutedEnsemble
+    class_names: list[str]
+    cache: SoftTargetCache | None       # when distill.targets=cache
+
+
+@dataclass(frozen=True)
+class Row:
+    """One student of the comparison: how it is taught and where it is saved."""
+
+    name: str
+    teacher: str                        # shown in the results table
+    alpha: float
+    teach: TeacherFn | None
+    extra_losses: bool
+    folder: str                         # relative to the stage dir; "" for the main student
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, data = ctx.config.distill, ctx.data()
+    teachers = load_teachers(ctx)
+    spec = student_spec(ctx)
+    pairs, shapes = check_extra_losses(ctx, teachers.generalist, spec)
+    _print_plan(ctx, teachers, spec, pairs)
+    rows = [_train_row(ctx, row, spec, pairs, shapes) for row in plan_rows(ctx, teachers, pairs)]
+    if cfg.data_free:
+        rows.append(_data_free_row(ctx, teachers, spec))
+    rows = reference_rows(ctx, teachers) + rows
+    outputs = _write_results(ctx, rows)
+    registered = _register(ctx, teachers, spec) if cfg.register_model else None
+    if registered:
+        outputs.append(REGISTRY)
+    print_results(ctx.console, rows)
+    metrics = _metrics(rows, registered)
+    ctx.logger.log_metrics(metrics)
+    return StageResult(outputs=outputs, metrics=metrics,
+                       details={"registered": registered, "data": data.describe()})
+
+
+# ------------------------------------------------------------------------------ teachers
+
+
+def load_teachers(ctx: StageContext) -> Teachers:
+    """Generalist + routed ensemble of this run, and the soft-target cache when it is used."""
+    ecfg, data = ctx.config.ensemble, ctx.data()
+    loaded = load_ensemble(ctx.run_dir.path, top_n=ecfg.top_n, tol=ecfg.tol, max_iter=ecfg.max_iter,
+                           device=ctx.device)
+    if list(loaded.class_names) != list(data.class_names):
+        raise DistillError(
+            f"the generalist of {ctx.run_dir.path} was trained on {len(loaded.class_names)} classes "
+            f"but data set {data.name} has {len(data.class_names)} (or another order); the upstream "
+            f"stages belong to another data set: restore the run's data.* settings or re-run them "
+            f"(specdistill run CONFIG run.dir={ctx.run_dir.path})"
+        )
+    cache = _open_cache(ctx, loaded.class_names) if _uses_cache(ctx) else None
+    return Teachers(loaded.ensemble.generalist, loaded.ensemble, list(loaded.class_names), cache)
+
+
+def _uses_cache(ctx: StageContext) -> bool:
+    cfg = ctx.config.distill
+    return cfg.teacher == "ensemble" and cfg.targets == "cache"
+
+
+def _open_cache(ctx: StageContext, class_names: list[str]):
+    """The ensemble stage's cache of q over the train split, checked against this data."""
+    path, split = cache_dir(ctx.run_dir.path), ctx.config.ensemble.cache_split
+    online = "or train on targets computed online instead: distill.targets=online"
+    if split != "train":
+        raise DistillError(f"distill.targets=cache trains on the train split but the cache covers "
+                           f"ensemble.cache_split={split}; set ensemble.cache_split=train and rebuild "
+                           f"it (specdistill run CONFIG run.dir={ctx.run_dir.path} --from ensemble), {online}")
+    try:
+        cache = SoftTargetCache(path)
+        cache.check_compatible(class_names, data_identity(ctx.config, "train", ctx.data().train))
+    except (FileNotFoundError, CacheCorruptError, CacheMismatchError) as exc:
+        raise DistillError(f"distill.targets=cache: {exc}; {online}") from None
+    return cache
+
+
+def teacher_fns(teachers: Teachers, teacher_paths: tuple[str, ...]) -> dict[str, TeacherFn]:
+    """``generalist`` (its logits online) and ``ensemble`` (q from the cache or online), each
+    with the generalist's activations at ``teacher_paths`` for the extra losses (the ensemble's
+    features are its generalist's: the specialists only see some examples)."""
+    generalist, ensemble, cache = teachers.generalist, teachers.ensemble, teachers.cache
+    if cache is not None:
+        def probs(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+            return cache.targets(ids, 1.0).to(x.device)
+    else:
+        def probs(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+            return ensemble_forward(ensemble, x).q
+    return {
+        "generalist": make_teacher(logits_model=generalist, feature_paths=teacher_paths),
+        "ensemble": make_teacher(probs_fn=probs, feature_model=generalist, feature_paths=teacher_paths),
+    }
+
+
+# -------------------------------------------------------------------------- student setup
+
+
+def student_spec(ctx: StageContext) -> dict[str, Any]:
+    cfg, data = ctx.config.distill, ctx.data()
+    channels, height, _ = data.image_shape
+    return {"name": cfg.student, "num_classes": data.num_classes, "in_channels": channels,
+            "image_size": height, "width": cfg.width, "depth": cfg.depth}
+
+
+def check_extra_losses(ctx: StageContext, generalist: nn.Module, spec: dict[str, Any]):
+    """Feature pairs of ``distill.losses`` and their activation shapes, probed on 4 training
+    images; DistillError (before any training) for unknown names, layers or shapes."""
+    cfg = ctx.config.distill
+    try:
+        pairs = feature_pairs(cfg.losses, cfg.hint_layers)
+        if not pairs:
+            return {}, ({}, {})
+        x = ctx.data().train.images[:4].to(ctx.device).float() / 255.0
+        student = build_model(spec).to(ctx.device)
+        shapes = (probe_feature_shapes(student, [s for s, _ in pairs.values()], x),
+                  probe_feature_shapes(generalist, [t for _, t in pairs.values()], x))
+        build_objective(temperature=cfg.temperature, alpha=cfg.alpha, losses=cfg.losses, pairs=pairs,
+                        student_shapes=shapes[0], teacher_shapes=shapes[1])
+    except ValueError as exc:
+        raise DistillError(f"distill.losses={dict(cfg.losses)} with distill.hint_layers="
+                           f"{list(cfg.hint_layers)}: {exc}") from None
+    return pairs, shapes
+
+
+def plan_rows(ctx: StageContext, teachers: Teachers, pairs: dict) -> list[Row]:
+    """The main student, then (distill.baselines) hard labels only and the generalist alone."""
+    cfg = ctx.config.distill
+    fns = teacher_fns(teachers, tuple(dict.fromkeys(t for _, t in pairs.values())))
+    label = "generalist" if cfg.teacher == "generalist" else f"ensemble ({cfg.targets})"
+    rows = [Row(STUDENT, label, cfg.alpha, fns[cfg.teacher], True, "")]
+    if cfg.baselines:
+        rows.append(Row("hard_labels", "none (labels only)", 0.0, None, False, "baselines/hard_labels"))
+        if cfg.teacher != "generalist":
+            rows.append(Row("generalist_kd", "generalist", cfg.alpha, fns["generalist"], True,
+                            "baselines/generalist_kd"))
+    return rows
+
+
+def _print_plan(ctx: StageContext, teachers: Teachers, spec: dict[str, Any], pairs: dict) -> None:
+    cfg, data = ctx.config.distill, ctx.data()
+    student, teacher = count_parameters(build_model(spec)), count_parameters(teachers.generalist)
+    ratio = teacher / student
+    size = f"{ratio:.1f}x fewer" if ratio > 1 else f"{1 / ratio:.1f}x more"
+    ctx.console.print(
+        f"  student {cfg.student} width={cfg.width} depth={cfg.depth}: {student:,} parameters, "
+        f"{size} than the generalist ({teacher:,}); teacher {cfg.teacher}"
+        f"{f' ({cfg.targets} targets)' if cfg.teacher == 'ensemble' else ''}, T={cfg.temperature}, "
+        f"alpha={cfg.alpha}, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''} on "
+        f"{len(data.train):,} train examples"
+    )
+    if ratio <= 1:
+        ctx.console.print("  [yellow]warning[/] the student is not smaller than the generalist; "
+                          "lower distill.width or distill.depth")
+    for term, (s, t) in pairs.items():
+        ctx.console.print(f"  extra loss {term} (weight {cfg.losses[term]}): student {s} -> generalist {t}")
+    if cfg.teacher == "generalist" and cfg.targets == "cache":
+        ctx.console.print("  note: the cache holds the ensemble's targets; the generalist teaches online")
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def _objective(ctx: StageContext, row: Row, pairs: dict, shapes: tuple) -> DistillObjective:
+    cfg = ctx.config.distill
+    losses = dict(cfg.losses) if row.extra_losses else {}
+    return build_objective(temperature=cfg.temperature, alpha=row.alpha, losses=losses,
+                           pairs={k: pairs[k] for k in losses}, student_shapes=shapes[0],
+                           teacher_shapes=shapes[1])
+
+
+def _train_row(ctx: StageContext, row: Row, spec: dict[str, Any], pairs: dict, shapes: tuple) -> dict[str, Any]:
+    cfg, data, row_dir = ctx.config.distill, ctx.data(), ctx.stage_dir / row.folder
+    if (row_dir / ROW).exists():
+        ctx.console.print(f"  {row.name}: finished earlier, kept ({row_dir / STUDENT}.safetensors)")
+        return read_json(row_dir / ROW)
+    set_seed(ctx.config.run.seed)       # every row starts from the same weights and batch order
+    student = build_model(spec).to(ctx.device)
+    objective = _objective(ctx, row, pairs, shapes).to(ctx.device)
+    trained = nn.ModuleDict({"student": student, "objective": objective})
+    steps = math.ceil(len(data.train) / cfg.batch_size)
+    optimizer = build_optimizer(trained, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                momentum=cfg.momentum)
+    scheduler = build_scheduler(optimizer, total_steps=steps * cfg.epochs,
+                                warmup_steps=int(cfg.warmup_epochs * steps))
+    start = _resume(ctx, row, row_dir, trained, optimizer, scheduler)
+    for epoch in range(start, cfg.epochs):
+        with _step_progress(ctx, epoch, steps) as advance:
+            result = distill_one_epoch(
+                student, iterate_indexed_batches(data.train.images, data.train.labels,
+                                                 batch_size=cfg.batch_size, shuffle=True,
+                                                 seed=ctx.config.run.seed, epoch=epoch, device=ctx.device),
+                optimizer, scheduler, objective=objective, teacher=row.teach, epoch=epoch,
+                device=ctx.device, amp=ctx.device.type == "cuda", on_step=advance)
+        _end_epoch(ctx, row, row_dir, trained, optimizer, scheduler, result, spec)
+    return _finish_row(ctx, row, row_dir, student, spec)
+
+
+def _end_epoch(ctx, row, row_dir, trained, optimizer, scheduler, result, spec) -> None:
+    """Log and print the epoch, then checkpoint student + objective and the optimizer state."""
+    cfg, student = ctx.config.distill, trained["student"]
+    student.eval()
+    holdout = evaluate_predictor(student, ctx.data().holdout.images, ctx.data().holdout.labels,
+                                 batch_size=cfg.eval_batch_size, device=ctx.device)
+    metrics = {"train_loss": result.loss, "train_accuracy": result.accuracy, **result.terms,
+               "holdout_top1": holdout["top1"], "examples_per_s": result.examples_per_s,
+               "lr": optimizer.param_groups[0]["lr"]}
+    ctx.logger.log_metrics({f"{row.name}/{k}": v for k, v in metrics.items()}, step=result.epoch + 1)
+    terms = "  ".join(f"{k} {v:.4f}" for k, v in result.terms.items())
+    ctx.console.print(
+        f"  {row.name} epoch {result.epoch + 1}/{cfg.epochs}  loss {result.loss:.4f} ({terms})  "
+        f"train acc {result.accuracy:.3f}  holdout top1 {holdout['top1']:.3f}  "
+        f"{result.examples_per_s:,.0f} img/s  {result.seconds:.1f}s"
+    )
+    save_model(row_dir / LAST, trained, {"model": spec, "row": row.name, "epoch": result.epoch + 1})
+    save_train_state(row_dir / TRAIN_STATE, {"epoch": result.epoch + 1, "optimizer": optimizer.state_dict(),
+                                             "scheduler": scheduler.state_dict()})
+
+
+def _resume(ctx, row, row_dir, trained, optimizer, scheduler) -> int:
+    """Continue after the last finished epoch; a corrupt checkpoint restarts the row."""
+    if not (row_dir / TRAIN_STATE).exists():
+        return 0
+    initial = {k: v.clone() for k, v in trained.state_dict().items()}
+    try:
+        state = load_train_state(row_dir / TRAIN_STATE)
+        load_weights(row_dir / LAST, trained)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (CheckpointError, KeyError, ValueError) as exc:
+        ctx.console.print(f"[yellow]warning[/] {row.name}: cannot resume ({exc}); training from scratch")
+        trained.load_state_dict(initial)
+        return 0
+    ctx.console.print(f"  {row.name}: resuming after epoch {state['epoch']}")
+    return int(state["epoch"])
+
+
+def _finish_row(ctx: StageContext, row: Row, row_dir: Path, student: nn.Module,
+                spec: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate at T = 1 on the test split, save the student and its result row."""
+    result = {"name": row.name, "teacher": row.teacher, **evaluate_model(ctx, student),
+              "alpha": row.alpha, "path": f"{Path(row.folder) / STUDENT}.safetensors"}
+    cfg = ctx.config.distill
+    save_model(row_dir / STUDENT, student, {
+        "model": spec, "class_names": list(ctx.data().class_names), "data": ctx.data().describe(),
+        "teacher": row.teacher, "alpha": row.alpha, "temperature": cfg.temperature,
+        "config": cfg.model_dump(mode="json"), "metrics": result,
+    })
+    write_json(row_dir / ROW, result)
+    ctx.logger.log_metrics({f"{row.name}/test_{k}": result[k] for k in ("top1", "top5", "latency_ms")})
+    return result
+
+
+def evaluate_model(ctx: StageContext, model: nn.Module | Callable, params: int | None = None) -> dict[str, Any]:
+    """Test top-1/top-5 of ``model`` (scores for a float batch), its parameters and its
+    per-example latency at batch 1 (median of LATENCY_REPEATS runs)."""
+    test = ctx.data().test
+    if isinstance(model, nn.Module):
+        model.eval()
+        params = count_parameters(model)
+    scores = evaluate_predictor(model, test.images, test.labels,
+                                batch_size=ctx.config.distill.eval_batch_size, device=ctx.device)
+    one = test.images[:1].to(ctx.device).float() / 255.0
+    latency = measure_latency_ms(model, one, repeats=LATENCY_REPEATS)
+    return {"top1": scores["top1"], "top5": scores["top5"], "params": params, "latency_ms": latency}
+
+
+# ----------------------------------------------------------------------------- data-free
+
+
+def _data_free_row(ctx: StageContext, teachers: Teachers, spec: dict[str, Any]) -> dict[str, Any]:
+    """DAFL: a generator trained against the frozen generalist; the student sees only its samples
+    (soft targets from the ensemble on those samples when the teacher is the ensemble)."""
+    cfg, data, row_dir = ctx.config.distill, ctx.data(), ctx.stage_dir / "baselines" / "data_free"
+    row = Row("data_free", f"{cfg.teacher} on generated images (DAFL)", 1.0, None, False,
+              "baselines/data_free")
+    if (row_dir / ROW).exists():
+        return read_json(row_dir / ROW)
+    set_seed(ctx.config.run.seed)
+    student = build_model(spec).to(ctx.device)
+    ensemble = teachers.ensemble
+    steps = cfg.data_free_steps_per_epoch * cfg.epochs
+    ctx.console.print(f"  data_free: {cfg.data_free_generator_steps} generator steps, then {steps} "
+                      f"student steps on generated images")
+    history = distill_data_free(
+        teachers.generalist, student, image_shape=tuple(data.image_shape), num_classes=data.num_classes,
+        generator_steps=cfg.data_free_generator_steps, student_steps=steps,
+        batch_size=cfg.data_free_batch_size, latent_dim=cfg.data_free_latent_dim,
+        temperature=cfg.temperature, lr=cfg.data_free_lr,
+        seed=ctx.config.run.seed, device=ctx.device, feature_path="head", feature_capture="input",
+        teacher_probs=(lambda x: ensemble_forward(ensemble, x).q.float()) if cfg.teacher == "ensemble" else None,
+        on_progress=_data_free_progress(ctx, {"generator": cfg.data_free_generator_steps, "student": steps}),
+    )
+    ctx.logger.log_metrics({"data_free/classes_covered": history["classes_covered"]})
+    ctx.console.print(f"  data_free: the generator's samples cover {history['classes_covered']} of "
+                      f"{data.num_classes} classes (teacher arg-max)")
+    return _finish_row(ctx, row, row_dir, student, spec)
+
+
+def _data_free_progress(ctx: StageContext, totals: dict[str, int]):
+    """DAFL progress: every report to MLflow (``data_free/<phase>_<metric>``), ~5 lines per phase."""
+    next_line = {phase: total / 5 for phase, total in totals.items()}
+
+    def on_progress(phase: str, step: int, metrics: dict[str, float]) -> None:
+        ctx.logger.log_metrics({f"data_free/{phase}_{k}": v for k, v in metrics.items()}, step=step)
+        if step >= next_line[phase] or step == totals[phase]:
+            next_line[phase] = step + totals[phase] / 5
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            ctx.console.print(f"  data_free {phase} step {step}/{totals[phase]}  {shown}")
+
+    return on_progress
+
+
+# ---------------------------------------------------------------------- reference rows
+
+
+def reference_rows(ctx: StageContext, teachers: Teachers) -> list[dict[str, Any]]:
+    """The generalist and the ensemble on the same test split (top-1 from their stages)."""
+    run_path, ensemble = ctx.run_dir.path, teachers.ensemble
+    general = read_json(run_path / "generalist" / "metrics.json")
+    general_row = {"name": "generalist", "teacher": "none (trained on labels)",
+                   **evaluate_model(ctx, teachers.generalist)}
+    general_row.update(top1=general["test_top1"], top5=general["test_top5"])
+    heads_only = ensemble.shared_trunk   # shared trunk: a specialist adds only its head
+    params = count_parameters(teachers.generalist) + sum(
+        count_parameters(s.head) if heads_only else count_parameters(s) for s in ensemble.specialists)
+    ensemble_row = {"name": "ensemble", "teacher": f"generalist + {len(ensemble.specialists)} specialists",
+                    **evaluate_model(ctx, lambda x: ensemble_forward(ensemble, x).q, params)}
+    ensemble_row["top1"] = load_report(run_path)["ensemble_top1"]
+    return [general_row, ensemble_row]
+
+
+# ------------------------------------------------------------------------------- outputs
+
+
+def results_markdown(rows: list[dict[str, Any]]) -> str:
+    """One line per model: accuracy, size relative to the generalist, latency."""
+    base = next((r["params"] for r in rows if r["name"] == "generalist"), None)
+    lines = ["| model | teacher | top-1 | top-5 | parameters | vs generalist | latency (ms/example) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = f"{r['params'] / base:.2f}x" if base else "n/a"
+        lines.append(f"| {r['name']} | {r['teacher']} | {r['top1']:.4f} | {r['top5']:.4f} | "
+                     f"{r['params']:,} | {ratio} | {r['latency_ms']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_results(ctx: StageContext, rows: list[dict[str, Any]]) -> list[str]:
+    write_json(ctx.stage_dir / RESULTS, {"rows": rows, "temperature": ctx.config.distill.temperature,
+                                         "alpha": ctx.config.distill.alpha})
+    (ctx.stage_dir / RESULTS_MD).write_text(results_markdown(rows))
+    ctx.logger.log_artifact(ctx.stage_dir / RESULTS)
+    ctx.logger.log_text(results_markdown(rows), RESULTS_MD)
+    models = [f"{Path(r['path']).with_suffix('')}{ext}" for r in rows if "path" in r
+              for ext in (".safetensors", ".json")]
+    return [*models, RESULTS, RESULTS_MD]
+
+
+def print_results(console, rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title="Distillation: test accuracy, size and latency (T = 1)")
+    for col in ("model", "teacher", "top-1", "top-5", "parameters", "ms/example"):
+        table.add_column(col, justify="left" if col in ("model", "teacher") else "right")
+    for r in rows:
+        table.add_row(r["name"], r["teacher"], f"{r['top1']:.4f}", f"{r['top5']:.4f}",
+                      f"{r['params']:,}", f"{r['latency_ms']:.3f}")
+    console.print(table)
+
+
+def _register(ctx: StageContext, teachers: Teachers, spec: dict[str, Any]) -> dict[str, Any]:
+    """Log the main student with mlflow.pytorch into this stage's run; register it as candidate."""
+    from orchestration.checkpoints import load_model
+    from orchestration.model_registry import log_student
+
+    cfg = ctx.config.distill
+    student, meta = load_model(ctx.stage_dir / STUDENT)
+    example = ctx.data().test.images[:2].float() / 255.0
+    metrics = {f"test_{k}": float(meta["metrics"][k]) for k in ("top1", "top5", "latency_ms", "params")}
+    try:
+        registered = log_student(
+            ctx.logger.client, ctx.logger.run_id, student, example=example,
+            class_names=teachers.class_names, metrics=metrics,
+            params={f"distill.{k}": v for k, v in cfg.model_dump(mode="json").items()},
+            extra_files=[ctx.stage_dir / f"{STUDENT}.json"], model_name=cfg.model_name,
+        ).to_dict()
+    except TrackingError as exc:
+        raise TrackingError(f"{exc}; the trained students are kept in {ctx.stage_dir}: re-run the same "
+                            "command to register the student once MLflow answers (or distill.register_model=false)") from None
+    write_json(ctx.stage_dir / REGISTRY, registered)
+    ctx.console.print(f"  registered {registered['name']} version {registered['version']} as "
+                      f"{registered['alias_uri']}")
+    return registered
+
+
+def _metrics(rows: list[dict[str, Any]], registered: dict[str, Any] | None) -> dict[str, Any]:
+    by_name = {r["name"]: r for r in rows}
+    main, general = by_name[STUDENT], by_name["generalist"]
+    metrics = {f"{name}_top1": r["top1"] for name, r in by_name.items()}
+    metrics.update(student_top5=main["top5"], student_params=main["params"],
+                   student_latency_ms=main["latency_ms"], generalist_params=general["params"],
+                   compression=general["params"] / main["params"])
+    if registered:
+        metrics["registered_version"] = int(registered["version"])
+    return metrics
+
+
+STAGE = Stage(
+    name=NAME,
+    config_keys=("distill", "run.seed"),
+    upstream=("generalist", "ensemble"),
+    run=run,
+)
