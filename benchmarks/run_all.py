@@ -1,0 +1,280 @@
+"""Run every benchmark and the end-to-end pipeline; write ``benchmarks/results.json`` and ``BENCHMARKS.md``.
+
+    python benchmarks/run_all.py [--quick] [--seeds 0 1 2] [--config configs/quickstart.yaml]
+
+1. The component benchmarks, each as its own process (``python benchmarks/<name>.py``, with
+   ``--quick`` when given): clustering (faiss vs scikit-learn), specialists (parallel speedup
+   on Ray), combine (production solver vs the per-example reference; routed inference
+   throughput in the full mode), distill (time per KD step from the cache vs plain
+   cross-entropy). Each prints its figures and a last ``key=value`` line, kept verbatim.
+2. The whole pipeline (``specdistill run CONFIG run.seed=S``) once per seed in a fresh run
+   directory under ``benchmarks/results/runs/``: wall time, seconds per stage (from the stage
+   manifests) and the model table of each run (``RUN/distill/results.json``); accuracy figures
+   are reported as mean and standard deviation over the seeds.
+
+Everything lands in ``benchmarks/results.json`` (machine, versions, commands, raw figures) and
+``BENCHMARKS.md`` (the same as tables). The README's figures are copied from ``BENCHMARKS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+COMPONENTS = ("clustering", "specialists", "combine", "distill")
+STAGES = ("generalist", "clustering", "specialists", "ensemble", "distill")
+PACKAGES = ("torch", "torchvision", "ray", "mlflow", "scikit-learn", "faiss-gpu", "faiss-cpu", "numpy")
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = None
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        memory = round(pages * size / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001 - a broken CUDA setup only means "no GPU" here
+        gpu = None
+    return {"cpu": cpu, "cpus": os.cpu_count(), "memory_gib": memory, "gpu": gpu,
+            "python": platform.python_version(), "platform": platform.platform(), "versions": versions}
+
+
+def _key_values(line: str) -> dict[str, float | str]:
+    out: dict[str, float | str] = {}
+    for part in line.split():
+        if "=" in part:
+            key, value = part.split("=", 1)
+            try:
+                out[key] = float(value)
+            except ValueError:
+                out[key] = value
+    return out
+
+
+def run_component(name: str, quick: bool) -> dict[str, Any]:
+    cmd = [sys.executable, str(HERE / f"{name}.py"), *(["--quick"] if quick else [])]
+    shown = f"python benchmarks/{name}.py{' --quick' if quick else ''}"
+    print(f"== {shown}", flush=True)
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    sys.stdout.write(proc.stdout)
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    result: dict[str, Any] = {"command": shown, "seconds": round(seconds, 1), "returncode": proc.returncode,
+                              "last_line": lines[-1] if lines else "", "output": proc.stdout[-6000:]}
+    if proc.returncode != 0:
+        sys.stdout.write(proc.stderr[-3000:])
+        result["error"] = proc.stderr[-3000:]
+    else:
+        result["figures"] = _key_values(result["last_line"])
+    detail = HERE / "results" / f"{name}.json"
+    if detail.exists():
+        result["details_file"] = str(detail.relative_to(ROOT))
+    return result
+
+
+def run_pipeline(config: str, seed: int, runs_dir: Path, uri: str, extra: list[str]) -> dict[str, Any]:
+    run_dir = runs_dir / f"seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    specdistill = shutil.which("specdistill", path=str(Path(sys.executable).parent)) or "specdistill"
+    cmd = [specdistill, "run", config, f"run.seed={seed}", f"run.dir={run_dir}", f"tracking.uri={uri}", *extra]
+    shown = f"specdistill run {config} run.seed={seed}"
+    print(f"== {shown}", flush=True)
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    tail = proc.stdout[-4000:]
+    print("\n".join(tail.splitlines()[-12:]), flush=True)
+    result: dict[str, Any] = {"command": shown, "seed": seed, "seconds": round(seconds, 1),
+                              "returncode": proc.returncode, "run_dir": str(run_dir)}
+    if proc.returncode != 0:
+        result["error"] = (proc.stderr or proc.stdout)[-3000:]
+        return result
+    stages = {}
+    for stage in STAGES:
+        manifest = run_dir / stage / "manifest.json"
+        if manifest.exists():
+            stages[stage] = json.loads(manifest.read_text())["metrics"].get("stage_seconds")
+    result["stage_seconds"] = stages
+    results = run_dir / "distill" / "results.json"
+    if results.exists():
+        data = json.loads(results.read_text())
+        result["models"] = data["rows"] if isinstance(data, dict) else data
+    evaluation = run_dir / "ensemble" / "evaluation.json"
+    if evaluation.exists():
+        ev = json.loads(evaluation.read_text())
+        result["ensemble"] = {k: ev.get(k) for k in ("generalist_top1", "ensemble_top1", "n_covered",
+                                                     "covered_generalist_top1", "covered_ensemble_top1")}
+        result["table4"] = ev.get("table4")
+    return result
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in runs if r.get("returncode") == 0]
+    models: dict[str, dict[str, list]] = {}
+    for run in ok:
+        for row in run.get("models", []):
+            entry = models.setdefault(row["name"], {"teacher": row.get("teacher", "-"), "top1": [], "top5": [],
+                                                    "params": row.get("params"), "latency_ms": []})
+            entry["top1"].append(row.get("top1"))
+            entry["top5"].append(row.get("top5"))
+            entry["latency_ms"].append(row.get("latency_ms"))
+    return {
+        "n_runs": len(ok),
+        "wall_seconds": _mean_std([r["seconds"] for r in ok]),
+        "stage_seconds": {s: _mean_std([r["stage_seconds"].get(s) for r in ok]) for s in STAGES},
+        "models": {name: {"teacher": e["teacher"], "params": e["params"], "top1": _mean_std(e["top1"]),
+                          "top5": _mean_std(e["top5"]), "latency_ms": _mean_std(e["latency_ms"])}
+                   for name, e in models.items()},
+        "ensemble_gain": _mean_std([r["ensemble"]["ensemble_top1"] - r["ensemble"]["generalist_top1"]
+                                    for r in ok if "ensemble" in r]),
+    }
+
+
+def _ms(stat: dict[str, float], fmt: str = ".4f") -> str:
+    if not stat or stat.get("n", 0) == 0:
+        return "n/a"
+    return f"{stat['mean']:{fmt}} ± {stat['std']:{fmt}}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    lines = [
+        "# Benchmarks", "",
+        f"Generated by `{results['command']}` on {results['date']} "
+        f"({results['wall_seconds'] / 60:.1f} min). Do not edit by hand: re-run the command.", "",
+        "## Machine", "",
+        f"- CPU: {m['cpu']}, {m['cpus']} cores, {m['memory_gib']} GiB memory; GPU: {m['gpu'] or 'none'}",
+        f"- Python {m['python']} on {m['platform']}",
+        f"- {versions}", "",
+        "The machine is shared with other jobs: compare ratios measured within one run, not absolute times "
+        "across runs.", "",
+        "## Component benchmarks", "",
+        "| benchmark | command | seconds | result (last line) |", "|---|---|---:|---|",
+    ]
+    for name, comp in results["components"].items():
+        last = comp["last_line"] if comp["returncode"] == 0 else f"FAILED (exit {comp['returncode']})"
+        lines.append(f"| {name} | `{comp['command']}` | {comp['seconds']:.0f} | `{last}` |")
+    agg = results.get("pipeline")
+    if agg and agg["n_runs"]:
+        seeds = ", ".join(str(r["seed"]) for r in results["pipeline_runs"] if r.get("returncode") == 0)
+        lines += ["", f"## End to end on glyphs (`{results['pipeline_command']}`, seeds {seeds})", "",
+                  f"Whole pipeline: {_ms(agg['wall_seconds'], '.0f')} s wall (including start-up).", "",
+                  "| stage | seconds (mean ± std) |", "|---|---:|"]
+        lines += [f"| {s} | {_ms(agg['stage_seconds'][s], '.1f')} |" for s in STAGES]
+        lines += ["", f"Accuracy on the test split, mean ± std over {agg['n_runs']} seeds:", "",
+                  "| model | teacher | test top-1 | test top-5 | parameters | latency ms/example |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for name, e in agg["models"].items():
+            params = f"{e['params']:,}" if isinstance(e["params"], int) else "n/a"
+            lines.append(f"| {name} | {e['teacher']} | {_ms(e['top1'])} | {_ms(e['top5'])} | {params} | "
+                         f"{_ms(e['latency_ms'], '.3f')} |")
+        lines += ["", f"Ensemble minus generalist test top-1: {_ms(agg['ensemble_gain'])}.", ""]
+        first = next(r for r in results["pipeline_runs"] if r.get("returncode") == 0)
+        if first.get("table4"):
+            lines += [f"Table 4 (seed {first['seed']}):", "",
+                      "| # specialists covering | # test examples | delta top-1 correct | relative accuracy change |",
+                      "|---:|---:|---:|---:|"]
+            for r in first["table4"]:
+                rel = r["relative_accuracy_change"]
+                lines.append(f"| {r['specialists_covering']} | {r['n_examples']:,} | {r['delta_correct']:+d} | "
+                             f"{'n/a' if rel is None else f'{rel:+.1%}'} |")
+    failed = [r for r in results.get("pipeline_runs", []) if r.get("returncode") != 0]
+    for r in failed:
+        lines += ["", f"Pipeline seed {r['seed']} FAILED (exit {r['returncode']}):", "", "```",
+                  r.get("error", "")[-1500:], "```"]
+    lines += [
+        "", "## The same on CIFAR-100 with a GPU", "",
+        "CIFAR-100 is read from a local copy (nothing is downloaded at run time): put the python "
+        "version (`cifar-100-python/`) under a folder and point `data.root` at it.", "",
+        "```bash",
+        "specdistill run configs/cifar100.yaml data.root=/data/cifar run.device=cuda \\",
+        "    specialists.gpus_per_specialist=0.25 ensemble.cache_gpus_per_actor=0.25",
+        "python benchmarks/run_all.py --config configs/cifar100.yaml --seeds 0 1 2 -- data.root=/data/cifar run.device=cuda",
+        "```", "",
+        "Fractional `gpus_per_specialist` packs several specialists on one GPU; on a Ray cluster see "
+        "`docs/cluster.md`.", "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="component benchmarks in --quick mode")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="pipeline seeds (none: skip)")
+    parser.add_argument("--config", default="configs/quickstart.yaml")
+    parser.add_argument("--only", nargs="*", choices=COMPONENTS, default=list(COMPONENTS),
+                        help="component benchmarks to run (default: all)")
+    parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    parser.add_argument("--md", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for the pipeline runs (after --)")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    command = "python benchmarks/run_all.py" + (" --quick" if args.quick else "") + \
+        (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0, 1, 2] else "")
+    results: dict[str, Any] = {"command": command, "date": dt.date.today().isoformat(), "machine": machine(),
+                               "components": {}, "pipeline_runs": []}
+    for name in args.only:
+        results["components"][name] = run_component(name, args.quick)
+    runs_dir = HERE / "results" / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{runs_dir / 'mlflow.db'}"
+    for seed in args.seeds:
+        results["pipeline_runs"].append(run_pipeline(args.config, seed, runs_dir, uri, args.overrides))
+    results["pipeline_command"] = f"specdistill run {args.config} run.seed=S"
+    results["pipeline"] = aggregate(results["pipeline_runs"])
+    results["wall_seconds"] = time.perf_counter() - started
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    args.md.write_text(markdown(results))
+    print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out} and "
+          f"{args.md.name} in {results['wall_seconds'] / 60:.1f} min")
+    failed = [n for n, c in results["components"].items() if c["returncode"] != 0] + \
+        [f"seed {r['seed']}" for r in results["pipeline_runs"] if r["returncode"] != 0]
+    if failed:
+        print(f"FAILED: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
