@@ -148,8 +148,8 @@ class DistillConfig(Section):
     targets: Literal["cache", "online"] = Field(
         "cache", description="cache = the ensemble stage's soft-target cache (fixed views); online = routed ensemble per batch."
     )
-    temperature: float = Field(4.0, gt=0, description="Softening temperature T of teacher and student.")
-    alpha: float = Field(0.9, ge=0, le=1, description="Weight of T^2 * KL(teacher_T || student_T); 1 - alpha on hard labels.")
+    temperature: float = Field(2.0, gt=0, description="Softening temperature T of teacher and student.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of T^2 * KL(teacher_T || student_T); 1 - alpha on hard labels.")
     losses: dict[str, float] = Field(
         default_factory=dict, description="Extra losses by name with weights, e.g. {hint: 1.0, rkd: 0.5}."
     )
