@@ -1,0 +1,46 @@
+"""benchmarks/run_all.py: aggregation over seeds and the BENCHMARKS.md it writes."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+RUN_ALL = runpy.run_path(str(Path(__file__).parents[2] / "benchmarks" / "run_all.py"))
+
+
+def _run(seed: int, top1: float, seconds: float) -> dict:
+    return {"seed": seed, "returncode": 0, "seconds": seconds,
+            "stage_seconds": {"generalist": 50.0, "clustering": 2.0, "specialists": 90.0,
+                              "ensemble": 30.0, "distill": 150.0},
+            "models": [{"name": "student", "teacher": "ensemble", "top1": top1, "top5": 0.99,
+                        "params": 95152, "latency_ms": 0.4}],
+            "ensemble": {"generalist_top1": 0.93, "ensemble_top1": 0.94},
+            "table4": [{"specialists_covering": 1, "n_examples": 4800, "delta_correct": 48,
+                        "relative_accuracy_change": 0.0107}]}
+
+
+def test_aggregate_gives_mean_and_spread_over_seeds():
+    agg = RUN_ALL["aggregate"]([_run(0, 0.90, 300), _run(1, 0.92, 320), _run(2, 0.91, 310),
+                                {"seed": 3, "returncode": 1, "error": "boom"}])
+    assert agg["n_runs"] == 3
+    assert agg["models"]["student"]["top1"]["mean"] == pytest.approx(0.91)
+    assert agg["models"]["student"]["top1"]["std"] == pytest.approx(0.01)
+    assert agg["wall_seconds"]["mean"] == pytest.approx(310)
+    assert agg["ensemble_gain"]["mean"] == pytest.approx(0.01)
+
+
+def test_markdown_has_machine_components_pipeline_and_failures():
+    runs = [_run(0, 0.90, 300), _run(1, 0.92, 320), {"seed": 2, "returncode": 1, "error": "boom"}]
+    results = {"command": "python benchmarks/run_all.py", "date": "2026-11-23",
+               "machine": {"cpu": "x", "cpus": 2, "memory_gib": 24, "gpu": None, "python": "3.11",
+                           "platform": "linux", "versions": {"torch": "2.14.1"}},
+               "components": {"combine": {"command": "python benchmarks/combine.py --quick", "seconds": 30,
+                                          "returncode": 0, "last_line": "speedup=100 objective_gap=1e-9"}},
+               "pipeline_runs": runs, "pipeline_command": "specdistill run configs/quickstart.yaml run.seed=S",
+               "pipeline": RUN_ALL["aggregate"](runs), "wall_seconds": 600}
+    text = RUN_ALL["markdown"](results)
+    assert "torch 2.14.1" in text and "`speedup=100 objective_gap=1e-9`" in text
+    assert "| student | ensemble | 0.9100 ± 0.0141 |" in text
+    assert "seeds 0, 1" in text and "Pipeline seed 2 FAILED" in text and "CIFAR-100" in text
