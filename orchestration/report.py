@@ -149,7 +149,11 @@ def markdown(report: dict[str, Any]) -> str:
 
 def print_report(console, report: dict[str, Any]) -> None:
     """The model table (and, when the ensemble ran, Table 4) in the terminal."""
+    from rich.console import Console
     from rich.table import Table
+
+    # Wide enough that no cell wraps, also when stdout is a file or a job log (rich's 80 columns).
+    console = Console(width=max(console.width, 132), soft_wrap=True, file=console.file)
 
     table = Table(title=f"specdistill results: {report['run_dir']}")
     for i, col in enumerate(MODEL_COLUMNS):
