@@ -19,7 +19,7 @@ from orchestration.cli import main
 
 TINY_DISTILL = ("distill.epochs=1", "distill.batch_size=32", "distill.eval_batch_size=64",
                 "distill.width=0.125", "distill.data_free=false", "distill.register_model=true")
-HINT = ("distill.losses={hint: 1.0}", "distill.hint_layers=[blocks.1, blocks.1]")
+HINT = ("distill.losses={hint: 1.0}", "distill.hint_layers=[blocks.1, blocks.1]", "distill.student=cnn")
 
 
 @pytest.fixture
@@ -143,7 +143,8 @@ def test_bad_inputs_fail_before_training(run_copy, capsys):
     _fails([*args("distill.alpha=1.5"), "--only", "distill"], capsys, "distill.alpha", "less than or equal to 1")
     _fails([*args("distill.losses={fitnet: 1.0}"), "--only", "distill"], capsys,
            "unknown extra loss 'fitnet'; known extra losses: attention, hint, rkd, similarity")
-    out, err = _fails([*args("distill.losses={hint: 1.0}", "distill.hint_layers=[blocks.1, blocks.2]"),
+    out, err = _fails([*args("distill.losses={hint: 1.0}", "distill.hint_layers=[blocks.1, blocks.2]",
+                             "distill.student=cnn"),
                        "--only", "distill"], capsys,
                       "(4, 8, 8, 8)", "(4, 32, 4, 4)", "student blocks.1", "teacher blocks.2")
     assert "spatial sizes" in err and "stage distill" in out and "epoch" not in out
