@@ -104,8 +104,16 @@ def run_component(name: str, quick: bool) -> dict[str, Any]:
     return result
 
 
-def run_pipeline(config: str, seed: int, runs_dir: Path, uri: str, extra: list[str]) -> dict[str, Any]:
+def run_pipeline(config: str, seed: int, runs_dir: Path, uri: str, extra: list[str],
+                 reuse: bool = False) -> dict[str, Any]:
     run_dir = runs_dir / f"seed{seed}"
+    if reuse and (run_dir / "distill" / "manifest.json").exists():
+        print(f"== reusing the finished run {run_dir} (seed {seed})", flush=True)
+        result = {"command": f"specdistill run {config} run.seed={seed}", "seed": seed, "returncode": 0,
+                  "run_dir": str(run_dir), "reused": True}
+        _collect(run_dir, result)
+        result["seconds"] = round(sum(v or 0 for v in result["stage_seconds"].values()), 1)
+        return result
     shutil.rmtree(run_dir, ignore_errors=True)
     specdistill = shutil.which("specdistill", path=str(Path(sys.executable).parent)) or "specdistill"
     cmd = [specdistill, "run", config, f"run.seed={seed}", f"run.dir={run_dir}", f"tracking.uri={uri}", *extra]
@@ -121,6 +129,12 @@ def run_pipeline(config: str, seed: int, runs_dir: Path, uri: str, extra: list[s
     if proc.returncode != 0:
         result["error"] = (proc.stderr or proc.stdout)[-3000:]
         return result
+    _collect(run_dir, result)
+    return result
+
+
+def _collect(run_dir: Path, result: dict[str, Any]) -> None:
+    """Stage seconds, the model table and the ensemble evaluation of a finished run."""
     stages = {}
     for stage in STAGES:
         manifest = run_dir / stage / "manifest.json"
@@ -137,7 +151,6 @@ def run_pipeline(config: str, seed: int, runs_dir: Path, uri: str, extra: list[s
         result["ensemble"] = {k: ev.get(k) for k in ("generalist_top1", "ensemble_top1", "n_covered",
                                                      "covered_generalist_top1", "covered_ensemble_top1")}
         result["table4"] = ev.get("table4")
-    return result
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -199,7 +212,10 @@ def markdown(results: dict[str, Any]) -> str:
     if agg and agg["n_runs"]:
         seeds = ", ".join(str(r["seed"]) for r in results["pipeline_runs"] if r.get("returncode") == 0)
         lines += ["", f"## End to end on glyphs (`{results['pipeline_command']}`, seeds {seeds})", "",
-                  f"Whole pipeline: {_ms(agg['wall_seconds'], '.0f')} s wall (including start-up).", "",
+                  f"Whole pipeline: {_ms(agg['wall_seconds'], '.0f')} s "
+                  + ("(sum of the stage times of runs made earlier and reused)"
+                     if any(r.get("reused") for r in results["pipeline_runs"]) else "wall (including start-up)")
+                  + ".", "",
                   "| stage | seconds (mean ± std) |", "|---|---:|"]
         lines += [f"| {s} | {_ms(agg['stage_seconds'][s], '.1f')} |" for s in STAGES]
         lines += ["", f"Accuracy on the test split, mean ± std over {agg['n_runs']} seeds:", "",
@@ -247,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="component benchmarks to run (default: all)")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     parser.add_argument("--md", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take a seed's finished run directory from an earlier run_all as it is "
+                             "(its time = the sum of its stage times) instead of running it again")
     parser.add_argument("--merge", action="store_true",
                         help="keep what an earlier results.json has for the parts not re-run now "
                              "(e.g. re-run one benchmark: --only specialists --seeds --merge)")
@@ -256,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/run_all.py" + (" --quick" if args.quick else "") + \
         (f" --only {' '.join(args.only)}" if args.only != list(COMPONENTS) else "") + \
         (f" --seeds {' '.join(map(str, args.seeds))}".rstrip() if args.seeds != [0, 1, 2] else "") + \
-        (" --merge" if args.merge else "")
+        (" --merge" if args.merge else "") + (" --reuse" if args.reuse else "")
     results: dict[str, Any] = {"command": command, "date": dt.date.today().isoformat(), "machine": machine(),
                                "components": {}, "pipeline_runs": []}
     for name in args.only:
@@ -265,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{runs_dir / 'mlflow.db'}"
     for seed in args.seeds:
-        results["pipeline_runs"].append(run_pipeline(args.config, seed, runs_dir, uri, args.overrides))
+        results["pipeline_runs"].append(run_pipeline(args.config, seed, runs_dir, uri, args.overrides,
+                                                     reuse=args.reuse))
     results["pipeline_command"] = f"specdistill run {args.config} run.seed=S"
     if args.merge and args.out.exists():
         previous = json.loads(args.out.read_text())
