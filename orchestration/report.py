@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestration.rundir import read_json
+from orchestration.stages.ensemble import table4_markdown, table4_table
 
 REPORT_MD = "report.md"
 PLOT_PARAMS = "accuracy_vs_params.png"
@@ -89,10 +90,6 @@ def _num(value: Any, fmt: str) -> str:
     return format(value, fmt)
 
 
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:+.1%}"
-
-
 def _model_cells(row: dict[str, Any]) -> list[str]:
     return [str(row["name"]), str(row.get("teacher", "-")), _num(row.get("top1"), ".4f"),
             _num(row.get("top5"), ".4f"), _num(row.get("params"), ",d") if isinstance(row.get("params"), int)
@@ -131,10 +128,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{_num(e['ensemble_top1'], '.4f')} on {e['n_examples']:,} test examples; "
                   f"{e['n_covered']:,} covered by a specialist, conditional top-1 "
                   f"{_num(e['covered_generalist_top1'], '.4f')} -> {_num(e['covered_ensemble_top1'], '.4f')}.",
-                  "", "| # specialists covering | # test examples | delta top-1 correct | relative accuracy change |",
-                  "|---:|---:|---:|---:|"]
-        lines += [f"| {r['specialists_covering']} | {r['n_examples']:,} | {r['delta_correct']:+d} | "
-                  f"{_percent(r['relative_accuracy_change'])} |" for r in report["table4"]]
+                  "", table4_markdown(report["table4"]).rstrip("\n")]
         gains = _group_gains(report)
         if gains:
             lines += ["", "Largest and smallest per-group gains (ensemble - generalist top-1):", "",
@@ -171,13 +165,7 @@ def print_report(console, report: dict[str, Any]) -> None:
                       f"{_num(e['ensemble_top1'], '.4f')}; covered by a specialist {e['n_covered']:,} of "
                       f"{e['n_examples']:,}, conditional top1 {_num(e['covered_generalist_top1'], '.4f')} -> "
                       f"{_num(e['covered_ensemble_top1'], '.4f')}")
-        t4 = Table(title="Table 4: accuracy change by specialists covering the true class")
-        for col in ("# specialists covering", "# test examples", "delta top-1 correct", "relative change"):
-            t4.add_column(col, justify="right")
-        for r in report["table4"]:
-            t4.add_row(str(r["specialists_covering"]), f"{r['n_examples']:,}", f"{r['delta_correct']:+d}",
-                       _percent(r["relative_accuracy_change"]))
-        console.print(t4)
+        console.print(table4_table(report["table4"]))
 
 
 # ------------------------------------------------------------------------------ plots + files

@@ -219,10 +219,21 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.4f}"
 
 
-def print_report(console, report: dict[str, Any]) -> None:
-    """Top-1 summary and the Table 4 breakdown (also used by ``specdistill report``)."""
+def table4_table(rows: list[dict[str, Any]]):
+    """The paper's Table 4 as a rich table (the stage's output and ``specdistill report``)."""
     from rich.table import Table
 
+    table = Table(title="Table 4: accuracy change by specialists covering the true class")
+    for col in ("# specialists covering", "# test examples", "delta top-1 correct", "relative change"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["specialists_covering"]), f"{r['n_examples']:,}", f"{r['delta_correct']:+d}",
+                      _percent(r["relative_accuracy_change"]))
+    return table
+
+
+def print_report(console, report: dict[str, Any]) -> None:
+    """Top-1 summary and the Table 4 breakdown of the ensemble stage."""
     console.print(
         f"  test top1: generalist {_fmt(report['generalist_top1'])} -> ensemble "
         f"{_fmt(report['ensemble_top1'])} on {report['n_examples']:,} examples; covered by a "
@@ -230,13 +241,7 @@ def print_report(console, report: dict[str, Any]) -> None:
         f"-> {_fmt(report['covered_ensemble_top1'])}; {report['mean_active_specialists']:.2f} active "
         f"specialists per example"
     )
-    table = Table(title="Table 4: accuracy change by specialists covering the true class")
-    for col in ("# specialists covering", "# test examples", "delta top-1 correct", "relative change"):
-        table.add_column(col, justify="right")
-    for r in report["table4"]:
-        table.add_row(str(r["specialists_covering"]), f"{r['n_examples']:,}", f"{r['delta_correct']:+d}",
-                      _percent(r["relative_accuracy_change"]))
-    console.print(table)
+    console.print(table4_table(report["table4"]))
 
 
 def load_report(run_path: Path) -> dict[str, Any]:
