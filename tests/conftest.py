@@ -73,32 +73,50 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1, stopped at the end of the session."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+def free_port():
+    """A function returning a TCP port that is free on 127.0.0.1 right now."""
+    return _free_port
+
+
+def _start_mlflow_server(root: Path, port: int, new_session: bool = False) -> subprocess.Popen:
+    """Start ``mlflow server`` on 127.0.0.1:port with its store under ``root``; wait for /health.
+
+    ``new_session`` puts it in its own process group (so a test can kill -9 the group and later
+    start a server again on the same store and port)."""
     mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
     proc = subprocess.Popen(
         [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
          "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"),
+        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "ab"), start_new_session=new_session,
         env={**os.environ, "MLFLOW_TRACKING_URI": ""},
     )
-    uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while time.time() < deadline:
         try:
-            urllib.request.urlopen(uri + "/health", timeout=2)
-            break
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
         except OSError:
             if proc.poll() is not None:
                 raise RuntimeError((root / "server.log").read_text()[-2000:]) from None
             time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("mlflow server did not start in 90 s")
-    yield uri
+    proc.kill()
+    raise RuntimeError("mlflow server did not start in 90 s")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_factory():
+    """``start(root, port, new_session=False) -> Popen``: a real ``mlflow server`` the test owns."""
+    return _start_mlflow_server
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1, stopped at the end of the session."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    proc = _start_mlflow_server(root, port)
+    yield f"http://127.0.0.1:{port}"
     proc.terminate()
     try:
         proc.wait(timeout=20)

@@ -45,12 +45,6 @@ MAX_PAYLOAD_MB = 0.25
 START_TIMEOUT_S = 180
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _private_ray_env() -> dict[str, str]:
     """The environment, minus RAY_ADDRESS: the server starts its own local Ray."""
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -128,10 +122,10 @@ def images() -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def server(run_dir, tmp_path_factory):
+def server(run_dir, tmp_path_factory, free_port):
     """`specdistill serve RUN` on a free port, small limits so the 413s need small bodies."""
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    port = _free_port()
+    port = free_port()
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "orchestration.cli", "serve", str(run_dir), "--port", str(port),

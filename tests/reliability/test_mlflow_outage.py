@@ -5,13 +5,10 @@ Unreachable at the start: a clear error before any training."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,34 +21,6 @@ SPECDISTILL = str(Path(sys.executable).parent / "specdistill")
 STAGES = ("generalist", "clustering", "specialists", "ensemble", "distill")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_server(root: Path, port: int) -> subprocess.Popen:
-    mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    proc = subprocess.Popen(
-        [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "ab"), start_new_session=True,
-        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
-    )
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError((root / "server.log").read_text()[-2000:]) from None
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("mlflow server did not start in 90 s")
-
-
 def _stop(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -60,18 +29,18 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def test_unreachable_at_start_fails_before_any_training(tiny_args, workdir, capsys):
-    uri = f"http://127.0.0.1:{_free_port()}"
+def test_unreachable_at_start_fails_before_any_training(tiny_args, workdir, capsys, free_port):
+    uri = f"http://127.0.0.1:{free_port()}"
     assert main(["run", *tiny_args(uri=uri)]) == 1
     err = capsys.readouterr().err
     assert "is unreachable" in err and "mlflow server" in err
     assert not (workdir / "run" / "generalist").exists()
 
 
-def test_server_lost_mid_run_then_back(pipeline_args, tmp_path):
-    port = _free_port()
+def test_server_lost_mid_run_then_back(pipeline_args, tmp_path, free_port, mlflow_server_factory):
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = _start_server(tmp_path, port)
+    server = mlflow_server_factory(tmp_path, port, new_session=True)
     run = tmp_path / "run"
     args = ["run", *pipeline_args(run, uri, "generalist.epochs=3")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
@@ -95,7 +64,7 @@ def test_server_lost_mid_run_then_back(pipeline_args, tmp_path):
         assert (run / stage / "manifest.json").exists(), stage
     assert (run / BUFFER).stat().st_size > 0
 
-    server = _start_server(tmp_path, port)  # back, with the same store
+    server = mlflow_server_factory(tmp_path, port, new_session=True)  # back, with the same store
     try:
         done = subprocess.run([SPECDISTILL, *args], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=300)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,16 +25,10 @@ from orchestration.ensemble_api import Ensemble
 CLIENTS, REQUESTS, BAD_EVERY = 200, 400, 8
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(finished_run, tmp_path_factory):
+def server(finished_run, tmp_path_factory, free_port):
     log = tmp_path_factory.mktemp("serve-load") / "server.log"
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "orchestration.cli", "serve", str(finished_run["path"]),
