@@ -13,12 +13,11 @@ test top-1 against parameters for every model, and the ensemble's top-1 gain per
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from orchestration.rundir import read_json
-from orchestration.stages.ensemble import table4_markdown, table4_table
+from orchestration.stages.ensemble import format_number, table4_markdown, table4_table
 
 REPORT_MD = "report.md"
 PLOT_PARAMS = "accuracy_vs_params.png"
@@ -84,16 +83,10 @@ def build_report(run: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ formatting
-def _num(value: Any, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    return format(value, fmt)
-
-
 def _model_cells(row: dict[str, Any]) -> list[str]:
-    return [str(row["name"]), str(row.get("teacher", "-")), _num(row.get("top1"), ".4f"),
-            _num(row.get("top5"), ".4f"), _num(row.get("params"), ",d") if isinstance(row.get("params"), int)
-            else _num(row.get("params"), ",.0f"), _num(row.get("latency_ms"), ".3f")]
+    return [str(row["name"]), str(row.get("teacher", "-")), format_number(row.get("top1"), ".4f"),
+            format_number(row.get("top5"), ".4f"), format_number(row.get("params"), ",d") if isinstance(row.get("params"), int)
+            else format_number(row.get("params"), ",.0f"), format_number(row.get("latency_ms"), ".3f")]
 
 
 MODEL_COLUMNS = ("model", "teacher", "test top-1", "test top-5", "parameters", "latency ms/example")
@@ -120,14 +113,14 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Specialist groups", "",
                   f"{g['n_groups']} groups of {g['num_classes']} classes ({g['method']}), sizes "
                   f"{g['min_size']}-{g['max_size']} (mean {g['mean_size']:.1f}), {g['unassigned']} classes "
-                  f"unassigned, stability ARI {_num(g['stability_ari'], '.3f')}."]
+                  f"unassigned, stability ARI {format_number(g['stability_ari'], '.3f')}."]
     if "ensemble" in report:
         e = report["ensemble"]
         lines += ["", "## Ensemble (paper section 5)", "",
-                  f"Generalist top-1 {_num(e['generalist_top1'], '.4f')} -> ensemble "
-                  f"{_num(e['ensemble_top1'], '.4f')} on {e['n_examples']:,} test examples; "
+                  f"Generalist top-1 {format_number(e['generalist_top1'], '.4f')} -> ensemble "
+                  f"{format_number(e['ensemble_top1'], '.4f')} on {e['n_examples']:,} test examples; "
                   f"{e['n_covered']:,} covered by a specialist, conditional top-1 "
-                  f"{_num(e['covered_generalist_top1'], '.4f')} -> {_num(e['covered_ensemble_top1'], '.4f')}.",
+                  f"{format_number(e['covered_generalist_top1'], '.4f')} -> {format_number(e['covered_ensemble_top1'], '.4f')}.",
                   "", table4_markdown(report["table4"]).rstrip("\n")]
         gains = _group_gains(report)
         if gains:
@@ -158,13 +151,13 @@ def print_report(console, report: dict[str, Any]) -> None:
     if "groups" in report:
         g = report["groups"]
         console.print(f"groups: {g['n_groups']} of {g['num_classes']} classes ({g['method']}), sizes "
-                      f"{g['min_size']}-{g['max_size']}, stability ARI {_num(g['stability_ari'], '.3f')}")
+                      f"{g['min_size']}-{g['max_size']}, stability ARI {format_number(g['stability_ari'], '.3f')}")
     if "ensemble" in report:
         e = report["ensemble"]
-        console.print(f"ensemble: test top1 generalist {_num(e['generalist_top1'], '.4f')} -> ensemble "
-                      f"{_num(e['ensemble_top1'], '.4f')}; covered by a specialist {e['n_covered']:,} of "
-                      f"{e['n_examples']:,}, conditional top1 {_num(e['covered_generalist_top1'], '.4f')} -> "
-                      f"{_num(e['covered_ensemble_top1'], '.4f')}")
+        console.print(f"ensemble: test top1 generalist {format_number(e['generalist_top1'], '.4f')} -> ensemble "
+                      f"{format_number(e['ensemble_top1'], '.4f')}; covered by a specialist {e['n_covered']:,} of "
+                      f"{e['n_examples']:,}, conditional top1 {format_number(e['covered_generalist_top1'], '.4f')} -> "
+                      f"{format_number(e['covered_ensemble_top1'], '.4f')}")
         console.print(table4_table(report["table4"]))
 
 

@@ -215,8 +215,11 @@ def table4_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.4f}"
+def format_number(value: Any, fmt: str = ".4f") -> str:
+    """``format(value, fmt)``, or "n/a" for a missing or non-finite value (tables and reports)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return format(value, fmt)
 
 
 def table4_table(rows: list[dict[str, Any]]):
@@ -235,10 +238,10 @@ def table4_table(rows: list[dict[str, Any]]):
 def print_report(console, report: dict[str, Any]) -> None:
     """Top-1 summary and the Table 4 breakdown of the ensemble stage."""
     console.print(
-        f"  test top1: generalist {_fmt(report['generalist_top1'])} -> ensemble "
-        f"{_fmt(report['ensemble_top1'])} on {report['n_examples']:,} examples; covered by a "
-        f"specialist: {report['n_covered']:,}, conditional top1 {_fmt(report['covered_generalist_top1'])} "
-        f"-> {_fmt(report['covered_ensemble_top1'])}; {report['mean_active_specialists']:.2f} active "
+        f"  test top1: generalist {format_number(report['generalist_top1'])} -> ensemble "
+        f"{format_number(report['ensemble_top1'])} on {report['n_examples']:,} examples; covered by a "
+        f"specialist: {report['n_covered']:,}, conditional top1 {format_number(report['covered_generalist_top1'])} "
+        f"-> {format_number(report['covered_ensemble_top1'])}; {report['mean_active_specialists']:.2f} active "
         f"specialists per example"
     )
     console.print(table4_table(report["table4"]))
