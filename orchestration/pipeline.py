@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from orchestration.config import Config
 from orchestration.rundir import Manifest, RunDir, read_json, write_json
@@ -69,6 +70,26 @@ class PipelineOutcome:
     manifests: dict[str, Manifest]
     ran: list[str]
     skipped: list[str]
+
+
+class step_progress:
+    """A transient per-step progress bar for a training epoch on terminals; silent otherwise (logs
+    get the stages' epoch lines). ``with step_progress(ctx, epoch, steps) as advance: advance(step, loss)``."""
+
+    def __init__(self, ctx: StageContext, epoch: int, total: int):
+        self.progress = Progress(
+            TextColumn(f"  epoch {epoch + 1}"), BarColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+            TimeRemainingColumn(), console=ctx.console, transient=True,
+            disable=not ctx.console.is_terminal,
+        )
+        self.task = self.progress.add_task("train", total=total, loss=float("nan"))
+
+    def __enter__(self):
+        self.progress.start()
+        return lambda step, loss: self.progress.update(self.task, completed=step + 1, loss=loss)
+
+    def __exit__(self, *exc):
+        self.progress.stop()
 
 
 def resolve_device(name: str) -> torch.device:

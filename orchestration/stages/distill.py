@@ -46,7 +46,7 @@ from orchestration.checkpoints import (
     save_model,
     save_train_state,
 )
-from orchestration.pipeline import Stage, StageContext, StageResult
+from orchestration.pipeline import Stage, StageContext, StageResult, step_progress
 from orchestration.rundir import read_json, write_json
 from orchestration.soft_cache import (
     CacheCorruptError,
@@ -56,7 +56,6 @@ from orchestration.soft_cache import (
     data_identity,
 )
 from orchestration.stages.ensemble import load_ensemble, load_report
-from orchestration.stages.generalist import _step_progress
 from orchestration.tracking import TrackingError
 from specialists.ensemble import RoutedEnsemble, ensemble_forward
 
@@ -263,7 +262,7 @@ def _train_row(ctx: StageContext, row: Row, spec: dict[str, Any], pairs: dict, s
                                 warmup_steps=int(cfg.warmup_epochs * steps))
     start = _resume(ctx, row, row_dir, trained, optimizer, scheduler)
     for epoch in range(start, cfg.epochs):
-        with _step_progress(ctx, epoch, steps) as advance:
+        with step_progress(ctx, epoch, steps) as advance:
             result = distill_one_epoch(
                 student, iterate_indexed_batches(data.train.images, data.train.labels,
                                                  batch_size=cfg.batch_size, shuffle=True,

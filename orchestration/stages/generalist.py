@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from generalist.data import DataError
 from generalist.models import summarize_model
@@ -35,7 +34,7 @@ from orchestration.checkpoints import (
     save_model,
     save_train_state,
 )
-from orchestration.pipeline import Stage, StageContext, StageResult
+from orchestration.pipeline import Stage, StageContext, StageResult, step_progress
 from orchestration.rundir import write_json
 
 NAME = "generalist"
@@ -111,7 +110,7 @@ def _train_epoch(ctx, model, optimizer, scheduler, stopper, epoch, spec, steps_p
         data.train.images, data.train.labels, batch_size=cfg.batch_size, shuffle=True,
         seed=ctx.config.run.seed, epoch=epoch, device=device,
     )
-    with _step_progress(ctx, epoch, steps_per_epoch) as advance:
+    with step_progress(ctx, epoch, steps_per_epoch) as advance:
         result = train_one_epoch(
             model, batches, optimizer, scheduler, epoch=epoch, device=device,
             label_smoothing=cfg.label_smoothing, amp=cfg.amp and device.type == "cuda",
@@ -211,25 +210,6 @@ def _eval_batches(ctx, split):
         split.images, split.labels, batch_size=ctx.config.generalist.eval_batch_size,
         shuffle=False, device=ctx.device,
     )
-
-
-class _step_progress:
-    """A transient per-step progress bar on terminals; silent otherwise (logs get epoch lines)."""
-
-    def __init__(self, ctx, epoch: int, total: int):
-        self.progress = Progress(
-            TextColumn(f"  epoch {epoch + 1}"), BarColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-            TimeRemainingColumn(), console=ctx.console, transient=True,
-            disable=not ctx.console.is_terminal,
-        )
-        self.task = self.progress.add_task("train", total=total, loss=float("nan"))
-
-    def __enter__(self):
-        self.progress.start()
-        return lambda step, loss: self.progress.update(self.task, completed=step + 1, loss=loss)
-
-    def __exit__(self, *exc):
-        self.progress.stop()
 
 
 STAGE = Stage(
