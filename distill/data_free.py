@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.features import CAPTURE_MODES, FeatureExtractor
-from distill.losses import check_temperature, soft_target_loss
+from distill.losses import check_positive, check_temperature, soft_target_loss
 
 __all__ = [
     "SCHEDULES",
@@ -304,15 +304,6 @@ def _check_positive_int(what: str, value: object, minimum: int = 1) -> None:
         raise ValueError(f"{what} must be an int >= {minimum}, got {value!r}")
 
 
-def _check_positive_float(what: str, value: object) -> None:
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        number = float("nan")
-    if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
-        raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
-
-
 def _check_arguments(
     image_shape: tuple[int, int, int],
     num_classes: int,
@@ -345,8 +336,8 @@ def _check_arguments(
         )
     _check_positive_int("latent_dim", latent_dim)
     check_temperature(temperature)
-    _check_positive_float("lr", lr)
-    _check_positive_float("generator_lr", generator_lr)
+    check_positive("lr", lr)
+    check_positive("generator_lr", generator_lr)
     if feature_capture not in CAPTURE_MODES:
         raise ValueError(f"feature_capture must be one of {CAPTURE_MODES}, got {feature_capture!r}")
     if schedule not in SCHEDULES:

@@ -38,14 +38,16 @@ def _to_float(x: object) -> float | None:
         return None
 
 
+def check_positive(what: str, value: object, hint: str = "") -> None:
+    """Raise ValueError unless ``value`` is a finite number > 0 (``hint`` is appended to the message)."""
+    number = _to_float(value)
+    if isinstance(value, bool) or number is None or not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{what} must be a finite number > 0, got {value!r}{'; ' + hint if hint else ''}")
+
+
 def check_temperature(temperature: float) -> None:
     """Raise ValueError unless ``temperature`` is a finite number > 0."""
-    value = _to_float(temperature)
-    if value is None or not math.isfinite(value) or value <= 0:
-        raise ValueError(
-            f"temperature must be a finite number > 0, got {temperature!r}; "
-            "pass e.g. temperature=4.0 (T=1 means no softening)"
-        )
+    check_positive("temperature", temperature, "pass e.g. temperature=4.0 (T=1 means no softening)")
 
 
 def check_alpha(alpha: float) -> None:
