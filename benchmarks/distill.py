@@ -56,16 +56,8 @@ sys.path.insert(0, str(_HERE.parent))
 from distill.losses import kd_loss  # noqa: E402
 from generalist.models import count_parameters, create_model  # noqa: E402
 from generalist.train import build_optimizer  # noqa: E402
-from orchestration.rundir import MANIFEST, write_json  # noqa: E402
-from orchestration.soft_cache import (  # noqa: E402
-    FORMAT,
-    FORMAT_VERSION,
-    SoftTargetCache,
-    _ShardWriter,
-    bytes_per_example,
-    encode,
-    layout_for,
-)
+from orchestration.soft_cache import SoftTargetCache  # noqa: E402
+from orchestration.soft_cache import write_cache as write_soft_cache  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "distill.json"
 TEMPERATURE, ALPHA = 4.0, 0.9
@@ -84,26 +76,14 @@ def random_q(n: int, num_classes: int, gen: torch.Generator) -> torch.Tensor:
 
 def write_cache(out: Path, q: torch.Tensor, *, dense_max_classes: int, top_k: int,
                 shard_size: int) -> SoftTargetCache:
-    """A soft-target cache of ``q`` written with the cache's own encoder and shard writer
-    (what ``build_cache`` does after the ensemble ran), then opened with the real reader."""
+    """A soft-target cache of ``q`` written by the cache's own writer (what ``build_cache`` does
+    after the ensemble ran), then opened with the real reader."""
     n, num_classes = q.shape
-    layout = layout_for(num_classes, dense_max_classes)
-    k = num_classes if layout == "dense" else min(top_k, num_classes)
-    out.mkdir(parents=True, exist_ok=True)
-    writer = _ShardWriter(out, n, shard_size, layout, num_classes, k, None, time.perf_counter())
-    for start in range(0, n, 1024):
-        ids = torch.arange(start, min(start + 1024, n))
-        writer.add({"id": ids.numpy(), **encode(q[ids], layout, k)})
-    shards = writer.finish()
     identity = {"name": "random", "options": {}, "seed": 0, "split": "train", "n_examples": n,
                 "labels_sha256": ""}
-    write_json(out / MANIFEST, {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "layout": layout,
-        "num_classes": num_classes, "top_k": k, "split": "train", "n_examples": n,
-        "shard_size": shard_size, "shards": shards, "teacher": {"random": True}, "data": identity,
-        "class_names": [f"c{i}" for i in range(num_classes)],
-        "bytes_per_example": bytes_per_example(layout, num_classes, k),
-    })
+    write_soft_cache(out, q, class_names=[f"c{i}" for i in range(num_classes)], identity=identity,
+                     teacher={"random": True}, top_k=top_k, dense_max_classes=dense_max_classes,
+                     shard_size=shard_size)
     return SoftTargetCache(out)
 
 

@@ -38,7 +38,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -189,13 +189,58 @@ def build_cache(
     layout = layout_for(num_classes, dense_max_classes)
     k = num_classes if layout == DENSE else min(top_k, num_classes)
 
+    batches = _compute(run_path, images, layout, k, num_actors, gpus_per_actor, batch_size, shard_size) if n else ()
+    return _write(out, batches, n=n, layout=layout, k=k, num_classes=num_classes, shard_size=shard_size,
+                  teacher=teacher, identity=identity, class_names=class_names, console=console,
+                  started=started, extra={"actors": num_actors, "gpus_per_actor": gpus_per_actor})
+
+
+def write_cache(
+    out_dir: str | Path,
+    q: Tensor | np.ndarray,
+    *,
+    class_names: Sequence[str],
+    identity: Mapping[str, Any],
+    teacher: Mapping[str, Any],
+    top_k: int = 32,
+    dense_max_classes: int = 1024,
+    shard_size: int = 8192,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Write a cache of soft targets computed elsewhere (another teacher, a benchmark).
+
+    ``q`` is ``(N, K)`` probabilities, row i for example id i of the split ``identity`` names;
+    ``teacher`` is recorded in the manifest as the teacher's identity. Same files, layout and
+    manifest as :func:`build_cache`; returns the manifest.
+    """
+    started = time.perf_counter()
+    q = torch.as_tensor(q)
+    if q.dim() != 2 or q.shape[1] != len(class_names) or q.shape[0] != identity["n_examples"]:
+        raise ValueError(f"q must be (N={identity['n_examples']}, K={len(class_names)}) probabilities "
+                         f"(one row per example of the split, one column per class), got {tuple(q.shape)}")
+    if not (isinstance(shard_size, int) and shard_size >= 1):
+        raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
+    n, num_classes = int(q.shape[0]), int(q.shape[1])
+    layout = layout_for(num_classes, dense_max_classes)
+    k = num_classes if layout == DENSE else min(top_k, num_classes)
+    step = 4096
+    batches = ({"id": np.arange(start, min(start + step, n)), **encode(q[start:start + step], layout, k)}
+               for start in range(0, n, step))
+    return _write(Path(out_dir), batches, n=n, layout=layout, k=k, num_classes=num_classes,
+                  shard_size=shard_size, teacher=teacher, identity=identity,
+                  class_names=list(class_names), console=console, started=started, extra={})
+
+
+def _write(out: Path, batches: Iterable[Mapping[str, np.ndarray]], *, n: int, layout: str, k: int,
+           num_classes: int, shard_size: int, teacher: Mapping[str, Any], identity: Mapping[str, Any],
+           class_names: list[str], console: Console | None, started: float,
+           extra: dict[str, Any]) -> dict[str, Any]:
+    """Shards from ``batches`` (``id`` + the encoded arrays, any order), then the manifest, last."""
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # from here on the old cache is gone
     writer = _ShardWriter(out, n, shard_size, layout, num_classes, k, console, started)
-    if n:
-        for batch in _compute(run_path, images, layout, k, num_actors, gpus_per_actor,
-                              batch_size, shard_size):
-            writer.add(batch)
+    for batch in batches:
+        writer.add(batch)
     shards = writer.finish()
     _remove_stale(out, shards)
     seconds = time.perf_counter() - started
@@ -210,7 +255,7 @@ def build_cache(
         "n_examples": n,
         "shard_size": shard_size,
         "shards": shards,
-        "teacher": teacher,
+        "teacher": dict(teacher),
         "data": dict(identity),
         "class_names": class_names,
         "targets": _SOFTEN,
@@ -219,8 +264,7 @@ def build_cache(
         "file_bytes": sum((out / f).stat().st_size for s in shards for f in s["files"].values()),
         "seconds": round(seconds, 3),
         "examples_per_s": round(n / max(seconds, 1e-9), 3),
-        "actors": num_actors,
-        "gpus_per_actor": gpus_per_actor,
+        **extra,
         "created": time.time(),
     }
     write_json(out / MANIFEST, manifest)  # last, atomically: now the cache exists

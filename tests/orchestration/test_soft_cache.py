@@ -25,6 +25,7 @@ from orchestration.soft_cache import (
     build_cache,
     cache_dir,
     data_identity,
+    write_cache,
 )
 
 SHARD = 50  # 216 examples -> shards of 50, 50, 50, 50, 16
@@ -201,6 +202,34 @@ def test_build_edge_cases(teacher, tmp_path):
                 identity=data_identity(teacher["config"], "train", empty))
     cache = SoftTargetCache(tmp_path / "empty")
     assert len(cache) == 0 and cache.targets(torch.zeros(0, dtype=torch.long)).shape == (0, 9)
+
+
+def test_write_cache_from_another_teacher(tmp_path):
+    """Probabilities computed elsewhere go through the same writer, manifest and reader."""
+    gen = torch.Generator().manual_seed(0)
+    q = (3 * torch.randn(130, 12, generator=gen, dtype=torch.float64)).softmax(dim=1)
+    identity = {"name": "mine", "options": {}, "seed": 0, "split": "train", "n_examples": 130,
+                "labels_sha256": ""}
+    names = [f"c{i}" for i in range(12)]
+    manifest = write_cache(tmp_path / "dense", q, class_names=names, identity=identity,
+                           teacher={"model": "mine"}, shard_size=40)
+    dense = SoftTargetCache(tmp_path / "dense")
+    assert (dense.layout, len(dense), len(manifest["shards"])) == ("dense", 130, 4)
+    assert dense.manifest["teacher"] == {"model": "mine"} and dense.manifest["class_names"] == names
+    torch.testing.assert_close(dense.targets(torch.arange(130)).double(), q, rtol=2e-3, atol=1e-6)
+    stored = q.half().double()  # float16 on disk: softening acts on the stored values
+    torch.testing.assert_close(dense.targets([5, 129], 2.0).double(), _soften(stored[[5, 129]], 2.0),
+                               rtol=1e-5, atol=1e-7)
+    dense.verify()
+    dense.check_compatible(names, identity)
+    write_cache(tmp_path / "topk", q.numpy(), class_names=names, identity=identity, teacher={},
+                top_k=4, dense_max_classes=8, shard_size=64)
+    topk = SoftTargetCache(tmp_path / "topk")
+    assert (topk.layout, topk.top_k) == ("topk", 4)
+    assert (topk.targets(torch.arange(130)).argmax(dim=1) == q.argmax(dim=1)).all()
+    with pytest.raises(ValueError, match=r"q must be \(N=130, K=12\)"):
+        write_cache(tmp_path / "bad", q[:, :11], class_names=names, identity=identity, teacher={})
+    assert not (tmp_path / "bad").exists()
 
 
 def test_ensemble_stage_writes_cache(finished_run, teacher):
