@@ -226,7 +226,26 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {name} | {e['teacher']} | {_ms(e['top1'])} | {_ms(e['top5'])} | {params} | "
                          f"{_ms(e['latency_ms'], '.3f')} |")
         lines += ["", f"Ensemble minus generalist test top-1: {_ms(agg['ensemble_gain'])}.", ""]
-        first = next(r for r in results["pipeline_runs"] if r.get("returncode") == 0)
+        ok = [r for r in results["pipeline_runs"] if r.get("returncode") == 0]
+        names = list(agg["models"])
+        lines += ["Per seed (whole pipeline seconds, test top-1 of each model):", "",
+                  "| seed | seconds | " + " | ".join(names) + " |",
+                  "|---:|---:|" + "---:|" * len(names)]
+        for r in ok:
+            top1 = {row["name"]: row.get("top1") for row in r.get("models", [])}
+            cells = ["n/a" if top1.get(n) is None else f"{top1[n]:.4f}" for n in names]
+            lines.append(f"| {r['seed']} | {r['seconds']:.0f} | " + " | ".join(cells) + " |")
+        first = ok[0]
+        if first.get("models"):
+            lines += ["", f"The results report of seed {first['seed']} (what `specdistill run` prints at the end):", "",
+                      "| model | teacher | test top-1 | test top-5 | parameters | latency ms/example |",
+                      "|---|---|---:|---:|---:|---:|"]
+            for row in first["models"]:
+                params = f"{row['params']:,}" if isinstance(row.get("params"), int) else "n/a"
+                latency = "n/a" if row.get("latency_ms") is None else f"{row['latency_ms']:.3f}"
+                lines.append(f"| {row['name']} | {row.get('teacher', '-')} | {row.get('top1', float('nan')):.4f} | "
+                             f"{row.get('top5', float('nan')):.4f} | {params} | {latency} |")
+            lines.append("")
         if first.get("table4"):
             lines += [f"Table 4 (seed {first['seed']}):", "",
                       "| # specialists covering | # test examples | delta top-1 correct | relative accuracy change |",

@@ -44,3 +44,5 @@ def test_markdown_has_machine_components_pipeline_and_failures():
     assert "torch 2.14.1" in text and "`speedup=100 objective_gap=1e-9`" in text
     assert "| student | ensemble | 0.9100 ± 0.0141 |" in text
     assert "seeds 0, 1" in text and "Pipeline seed 2 FAILED" in text and "CIFAR-100" in text
+    assert "| 0 | 300 | 0.9000 |" in text and "| 1 | 320 | 0.9200 |" in text  # per seed
+    assert "| student | ensemble | 0.9000 | 0.9900 | 95,152 | 0.400 |" in text  # seed 0's report
