@@ -108,6 +108,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# specdistill report: {report['run_dir']}", "", "## Models (test split)", "",
              "| " + " | ".join(MODEL_COLUMNS) + " |", "|---|---|---:|---:|---:|---:|"]
     lines += ["| " + " | ".join(_model_cells(r)) + " |" for r in report["models"]]
+    lines += ["", "Latency: per example at batch 1 on the run's device, all models measured side by side "
+              "(median of round-robin rounds) at the end of the distill stage."]
     if "groups" in report:
         g = report["groups"]
         lines += ["", "## Specialist groups", "",

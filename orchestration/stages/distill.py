@@ -15,6 +15,7 @@ student in the MLflow model registry (alias ``candidate``).
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ STUDENT = "student"                      # model file stem inside each row's fol
 LAST, TRAIN_STATE, ROW = "checkpoints/last", "checkpoints/train_state.pt", "row.json"
 RESULTS, RESULTS_MD, REGISTRY = "results.json", "results.md", "registry.json"
 LATENCY_REPEATS = 20
+LATENCY_ROUNDS = 5                       # round-robin rounds of the final latency comparison
 
 
 class DistillError(ValueError):
@@ -102,6 +104,7 @@ def run(ctx: StageContext) -> StageResult:
     if cfg.data_free:
         rows.append(_data_free_row(ctx, teachers, spec))
     rows = reference_rows(ctx, teachers) + rows
+    measure_latencies_together(ctx, teachers, rows)
     outputs = _write_results(ctx, rows)
     registered = _register(ctx, teachers, spec) if cfg.register_model else None
     if registered:
@@ -405,6 +408,36 @@ def reference_rows(ctx: StageContext, teachers: Teachers) -> list[dict[str, Any]
                     **evaluate_model(ctx, lambda x: ensemble_forward(ensemble, x).q, params)}
     ensemble_row["top1"] = load_report(run_path)["ensemble_top1"]
     return [general_row, ensemble_row]
+
+
+def measure_latencies_together(ctx: StageContext, teachers: Teachers, rows: list[dict[str, Any]]) -> None:
+    """Re-measure every model's per-example latency at batch 1 side by side, in place.
+
+    Each row's own figure was taken right after its training, under whatever else the machine
+    was doing then; here all models take turns (LATENCY_ROUNDS rounds of LATENCY_REPEATS calls
+    each, under ``torch.inference_mode``) and each gets the median of its rounds, so the table
+    compares them under the same conditions. A row's ``row.json`` keeps its first figure.
+    """
+    from orchestration.checkpoints import load_model
+
+    ensemble = teachers.ensemble
+    predictors: dict[str, Callable[[torch.Tensor], Any]] = {
+        "generalist": teachers.generalist.eval(),
+        "ensemble": lambda x: ensemble_forward(ensemble, x).q,
+    }
+    for row in rows:
+        if "path" in row:
+            model, _ = load_model(ctx.stage_dir / str(row["path"]).removesuffix(".safetensors"))
+            predictors[row["name"]] = model.to(ctx.device)
+    one = ctx.data().test.images[:1].to(ctx.device).float() / 255.0
+    samples: dict[str, list[float]] = {name: [] for name in predictors}
+    with torch.inference_mode():
+        for _ in range(LATENCY_ROUNDS):
+            for name, predict in predictors.items():
+                samples[name].append(measure_latency_ms(predict, one, repeats=LATENCY_REPEATS, warmup=2))
+    for row in rows:
+        if samples.get(row["name"]):
+            row["latency_ms"] = statistics.median(samples[row["name"]])
 
 
 # ------------------------------------------------------------------------------- outputs

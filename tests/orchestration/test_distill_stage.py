@@ -109,7 +109,18 @@ def test_distill_with_baselines_registers_the_student_and_skips_on_rerun(run_cop
     assert "registered version 2" in out
 
 
-def test_online_targets_and_data_free_row(run_copy, capsys):
+def test_online_targets_and_data_free_row(run_copy, capsys, monkeypatch):
+    import orchestration.stages.distill as stage_module
+
+    calls = []  # (predictor, ms, grad enabled) of every latency measurement, in order
+
+    def spy(predict, example, **kw):
+        ms = measure(predict, example, **kw)
+        calls.append((predict, ms, torch.is_grad_enabled()))
+        return ms
+
+    measure = stage_module.measure_latency_ms
+    monkeypatch.setattr(stage_module, "measure_latency_ms", spy)
     args = run_copy["args"]("distill.targets=online", "distill.baselines=false", "distill.register_model=false",
                             "distill.data_free=true", "distill.data_free_generator_steps=3",
                             "distill.data_free_steps_per_epoch=3")
@@ -126,6 +137,17 @@ def test_online_targets_and_data_free_row(run_copy, capsys):
     assert not (stage / "registry.json").exists()
     _, run = _stage_run(run_copy["uri"])
     assert "data_free/generator_loss" in run.data.metrics and "data_free/test_top1" in run.data.metrics
+
+    # The table's latencies: all four models measured side by side at the end, round-robin,
+    # each the median of its rounds (no autograd).
+    rounds, n = stage_module.LATENCY_ROUNDS, len(rows)
+    final = calls[-rounds * n:]
+    order = [id(p) for p, _, _ in final[:n]]
+    assert len(set(order)) == n
+    assert all([id(p) for p, _, _ in final[r * n:(r + 1) * n]] == order for r in range(rounds))
+    assert not any(grad for _, _, grad in final)
+    for i, name in enumerate(rows):
+        assert rows[name]["latency_ms"] == pytest.approx(sorted(ms for _, ms, _ in final[i::n])[rounds // 2])
 
 
 def _fails(args: list[str], capsys, *needles: str) -> tuple[str, str]:
