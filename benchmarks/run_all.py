@@ -145,6 +145,13 @@ def _collect(run_dir: Path, result: dict[str, Any]) -> None:
     if results.exists():
         data = json.loads(results.read_text())
         result["models"] = data["rows"] if isinstance(data, dict) else data
+    groups = run_dir / "clustering" / "groups.json"
+    if groups.exists():
+        g = json.loads(groups.read_text())
+        sizes = [len(group["classes"]) for group in g["groups"]] or [0]
+        result["groups"] = {"n_groups": len(g["groups"]), "num_classes": g["num_classes"], "method": g["method"],
+                            "min_size": min(sizes), "max_size": max(sizes), "unassigned": len(g["unassigned"]),
+                            "stability_ari": g.get("metrics", {}).get("stability_ari")}
     evaluation = run_dir / "ensemble" / "evaluation.json"
     if evaluation.exists():
         ev = json.loads(evaluation.read_text())
@@ -228,13 +235,16 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", f"Ensemble minus generalist test top-1: {_ms(agg['ensemble_gain'])}.", ""]
         ok = [r for r in results["pipeline_runs"] if r.get("returncode") == 0]
         names = list(agg["models"])
-        lines += ["Per seed (whole pipeline seconds, test top-1 of each model):", "",
-                  "| seed | seconds | " + " | ".join(names) + " |",
-                  "|---:|---:|" + "---:|" * len(names)]
+        lines += ["Per seed (whole pipeline seconds, groups found with their stability ARI, test top-1 of each model):",
+                  "", "| seed | seconds | groups (ARI) | " + " | ".join(names) + " |",
+                  "|---:|---:|---:|" + "---:|" * len(names)]
         for r in ok:
             top1 = {row["name"]: row.get("top1") for row in r.get("models", [])}
             cells = ["n/a" if top1.get(n) is None else f"{top1[n]:.4f}" for n in names]
-            lines.append(f"| {r['seed']} | {r['seconds']:.0f} | " + " | ".join(cells) + " |")
+            g = r.get("groups")
+            ari = "n/a" if not g or g.get("stability_ari") is None else f"{g['stability_ari']:.3f}"
+            grouped = f"{g['n_groups']} ({ari})" if g else "n/a"
+            lines.append(f"| {r['seed']} | {r['seconds']:.0f} | {grouped} | " + " | ".join(cells) + " |")
         first = ok[0]
         if first.get("models"):
             lines += ["", f"The results report of seed {first['seed']} (what `specdistill run` prints at the end):", "",
@@ -245,6 +255,11 @@ def markdown(results: dict[str, Any]) -> str:
                 latency = "n/a" if row.get("latency_ms") is None else f"{row['latency_ms']:.3f}"
                 lines.append(f"| {row['name']} | {row.get('teacher', '-')} | {row.get('top1', float('nan')):.4f} | "
                              f"{row.get('top5', float('nan')):.4f} | {params} | {latency} |")
+            g = first.get("groups")
+            if g:
+                ari = "n/a" if g.get("stability_ari") is None else f"{g['stability_ari']:.3f}"
+                lines += ["", f"groups: {g['n_groups']} of {g['num_classes']} classes ({g['method']}), sizes "
+                          f"{g['min_size']}-{g['max_size']}, {g['unassigned']} unassigned, stability ARI {ari}"]
             lines.append("")
         if first.get("table4"):
             lines += [f"Table 4 (seed {first['seed']}):", "",

@@ -17,6 +17,8 @@ def _run(seed: int, top1: float, seconds: float) -> dict:
             "models": [{"name": "student", "teacher": "ensemble", "top1": top1, "top5": 0.99,
                         "params": 95152, "latency_ms": 0.4}],
             "ensemble": {"generalist_top1": 0.93, "ensemble_top1": 0.94},
+            "groups": {"n_groups": 32, "num_classes": 320, "method": "spectral", "min_size": 2, "max_size": 38,
+                       "unassigned": 0, "stability_ari": 0.651},
             "table4": [{"specialists_covering": 1, "n_examples": 4800, "delta_correct": 48,
                         "relative_accuracy_change": 0.0107}]}
 
@@ -44,5 +46,29 @@ def test_markdown_has_machine_components_pipeline_and_failures():
     assert "torch 2.14.1" in text and "`speedup=100 objective_gap=1e-9`" in text
     assert "| student | ensemble | 0.9100 ± 0.0141 |" in text
     assert "seeds 0, 1" in text and "Pipeline seed 2 FAILED" in text and "CIFAR-100" in text
-    assert "| 0 | 300 | 0.9000 |" in text and "| 1 | 320 | 0.9200 |" in text  # per seed
+    assert "| 0 | 300 | 32 (0.651) | 0.9000 |" in text and "| 1 | 320 | 32 (0.651) | 0.9200 |" in text  # per seed
+    assert "groups: 32 of 320 classes (spectral), sizes 2-38, 0 unassigned, stability ARI 0.651" in text
     assert "| student | ensemble | 0.9000 | 0.9900 | 95,152 | 0.400 |" in text  # seed 0's report
+
+
+def test_collect_reads_a_finished_run_directory(tmp_path):
+    """What a seed's entry is made of: stage seconds, models, groups, ensemble, Table 4."""
+    import json
+
+    run = tmp_path / "seed0"
+    for stage, seconds in (("generalist", 40.0), ("clustering", 2.0), ("specialists", 90.0),
+                           ("ensemble", 20.0), ("distill", 180.0)):
+        (run / stage).mkdir(parents=True)
+        (run / stage / "manifest.json").write_text(json.dumps({"metrics": {"stage_seconds": seconds}}))
+    (run / "clustering" / "groups.json").write_text(json.dumps({
+        "num_classes": 6, "method": "spectral", "unassigned": [5], "metrics": {"stability_ari": 0.5},
+        "groups": [{"classes": [0, 1, 2]}, {"classes": [3, 4]}]}))
+    (run / "distill" / "results.json").write_text(json.dumps({"rows": [{"name": "student", "top1": 0.9}]}))
+    (run / "ensemble" / "evaluation.json").write_text(json.dumps({
+        "generalist_top1": 0.9, "ensemble_top1": 0.92, "table4": [{"specialists_covering": 1}]}))
+    result = {}
+    RUN_ALL["_collect"](run, result)
+    assert result["stage_seconds"]["distill"] == 180.0 and result["models"] == [{"name": "student", "top1": 0.9}]
+    assert result["groups"] == {"n_groups": 2, "num_classes": 6, "method": "spectral", "min_size": 2,
+                                "max_size": 3, "unassigned": 1, "stability_ari": 0.5}
+    assert result["ensemble"]["ensemble_top1"] == 0.92 and result["table4"] == [{"specialists_covering": 1}]
