@@ -167,6 +167,9 @@ def run_pipeline(
                     )
                 if reason is None:
                     console.print(f"[green]skip[/] {stage.name}: finished earlier, manifest matches")
+                    if tracker.close_finished_stage(run_dir.path / stage.name, run_dir.manifest_path(stage.name)):
+                        console.print(f"  closed the MLflow run of {stage.name}, left open when the "
+                                      "pipeline stopped right after the stage finished")
                 manifests[stage.name] = manifest
                 skipped.append(stage.name)
                 continue

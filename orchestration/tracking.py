@@ -311,6 +311,27 @@ class PipelineTracker:
         """Try to send what is buffered now (end of a run); returns how many calls were sent."""
         return self.connection.replay() if self.connection.buffer_path.exists() else 0
 
+    def close_finished_stage(self, stage_dir: Path, manifest_path: Path) -> bool:
+        """Mark FINISHED a finished stage's child run that is still RUNNING, with its manifest.
+
+        A pipeline killed after a stage wrote its manifest but before it closed its MLflow run
+        leaves that run RUNNING; the resumed pipeline skips the stage, so it closes the run here.
+        Returns whether it closed one (False when the server cannot be asked: nothing is lost,
+        the next run tries again)."""
+        record_path = stage_dir / "mlflow.json"
+        run_id = read_json(record_path).get("mlflow_run_id") if record_path.exists() else None
+        if not run_id or run_id.startswith(OFFLINE_PREFIX) or not self.connection.should_try():
+            return False
+        try:
+            if self.client.get_run(run_id).info.status != "RUNNING":
+                return False
+        except TRACKING_ERRORS:
+            return False
+        logger = RunLogger(self.client, run_id, self.connection)
+        logger.log_artifact(manifest_path)
+        logger.finish()
+        return True
+
     @contextmanager
     def child(self, stage: str, stage_dir: Path, tags: Mapping[str, Any] | None = None) -> Iterator[RunLogger]:
         """A child run for ``stage``; a resumed stage gets its earlier child run back."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -143,3 +144,23 @@ def test_tracking_against_a_real_mlflow_server(tiny_args, mlflow_server, capsys)
     assert len(client.get_metric_history(child.info.run_id, "holdout_loss")) == 2
     local = Path(client.download_artifacts(child.info.run_id, "model.json"))
     assert json.loads(local.read_text())["model"]["num_classes"] == 9
+
+
+def test_stage_run_left_running_after_its_manifest_is_closed_on_resume(finished_run, workdir, capsys):
+    """Killed between a stage's manifest and the end of its MLflow run: the resumed pipeline
+    skips the stage (it finished) and closes that run, so no run is left RUNNING."""
+    shutil.copytree(finished_run["path"], workdir / "run")
+    shutil.copy(finished_run["root"] / "mlflow.db", workdir / "mlflow.db")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    run_id = json.loads((workdir / "run" / "clustering" / "mlflow.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=uri)
+    client.set_terminated(run_id, status="RUNNING")
+    assert client.get_run(run_id).info.status == "RUNNING"
+    args = [*finished_run["args"], f"run.dir={workdir / 'run'}", f"tracking.uri={uri}"]
+    assert main(["run", *args, "--to", "ensemble"]) == 0
+    out = capsys.readouterr().out
+    assert "skip clustering" in out and "closed the MLflow run of clustering" in out
+    assert out.count("closed the MLflow run") == 1  # the other stages' runs were closed already
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert main(["run", *args, "--to", "ensemble"]) == 0
+    assert "closed the MLflow run" not in capsys.readouterr().out
