@@ -106,7 +106,7 @@ def run(ctx: StageContext) -> StageResult:
     rows = reference_rows(ctx, teachers) + rows
     measure_latencies_together(ctx, teachers, rows)
     outputs = _write_results(ctx, rows)
-    registered = _register(ctx, teachers, spec) if cfg.register_model else None
+    registered = _register(ctx, teachers, spec, rows) if cfg.register_model else None
     if registered:
         outputs.append(REGISTRY)
     print_results(ctx.console, rows)
@@ -327,22 +327,20 @@ def _finish_row(ctx: StageContext, row: Row, row_dir: Path, student: nn.Module,
         "config": cfg.model_dump(mode="json"), "metrics": result,
     })
     write_json(row_dir / ROW, result)
-    ctx.logger.log_metrics({f"{row.name}/test_{k}": result[k] for k in ("top1", "top5", "latency_ms")})
+    ctx.logger.log_metrics({f"{row.name}/test_{k}": result[k] for k in ("top1", "top5")})
     return result
 
 
 def evaluate_model(ctx: StageContext, model: nn.Module | Callable, params: int | None = None) -> dict[str, Any]:
-    """Test top-1/top-5 of ``model`` (scores for a float batch), its parameters and its
-    per-example latency at batch 1 (median of LATENCY_REPEATS runs)."""
+    """Test top-1/top-5 of ``model`` (scores for a float batch) and its parameters; its latency
+    is measured later, for all models together (:func:`measure_latencies_together`)."""
     test = ctx.data().test
     if isinstance(model, nn.Module):
         model.eval()
         params = count_parameters(model)
     scores = evaluate_predictor(model, test.images, test.labels,
                                 batch_size=ctx.config.distill.eval_batch_size, device=ctx.device)
-    one = test.images[:1].to(ctx.device).float() / 255.0
-    latency = measure_latency_ms(model, one, repeats=LATENCY_REPEATS)
-    return {"top1": scores["top1"], "top5": scores["top5"], "params": params, "latency_ms": latency}
+    return {"top1": scores["top1"], "top5": scores["top5"], "params": params}
 
 
 # ----------------------------------------------------------------------------- data-free
@@ -411,12 +409,13 @@ def reference_rows(ctx: StageContext, teachers: Teachers) -> list[dict[str, Any]
 
 
 def measure_latencies_together(ctx: StageContext, teachers: Teachers, rows: list[dict[str, Any]]) -> None:
-    """Re-measure every model's per-example latency at batch 1 side by side, in place.
+    """Every model's per-example latency at batch 1, measured side by side; sets ``latency_ms``
+    on each row and logs ``<row>/test_latency_ms``.
 
-    Each row's own figure was taken right after its training, under whatever else the machine
-    was doing then; here all models take turns (LATENCY_ROUNDS rounds of LATENCY_REPEATS calls
-    each, under ``torch.inference_mode``) and each gets the median of its rounds, so the table
-    compares them under the same conditions. A row's ``row.json`` keeps its first figure.
+    All models take turns (LATENCY_ROUNDS rounds of LATENCY_REPEATS calls each, under
+    ``torch.inference_mode``) and each gets the median of its rounds, so the table compares
+    them under the same conditions rather than under whatever the machine was doing when each
+    finished training.
     """
     from orchestration.checkpoints import load_model
 
@@ -436,8 +435,8 @@ def measure_latencies_together(ctx: StageContext, teachers: Teachers, rows: list
             for name, predict in predictors.items():
                 samples[name].append(measure_latency_ms(predict, one, repeats=LATENCY_REPEATS, warmup=2))
     for row in rows:
-        if samples.get(row["name"]):
-            row["latency_ms"] = statistics.median(samples[row["name"]])
+        row["latency_ms"] = statistics.median(samples[row["name"]])
+    ctx.logger.log_metrics({f"{row['name']}/test_latency_ms": row["latency_ms"] for row in rows})
 
 
 # ------------------------------------------------------------------------------- outputs
@@ -478,7 +477,8 @@ def print_results(console, rows: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
-def _register(ctx: StageContext, teachers: Teachers, spec: dict[str, Any]) -> dict[str, Any]:
+def _register(ctx: StageContext, teachers: Teachers, spec: dict[str, Any],
+              rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Log the main student with mlflow.pytorch into this stage's run; register it as candidate."""
     from orchestration.checkpoints import load_model
     from orchestration.model_registry import log_student
@@ -486,7 +486,8 @@ def _register(ctx: StageContext, teachers: Teachers, spec: dict[str, Any]) -> di
     cfg = ctx.config.distill
     student, meta = load_model(ctx.stage_dir / STUDENT)
     example = ctx.data().test.images[:2].float() / 255.0
-    metrics = {f"test_{k}": float(meta["metrics"][k]) for k in ("top1", "top5", "latency_ms", "params")}
+    main = next(r for r in rows if r["name"] == STUDENT)
+    metrics = {f"test_{k}": float(main[k]) for k in ("top1", "top5", "latency_ms", "params")}
     try:
         registered = log_student(
             ctx.logger.client, ctx.logger.run_id, student, example=example,

@@ -137,11 +137,13 @@ def test_online_targets_and_data_free_row(run_copy, capsys, monkeypatch):
     assert not (stage / "registry.json").exists()
     _, run = _stage_run(run_copy["uri"])
     assert "data_free/generator_loss" in run.data.metrics and "data_free/test_top1" in run.data.metrics
+    assert run.data.metrics["data_free/test_latency_ms"] == pytest.approx(rows["data_free"]["latency_ms"])
 
     # The table's latencies: all four models measured side by side at the end, round-robin,
     # each the median of its rounds (no autograd).
     rounds, n = stage_module.LATENCY_ROUNDS, len(rows)
-    final = calls[-rounds * n:]
+    assert len(calls) == rounds * n  # measured once per model, not again after each training
+    final = calls
     order = [id(p) for p, _, _ in final[:n]]
     assert len(set(order)) == n
     assert all([id(p) for p, _, _ in final[r * n:(r + 1) * n]] == order for r in range(rounds))
