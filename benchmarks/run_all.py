@@ -279,7 +279,7 @@ def markdown(results: dict[str, Any]) -> str:
         "version (`cifar-100-python/`) under a folder and point `data.root` at it.", "",
         "```bash",
         "specdistill run configs/cifar100.yaml data.root=/data/cifar run.device=cuda \\",
-        "    specialists.gpus_per_specialist=0.25 ensemble.cache_gpus_per_actor=0.25",
+        "    specialists.gpus_per_specialist=0.25 ensemble.cache.gpus_per_actor=0.25",
         "python benchmarks/run_all.py --config configs/cifar100.yaml --seeds 0 1 2 -- data.root=/data/cifar run.device=cuda",
         "```", "",
         "Fractional `gpus_per_specialist` packs several specialists on one GPU; on a Ray cluster see "

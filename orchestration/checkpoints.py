@@ -1,15 +1,20 @@
 """Checkpoints that never unpickle: weights in safetensors, metadata in JSON.
 
 A model checkpoint is a pair ``NAME.safetensors`` + ``NAME.json`` (architecture, its keyword
-arguments, class names, and anything else the stage records). Resumable training state
-(optimizer, scheduler, early stopping, epoch) is saved with ``torch.save`` and read back with
-``torch.load(weights_only=True)``. Every write is atomic.
+arguments, class names, and anything else the stage records): the files a stage hands on.
+Resumable training state is one :class:`Checkpointer` per training loop (generalist,
+specialists, students, the data-free generator): per-epoch snapshot folders with the weights in
+safetensors and the optimizer / scheduler / early-stopping state saved with ``torch.save`` and
+read back with ``torch.load(weights_only=True)``. Every write is atomic.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from orchestration.rundir import atomic_write_bytes, write_json
+from orchestration.rundir import atomic_write_bytes, read_json, write_json
 
 
 class CheckpointError(RuntimeError):
@@ -67,18 +72,128 @@ def load_weights(path_stem: Path, model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def save_train_state(path: Path, state: dict[str, Any]) -> None:
+SNAPSHOT_MODEL, STATE = "model", "state.pt"   # model.safetensors + model.json, state.pt
+LATEST, BEST = "latest.json", "best.json"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What :meth:`Checkpointer.resume` restored: the epoch it was taken after, the loop's own
+    extra state (plain Python / tensors) and the snapshot's metadata."""
+
+    epoch: int
+    extra: dict[str, Any]
+    metadata: dict[str, Any]
+
+
+class Checkpointer:
+    """Resumable training state of one training loop, in one folder, one format::
+
+        FOLDER/epoch_0003/model.safetensors   the trained module's weights after epoch 3
+        FOLDER/epoch_0003/state.pt            state_dict() of every stateful object (optimizer,
+                                              scheduler, early stopping, ...) + the loop's extra
+                                              state; torch.save, read with weights_only=True
+        FOLDER/epoch_0003/model.json          {"epoch": 3, ...metadata}
+        FOLDER/latest.json                    {"epoch": 3, "dir": "epoch_0003"}: written last,
+                                              atomically; a snapshot exists once it names it
+        FOLDER/best.json                      the same for the best epoch (loops that track one)
+
+    Every file is written atomically and only the latest and the best snapshot are kept. An
+    ``epoch_NNNN`` folder is self-contained, so it is also what a Ray Train worker reports as a
+    ``ray.train.Checkpoint`` (:meth:`latest_dir`) and restores with :func:`load_snapshot`.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def save(self, epoch: int, module: torch.nn.Module, stateful: Mapping[str, Any], *,
+             extra: Mapping[str, Any] | None = None, metadata: Mapping[str, Any] | None = None,
+             best: bool = False) -> Path:
+        """Snapshot after ``epoch`` (1-based); ``best`` also points best.json at it."""
+        path = self.folder / f"epoch_{epoch:04d}"
+        write_snapshot(path, epoch, module, stateful, extra=extra, metadata=metadata)
+        pointer = {"epoch": epoch, "dir": path.name}
+        if best:
+            write_json(self.folder / BEST, pointer)
+        write_json(self.folder / LATEST, pointer)
+        self._prune()
+        return path
+
+    def exists(self) -> bool:
+        return (self.folder / LATEST).exists()
+
+    def latest_dir(self) -> Path | None:
+        return self._pointed(LATEST)
+
+    def best_dir(self) -> Path | None:
+        return self._pointed(BEST)
+
+    def resume(self, module: torch.nn.Module, stateful: Mapping[str, Any]) -> Snapshot | None:
+        """Load the latest snapshot into ``module`` and ``stateful``; None when there is none.
+        CheckpointError when it is corrupt or does not fit (the caller restarts the loop)."""
+        path = self.latest_dir()
+        return None if path is None else load_snapshot(path, module, stateful)
+
+    def load_best(self, module: torch.nn.Module) -> int:
+        """Load the best snapshot's weights into ``module``; returns its epoch."""
+        path = self.best_dir()
+        if path is None:
+            raise CheckpointError(f"no best snapshot in {self.folder} ({BEST} is missing)")
+        load_weights(path / SNAPSHOT_MODEL, module)
+        return int(_read_meta(path)["epoch"])
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _pointed(self, name: str) -> Path | None:
+        pointer = self.folder / name
+        if not pointer.exists():
+            return None
+        try:
+            return self.folder / str(read_json(pointer)["dir"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint pointer {pointer} is corrupt ({exc})") from None
+
+    def _prune(self) -> None:
+        keep = {p.name for p in (self.latest_dir(), self.best_dir()) if p is not None}
+        for path in self.folder.glob("epoch_*"):
+            if path.name not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def write_snapshot(path: Path, epoch: int, module: torch.nn.Module, stateful: Mapping[str, Any], *,
+                   extra: Mapping[str, Any] | None = None, metadata: Mapping[str, Any] | None = None) -> None:
+    """One self-contained snapshot folder (see :class:`Checkpointer`)."""
+    state = {"epoch": epoch, "extra": dict(extra or {}),
+             "stateful": {name: obj.state_dict() for name, obj in stateful.items()}}
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path / STATE, buffer.getvalue())
+    save_model(path / SNAPSHOT_MODEL, module, {"epoch": epoch, **dict(metadata or {})})
 
 
-def load_train_state(path: Path) -> dict[str, Any]:
+def load_snapshot(path: Path, module: torch.nn.Module, stateful: Mapping[str, Any]) -> Snapshot:
+    """Restore a snapshot folder into ``module`` and ``stateful``; CheckpointError if unusable."""
+    state = _read_state(path / STATE)
+    load_weights(path / SNAPSHOT_MODEL, module)
+    try:
+        for name, obj in stateful.items():
+            obj.load_state_dict(state["stateful"][name])
+        return Snapshot(int(state["epoch"]), dict(state["extra"]), _read_meta(path))
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"snapshot {path} does not fit this training loop ({exc!r})") from None
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    return read_metadata(path / SNAPSHOT_MODEL)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"training state {path} is missing")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated/corrupt files
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for truncated/corrupt files
         raise CheckpointError(f"training state {path} is corrupt or truncated ({exc})") from None
 
 

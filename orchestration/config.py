@@ -12,10 +12,18 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -23,10 +31,62 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
+    """A config section: frozen, unknown keys rejected, booleans never read as numbers."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_subsections(cls, data: Any) -> Any:
+        """A sub-section given in part keeps this section's defaults for the rest (so
+        ``distill.optimizer.lr=0.01`` keeps the students' warm-up, not the model's bare default)."""
+        if not isinstance(data, Mapping):
+            return data
+        merged = dict(data)
+        for name, field in cls.model_fields.items():
+            value = merged.get(name)
+            if isinstance(value, Mapping) and field.default_factory is not None:
+                default = field.default_factory()
+                if isinstance(default, BaseModel):
+                    merged[name] = {**default.model_dump(), **value}
+        return merged
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and bool not in _leaf_types(annotation):
+            raise ValueError(f"expected {_type_name(annotation)}, not a boolean (true/false)")
+        return value
+
+
+def _leaf_types(annotation: Any) -> set[Any]:
+    args = get_args(annotation)
+    if not args or get_origin(annotation) in (dict, list, Literal):
+        return {annotation} if not args else {get_origin(annotation)}
+    return set().union(*(_leaf_types(a) for a in args))
+
+
+def _type_name(annotation: Any) -> str:
+    names = [getattr(t, "__name__", str(t)) for t in _leaf_types(annotation) if t is not type(None)]
+    return " or ".join(sorted(names))
+
+
+class OptimizerConfig(Section):
+    """Optimiser and learning-rate schedule of one training loop: linear warm-up over
+    ``warmup_epochs``, then cosine decay to 0 at the last epoch; weight decay skips biases and
+    norms. The generalist, the specialists and the students each have one."""
+
+    name: Literal["sgd", "adamw"] = Field("adamw", description="sgd (Nesterov momentum) or adamw.")
+    lr: float = Field(0.003, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(5e-4, ge=0, description="Weight decay (not on biases and norms).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum / AdamW beta1.")
+    warmup_epochs: float = Field(0.0, ge=0, description="Linear warm-up length in epochs.")
 
 
 class RunConfig(Section):
+    """Where the run lives, its seed and the device it trains on."""
+
     name: str = Field("quickstart", description="Run name; the run directory is root/name.")
     root: str = Field("runs", description="Parent folder of run directories.")
     dir: str | None = Field(None, description="Explicit run directory (overrides root/name).")
@@ -40,13 +100,28 @@ class RunConfig(Section):
 
 
 class TrackingConfig(Section):
+    """The MLflow tracking store every stage logs to."""
+
     uri: str | None = Field(
         None, description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."
     )
     experiment: str = Field("specdistill", description="MLflow experiment name.")
 
 
+class RayConfig(Section):
+    """The Ray cluster every stage that uses Ray connects to (specialists, the soft-target cache)."""
+
+    address: str | None = Field(
+        None, description="Ray cluster; None = the job's cluster under `ray job submit`, else a private local Ray."
+    )
+    local_num_cpus: int | None = Field(
+        None, ge=1, description="CPUs of the private local Ray (address=None); None = all cores."
+    )
+
+
 class DataConfig(Section):
+    """The data set: a built-in one or data on disk, and its options."""
+
     name: str = Field("glyphs", description="Data set: glyphs, hierarchy, cifar100, mnist, image_folder, ...")
     root: str | None = Field(None, description="Folder holding the data for external data sets.")
     options: dict[str, Any] = Field(
@@ -61,23 +136,26 @@ class DataConfig(Section):
 
 
 class GeneralistConfig(Section):
+    """Stage 1: the classifier over all classes, trained with early stopping on the holdout loss."""
+
     model: str = Field("cnn_fast", description="Model in the registry (cnn, cnn_fast, resnet, tv.<name>).")
     width: float = Field(1.0, gt=0, description="Channel-width multiplier.")
     depth: float = Field(1.0, gt=0, description="Depth multiplier.")
     epochs: int = Field(4, ge=1, description="Maximum training epochs.")
-    batch_size: int = Field(128, ge=1)
-    eval_batch_size: int = Field(512, ge=1)
-    optimizer: Literal["sgd", "adamw"] = "adamw"
-    lr: float = Field(0.003, gt=0)
-    weight_decay: float = Field(5e-4, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    warmup_epochs: float = Field(0.5, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    batch_size: int = Field(128, ge=1, description="Training batch size.")
+    eval_batch_size: int = Field(512, ge=1, description="Batch size for holdout and test evaluation.")
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(lr=0.003, warmup_epochs=0.5),
+        description="Optimiser and schedule.",
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy.")
     amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")
     patience: int = Field(3, ge=1, description="Early stopping patience on holdout loss (epochs).")
 
 
 class ClusteringConfig(Section):
+    """Stage 2: confusable groups from the covariance of the generalist's holdout predictions."""
+
     n_groups: int | None = Field(None, ge=1, description="Number of groups; None = chosen by rule.")
     method: Literal["auto", "kmeans", "minibatch_kmeans", "spectral", "agglomerative", "faiss"] = Field(
         "auto", description="auto = spectral for K < 2000, else faiss k-means on a PCA projection."
@@ -91,20 +169,22 @@ class ClusteringConfig(Section):
         None, ge=1, description="Sparse top-k co-prediction path for very large K; None = dense."
     )
     stability_seeds: int = Field(3, ge=0, description="Seeds for the stability ARI (< 2 skips it).")
-    batch_size: int = Field(512, ge=1)
+    batch_size: int = Field(512, ge=1, description="Batch size of the generalist's holdout pass.")
 
 
 class SpecialistsConfig(Section):
+    """Stage 3: one specialist per group (group classes + dustbin), trained in parallel on Ray."""
+
     epochs: int = Field(4, ge=1, description="Maximum training epochs per specialist.")
     batch_size: int = Field(64, ge=2, description="Examples per batch: half in the group, half from the rest.")
     num_batches: int | None = Field(
         None, ge=1, description="Batches per epoch; None = one pass over the group's training examples."
     )
     eval_batch_size: int = Field(512, ge=1, description="Batch size for the holdout loss.")
-    optimizer: Literal["sgd", "adamw"] = Field("adamw", description="Optimizer of the trainable parameters.")
-    lr: float = Field(0.001, gt=0, description="Peak learning rate (cosine decay over the epochs).")
-    weight_decay: float = Field(5e-4, ge=0, description="Weight decay (not on biases and norms).")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum / AdamW beta1.")
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(lr=0.001),
+        description="Optimiser and schedule of the trainable parameters.",
+    )
     finetune: Literal["all", "head", "last_n"] = Field(
         "all", description="What trains: everything, the head only, or the last_n blocks + head."
     )
@@ -116,31 +196,47 @@ class SpecialistsConfig(Section):
         None, ge=1, description="Specialists training at once; None = as many as the cluster fits."
     )
     max_retries: int = Field(3, ge=0, description="Retries of a specialist whose worker or node died (resumes from its checkpoint).")
-    ray_address: str | None = Field(
-        None, description="Ray cluster; None = the job's cluster under `ray job submit`, else a private local Ray."
+
+
+class CacheConfig(Section):
+    """The soft-target cache: the ensemble's q over one split, written with Ray Data."""
+
+    enabled: bool = Field(True, description="Write the soft-target cache (the distill stage reads it).")
+    split: Literal["train", "holdout", "test"] = Field("train", description="Split the cache covers.")
+    top_k: int = Field(32, ge=1, description="Probabilities kept per example (float16 + int32 ids + residual).")
+    dense_max_classes: int = Field(
+        1024, ge=0, description="Store q densely (float16) when K is at most this; 0 = always top-k."
     )
-    local_num_cpus: int | None = Field(
-        None, ge=1, description="CPUs of the private local Ray (ray_address=None); None = all cores."
-    )
+    shard_size: int = Field(8192, ge=1, description="Examples per cache shard.")
+    actors: int = Field(2, ge=1, description="Ray Data actors computing the cache.")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per cache actor (0 on CPU machines).")
 
 
 class EnsembleConfig(Section):
+    """Stage 4: generalist + relevant specialists combined per input (eq. 5), evaluated, cached."""
+
     top_n: int = Field(1, ge=1, description="A specialist is active when its group holds one of the generalist's top_n classes.")
     tol: float = Field(1e-10, gt=0, description="Fixed-point solver stops a row once no probability moves by more than this.")
     max_iter: int = Field(1000, ge=1, description="Most fixed-point (SQUAREM) iterations per batch.")
     batch_size: int = Field(512, ge=1, description="Test examples per ensemble batch.")
-    cache: bool = Field(True, description="Write the soft-target cache of q over cache_split (Ray Data).")
-    cache_split: Literal["train", "holdout", "test"] = Field("train", description="Split the cache covers.")
-    cache_top_k: int = Field(32, ge=1, description="Probabilities kept per example (float16 + int32 ids + residual).")
-    cache_dense_max_classes: int = Field(
-        1024, ge=0, description="Store q densely (float16) when K is at most this; 0 = always top-k."
-    )
-    cache_shard_size: int = Field(8192, ge=1, description="Examples per cache shard.")
-    cache_actors: int = Field(2, ge=1, description="Ray Data actors computing the cache.")
-    cache_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per cache actor (0 on CPU machines).")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="The soft-target cache.")
+
+
+class DataFreeConfig(Section):
+    """The data-free (DAFL) student: a generator trained against the frozen teacher supplies the
+    transfer set; its budget."""
+
+    enabled: bool = Field(True, description="Also distill a student from generator samples only (DAFL).")
+    generator_steps: int = Field(200, ge=1, description="Generator training steps.")
+    steps_per_epoch: int = Field(100, ge=1, description="Student steps per epoch on generated samples.")
+    batch_size: int = Field(64, ge=2, description="Generated images per step (generator and student).")
+    lr: float = Field(0.01, gt=0, description="Student learning rate on generated images (AdamW, cosine).")
+    latent_dim: int = Field(64, ge=1, description="Generator noise dimension.")
 
 
 class DistillConfig(Section):
+    """Stage 5: the compact student on the ensemble's soft targets, its baselines, registration."""
+
     student: str = Field("cnn_fast", description="Student model in the registry (cnn, cnn_fast, resnet, tv.<name>).")
     width: float = Field(0.5, gt=0, description="Student channel-width multiplier.")
     depth: float = Field(1.0, gt=0, description="Student depth multiplier.")
@@ -156,28 +252,25 @@ class DistillConfig(Section):
     hint_layers: list[str] = Field(
         default_factory=list, description="[student module path, teacher module path] for hint/attention losses."
     )
-    epochs: int = Field(6, ge=1)
-    batch_size: int = Field(128, ge=1)
-    eval_batch_size: int = Field(512, ge=1)
-    optimizer: Literal["sgd", "adamw"] = "adamw"
-    lr: float = Field(0.003, gt=0)
-    weight_decay: float = Field(5e-4, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    warmup_epochs: float = Field(0.5, ge=0)
+    epochs: int = Field(6, ge=1, description="Training epochs of every student.")
+    batch_size: int = Field(128, ge=1, description="Training batch size.")
+    eval_batch_size: int = Field(512, ge=1, description="Batch size for test evaluation.")
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(lr=0.003, warmup_epochs=0.5),
+        description="Optimiser and schedule of every student.",
+    )
     baselines: bool = Field(True, description="Also train the hard-label and generalist-teacher students (same budget).")
-    data_free: bool = Field(True, description="Also distill a student from generator samples only (DAFL).")
-    data_free_generator_steps: int = Field(200, ge=1, description="Generator training steps (DAFL).")
-    data_free_steps_per_epoch: int = Field(100, ge=1, description="Student steps per epoch on generated samples.")
-    data_free_batch_size: int = Field(64, ge=2, description="Generated images per step (generator and student).")
-    data_free_lr: float = Field(0.01, gt=0, description="Student learning rate on generated images (AdamW, cosine).")
-    data_free_latent_dim: int = Field(64, ge=1, description="Generator noise dimension.")
+    data_free: DataFreeConfig = Field(default_factory=DataFreeConfig, description="The data-free (DAFL) student.")
     register_model: bool = Field(True, description="Log the student with mlflow.pytorch and register it (alias candidate).")
     model_name: str = Field("specdistill-student", description="Registered model name.")
 
 
 class Config(Section):
+    """The whole pipeline's configuration: one section per concern, validated once."""
+
     run: RunConfig = RunConfig()
     tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
     data: DataConfig = DataConfig()
     generalist: GeneralistConfig = GeneralistConfig()
     clustering: ClusteringConfig = ClusteringConfig()
@@ -199,6 +292,20 @@ class Config(Section):
         return _flatten(self.model_dump(mode="json"))
 
 
+def leaf_keys(section: type[BaseModel], prefix: str, exclude: Sequence[str] = ()) -> tuple[str, ...]:
+    """Dotted keys of ``section``'s leaves under ``prefix`` (nested sections expanded), minus
+    ``exclude`` (keys relative to the section, e.g. ``"cache.actors"``)."""
+    keys: list[str] = []
+    for name, field in section.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            inner = [e[len(name) + 1:] for e in exclude if e.startswith(name + ".")]
+            keys += leaf_keys(annotation, f"{prefix}.{name}", inner)
+        elif name not in exclude:
+            keys.append(f"{prefix}.{name}")
+    return tuple(keys)
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Load YAML at ``path`` (None = built-in defaults), apply ``key=value`` overrides, validate."""
     raw: dict[str, Any] = {}
@@ -211,10 +318,51 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 
 def validate_config(raw: Mapping[str, Any], source: str = "config") -> Config:
+    check_current_shape(raw, source)
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, source)) from None
+
+
+_OPTIMIZER_FIELDS = ("lr", "weight_decay", "momentum", "warmup_epochs")
+_CACHE_FIELDS = ("split", "top_k", "dense_max_classes", "shard_size", "actors", "gpus_per_actor")
+_DATA_FREE_FIELDS = ("generator_steps", "steps_per_epoch", "batch_size", "lr", "latent_dim")
+# Keys of the earlier, flat config shape -> where they live now.
+MOVED_KEYS: dict[str, str] = {
+    "specialists.ray_address": "ray.address",
+    "specialists.local_num_cpus": "ray.local_num_cpus",
+    **{f"{s}.{f}": f"{s}.optimizer.{f}" for s in ("generalist", "specialists", "distill")
+       for f in _OPTIMIZER_FIELDS},
+    **{f"ensemble.cache_{f}": f"ensemble.cache.{f}" for f in _CACHE_FIELDS},
+    **{f"distill.data_free_{f}": f"distill.data_free.{f}" for f in _DATA_FREE_FIELDS},
+}
+# Keys that held a scalar and are sections now -> where the scalar went.
+BECAME_SECTIONS: dict[str, str] = {
+    **{f"{s}.optimizer": f"{s}.optimizer.name" for s in ("generalist", "specialists", "distill")},
+    "ensemble.cache": "ensemble.cache.enabled",
+    "distill.data_free": "distill.data_free.enabled",
+}
+
+
+def check_current_shape(raw: Mapping[str, Any], source: str = "config") -> None:
+    """ConfigError naming where each key of the earlier flat shape moved, if ``raw`` has any."""
+    moves = [f"  {old} -> {new}" for old, new in MOVED_KEYS.items() if _has_dotted(raw, old)]
+    moves += [f"  {old}: {_get_dotted(raw, old)!r} -> {new}: {_get_dotted(raw, old)!r}"
+              for old, new in BECAME_SECTIONS.items()
+              if _has_dotted(raw, old) and not isinstance(_get_dotted(raw, old), Mapping)]
+    if moves:
+        raise ConfigError(f"configuration ({source}) uses keys that moved; rename them:\n"
+                          + "\n".join(moves))
+
+
+def _has_dotted(data: Mapping[str, Any], key: str) -> bool:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

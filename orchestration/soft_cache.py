@@ -303,7 +303,7 @@ def _compute(run_path: Path, images: Tensor, layout: str, k: int, num_actors: in
     reason = unmet_request(TaskResources(cpus=1.0, gpus=gpus_per_actor))
     if reason is not None:
         raise ConfigError(f"the soft-target cache actors cannot be scheduled: {reason}; set "
-                          "ensemble.cache_gpus_per_actor=0 on CPU machines, or add GPU nodes")
+                          "ensemble.cache.gpus_per_actor=0 on CPU machines, or add GPU nodes")
     n = int(images.shape[0])
     block = max(1, min(shard_size, max(batch_size, math.ceil(n / (4 * num_actors)))))
     images_ref = ray.put(images.contiguous().numpy())
@@ -550,9 +550,9 @@ class SoftTargetCache(Dataset):
 def _missing(path: Path) -> str:
     if path.is_dir() and any(_SHARD_FILE.fullmatch(p.name) for p in path.iterdir()):
         return (f"the soft-target cache {path} is half-written (shards but no {MANIFEST}: its build "
-                f"was interrupted); rebuild it with `{BUILD_COMMAND}` (ensemble.cache=true)")
+                f"was interrupted); rebuild it with `{BUILD_COMMAND}` (ensemble.cache.enabled=true)")
     return (f"no soft-target cache at {path} (no {MANIFEST}); build it with `{BUILD_COMMAND}` "
-            "(ensemble.cache=true, ensemble.cache_split = the split you need)")
+            "(ensemble.cache.enabled=true, ensemble.cache.split = the split you need)")
 
 
 def cache_dir(run_dir: str | Path) -> Path:

@@ -8,8 +8,9 @@ shared storage, so a retried task on any node picks up where the dead one stoppe
 
     GROUP/worker.pid                       pid of the process training it (tests kill it)
     GROUP/progress.json                    per-epoch records and resumes (the driver prints them)
-    GROUP/checkpoints/train_state.pt       epoch snapshot: weights, optimizer, scheduler, stopper
-    GROUP/checkpoints/best.safetensors     best epoch so far (+ best.json); both removed when done
+    GROUP/checkpoints/                     epoch snapshots (orchestration.checkpoints.Checkpointer:
+                                           weights, optimizer, scheduler, stopper, progress; the
+                                           latest and the best epoch), removed when done
     GROUP/model.safetensors, model.json    the prior-corrected specialist
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,21 +25,14 @@ from typing import Any
 
 import torch
 
-from generalist.train import (
-    EarlyStopping,
-    build_optimizer,
-    build_scheduler,
-    set_seed,
-    train_one_epoch,
-)
+from generalist.train import EarlyStopping, set_seed, train_one_epoch
+from orchestration.builders import optimizer_and_schedule
 from orchestration.checkpoints import (
+    Checkpointer,
     CheckpointError,
     load_model,
-    load_train_state,
-    load_weights,
     read_metadata,
     save_model,
-    save_train_state,
 )
 from orchestration.config import SpecialistsConfig
 from orchestration.rundir import read_json, write_json
@@ -54,8 +47,7 @@ from specialists.train import (
 )
 
 MODEL = "model"
-BEST = "checkpoints/best"
-TRAIN_STATE = "checkpoints/train_state.pt"
+CHECKPOINTS = "checkpoints"
 PROGRESS = "progress.json"
 PID_FILE = "worker.pid"
 INVARIANT_EXAMPLES = 64
@@ -121,11 +113,11 @@ def train_specialist(job: SpecialistJob, data: dict[str, torch.Tensor]) -> dict[
     sampler = HalfAndHalfBatchSampler(data["train_labels"], job.classes, batch_size=cfg.batch_size,
                                       num_batches=cfg.num_batches, seed=job.seed)
     shift_to_training_mix(model, group_prior(data["train_labels"], job.classes), sampler.in_group_fraction)
-    optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                momentum=cfg.momentum)
-    scheduler = build_scheduler(optimizer, total_steps=cfg.epochs * len(sampler))
+    optimizer, scheduler = optimizer_and_schedule(model, cfg.optimizer, steps_per_epoch=len(sampler),
+                                                  epochs=cfg.epochs)
     stopper = EarlyStopping(patience=cfg.patience)
-    progress = _resume(job, model, optimizer, scheduler, stopper)
+    stateful = {"optimizer": optimizer, "scheduler": scheduler, "early_stopping": stopper}
+    progress = _resume(job, model, stateful)
     if not progress["epochs"]:
         progress["init"] = _evaluate(job, model, holdout, device)
         write_json(job.dir / PROGRESS, progress)
@@ -145,7 +137,7 @@ def train_specialist(job: SpecialistJob, data: dict[str, torch.Tensor]) -> dict[
                   **{f"holdout_{k}": v for k, v in scores.items()}}
         _log(job, {k: v for k, v in record.items() if k != "epoch"}, step=epoch)  # at least once
         progress["epochs"].append(record)
-        _checkpoint(job, model, optimizer, scheduler, stopper, progress, improved)
+        _checkpoint(job, model, stateful, progress, improved)
     return _finish(job, model, gen_meta, data["train_labels"], sampler, progress, invariant)
 
 
@@ -156,21 +148,13 @@ def _evaluate(job: SpecialistJob, model, holdout, device) -> dict[str, float]:
     return {k: v for k, v in scores.items() if k != "examples"}
 
 
-def _checkpoint(job, model, optimizer, scheduler, stopper, progress, improved: bool) -> None:
-    """Best weights first, then the whole epoch snapshot (with the progress) in one atomic file,
-    then the progress mirror the driver reads."""
+def _checkpoint(job, model, stateful, progress, improved: bool) -> None:
+    """The epoch snapshot (weights, optimizer state and the progress, marked best when it
+    improved), then the progress mirror the driver reads."""
     epoch = len(progress["epochs"])
-    if improved:
-        save_model(job.dir / BEST, model, {"epoch": epoch, "classes": list(job.classes)})
-    save_train_state(job.dir / TRAIN_STATE, {
-        "epoch": epoch,
-        "classes": list(job.classes),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "early_stopping": stopper.state_dict(),
-        "progress": progress,
-    })
+    Checkpointer(job.dir / CHECKPOINTS).save(
+        epoch, model, stateful, extra={"classes": list(job.classes), "progress": progress},
+        metadata={"classes": list(job.classes)}, best=improved)
     write_json(job.dir / PROGRESS, progress)
 
 
@@ -178,28 +162,28 @@ def _fresh_progress() -> dict[str, Any]:
     return {"epochs": [], "resumes": [], "init": None, "warnings": []}
 
 
-def _resume(job: SpecialistJob, model, optimizer, scheduler, stopper) -> dict[str, Any]:
+def _resume(job: SpecialistJob, model, stateful) -> dict[str, Any]:
     """Load the last epoch snapshot (if any) and return the progress record to continue from.
 
-    A corrupt snapshot is noted in the progress warnings and the specialist restarts."""
-    state_path = job.dir / TRAIN_STATE
-    if not state_path.exists():
-        return _fresh_progress()
+    A corrupt snapshot, or one for other classes, is noted in the progress warnings and the
+    specialist restarts."""
+    checkpoints = Checkpointer(job.dir / CHECKPOINTS)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
     try:
-        state = load_train_state(state_path)
-        progress, epoch = state["progress"], int(state["epoch"])
-        if state["classes"] != list(job.classes):
-            raise ValueError(f"the snapshot is for classes {state['classes']}")
-    except (CheckpointError, KeyError, ValueError) as exc:
+        snapshot = checkpoints.resume(model, stateful)
+        if snapshot is not None and snapshot.extra["classes"] != list(job.classes):
+            raise CheckpointError(f"the snapshot is for classes {snapshot.extra['classes']}")
+    except (CheckpointError, KeyError) as exc:
+        checkpoints.clear()
+        model.load_state_dict(initial)
         progress = _fresh_progress()
         progress["warnings"].append(f"cannot resume ({exc}); training from scratch")
         return progress
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    stopper.load_state_dict(state["early_stopping"])
+    if snapshot is None:
+        return _fresh_progress()
+    progress = snapshot.extra["progress"]
     progress["resumes"] = max(progress["resumes"], _mirrored_resumes(job), key=len)
-    progress["resumes"].append({"from_epoch": epoch, "pid": os.getpid(), "time": time.time()})
+    progress["resumes"].append({"from_epoch": snapshot.epoch, "pid": os.getpid(), "time": time.time()})
     write_json(job.dir / PROGRESS, progress)
     return progress
 
@@ -214,12 +198,12 @@ def _mirrored_resumes(job: SpecialistJob) -> list[dict[str, Any]]:
 
 def _finish(job, model, gen_meta, train_labels, sampler, progress, invariant) -> dict[str, Any]:
     """Prior-correct the best epoch, write the final model, return its summary."""
-    if not (job.dir / f"{BEST}.json").exists():
+    checkpoints = Checkpointer(job.dir / CHECKPOINTS)
+    if checkpoints.best_dir() is None:
         losses = [r["holdout_loss"] for r in progress["epochs"]]
         raise CheckpointError(f"specialist group {job.group_id} has no best epoch: no epoch gave a "
-                              f"finite holdout loss ({losses}); lower specialists.lr")
-    best_epoch = read_metadata(job.dir / BEST)["epoch"]
-    load_weights(job.dir / BEST, model)
+                              f"finite holdout loss ({losses}); lower specialists.optimizer.lr")
+    best_epoch = checkpoints.load_best(model)
     pi_m = group_prior(train_labels, job.classes)
     corrected = apply_prior_correction(model.cpu(), pi_m, sampler.in_group_fraction)
     best = progress["epochs"][best_epoch - 1]
@@ -245,7 +229,7 @@ def _finish(job, model, gen_meta, train_labels, sampler, progress, invariant) ->
         "history": progress["epochs"], "mlflow_run_id": job.mlflow_run_id,
     }
     save_model(job.dir / MODEL, corrected, summary)
-    shutil.rmtree(job.dir / "checkpoints")  # done: model.json now marks the group finished
+    checkpoints.clear()  # done: model.json now marks the group finished
     return summary
 
 

@@ -35,14 +35,14 @@ TINY_GENERALIST = (
     "generalist.width=0.25",
     "generalist.epochs=2",
     "generalist.batch_size=32",
-    "generalist.optimizer=sgd",
-    "generalist.lr=0.05",
+    "generalist.optimizer.name=sgd",
+    "generalist.optimizer.lr=0.05",
 )
 # Whole-pipeline tests run the distill stage too: one short epoch, no data-free row, no registry
 # (tests/orchestration/test_distill_stage.py covers those).
 TINY_DISTILL = (
     "distill.epochs=1", "distill.batch_size=32", "distill.eval_batch_size=64", "distill.width=0.125",
-    "distill.data_free=false", "distill.register_model=false",
+    "distill.data_free.enabled=false", "distill.register_model=false",
 )
 
 

@@ -38,15 +38,9 @@ from distill.train import (
     probe_feature_shapes,
 )
 from generalist.models import count_parameters
-from generalist.train import build_optimizer, build_scheduler, set_seed
-from orchestration.checkpoints import (
-    CheckpointError,
-    build_model,
-    load_train_state,
-    load_weights,
-    save_model,
-    save_train_state,
-)
+from generalist.train import set_seed
+from orchestration.builders import optimizer_and_schedule
+from orchestration.checkpoints import Checkpointer, CheckpointError, build_model, save_model
 from orchestration.pipeline import Stage, StageContext, StageResult, step_progress
 from orchestration.rundir import read_json, write_json
 from orchestration.soft_cache import (
@@ -62,7 +56,7 @@ from specialists.ensemble import RoutedEnsemble, ensemble_forward
 
 NAME = "distill"
 STUDENT = "student"                      # model file stem inside each row's folder
-LAST, TRAIN_STATE, ROW = "checkpoints/last", "checkpoints/train_state.pt", "row.json"
+CHECKPOINTS, ROW = "checkpoints", "row.json"
 RESULTS, RESULTS_MD, REGISTRY = "results.json", "results.md", "registry.json"
 LATENCY_REPEATS = 20
 LATENCY_ROUNDS = 5                       # round-robin rounds of the final latency comparison
@@ -101,7 +95,7 @@ def run(ctx: StageContext) -> StageResult:
     pairs, shapes = check_extra_losses(ctx, teachers.generalist, spec)
     _print_plan(ctx, teachers, spec, pairs)
     rows = [_train_row(ctx, row, spec, pairs, shapes) for row in plan_rows(ctx, teachers, pairs)]
-    if cfg.data_free:
+    if cfg.data_free.enabled:
         rows.append(_data_free_row(ctx, teachers, spec))
     rows = reference_rows(ctx, teachers) + rows
     measure_latencies_together(ctx, teachers, rows)
@@ -142,11 +136,11 @@ def _uses_cache(ctx: StageContext) -> bool:
 
 def _open_cache(ctx: StageContext, class_names: list[str]):
     """The ensemble stage's cache of q over the train split, checked against this data."""
-    path, split = cache_dir(ctx.run_dir.path), ctx.config.ensemble.cache_split
+    path, split = cache_dir(ctx.run_dir.path), ctx.config.ensemble.cache.split
     online = "or train on targets computed online instead: distill.targets=online"
     if split != "train":
         raise DistillError(f"distill.targets=cache trains on the train split but the cache covers "
-                           f"ensemble.cache_split={split}; set ensemble.cache_split=train and rebuild "
+                           f"ensemble.cache.split={split}; set ensemble.cache.split=train and rebuild "
                            f"it (specdistill run CONFIG run.dir={ctx.run_dir.path} --from ensemble), {online}")
     try:
         cache = SoftTargetCache(path)
@@ -259,11 +253,11 @@ def _train_row(ctx: StageContext, row: Row, spec: dict[str, Any], pairs: dict, s
     objective = _objective(ctx, row, pairs, shapes).to(ctx.device)
     trained = nn.ModuleDict({"student": student, "objective": objective})
     steps = math.ceil(len(data.train) / cfg.batch_size)
-    optimizer = build_optimizer(trained, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                momentum=cfg.momentum)
-    scheduler = build_scheduler(optimizer, total_steps=steps * cfg.epochs,
-                                warmup_steps=int(cfg.warmup_epochs * steps))
-    start = _resume(ctx, row, row_dir, trained, optimizer, scheduler)
+    optimizer, scheduler = optimizer_and_schedule(trained, cfg.optimizer, steps_per_epoch=steps,
+                                                  epochs=cfg.epochs)
+    checkpoints = Checkpointer(row_dir / CHECKPOINTS)
+    stateful = {"optimizer": optimizer, "scheduler": scheduler}
+    start = _resume(ctx, row, checkpoints, trained, stateful)
     for epoch in range(start, cfg.epochs):
         with step_progress(ctx, epoch, steps) as advance:
             result = distill_one_epoch(
@@ -272,12 +266,13 @@ def _train_row(ctx: StageContext, row: Row, spec: dict[str, Any], pairs: dict, s
                                                  seed=ctx.config.run.seed, epoch=epoch, device=ctx.device),
                 optimizer, scheduler, objective=objective, teacher=row.teach, epoch=epoch,
                 device=ctx.device, amp=ctx.device.type == "cuda", on_step=advance)
-        _end_epoch(ctx, row, row_dir, trained, optimizer, scheduler, result, spec)
+        _end_epoch(ctx, row, trained, optimizer, result)
+        checkpoints.save(result.epoch + 1, trained, stateful, metadata={"model": spec, "row": row.name})
     return _finish_row(ctx, row, row_dir, student, spec)
 
 
-def _end_epoch(ctx, row, row_dir, trained, optimizer, scheduler, result, spec) -> None:
-    """Log and print the epoch, then checkpoint student + objective and the optimizer state."""
+def _end_epoch(ctx, row, trained, optimizer, result) -> None:
+    """Evaluate on the holdout split, log and print the epoch."""
     cfg, student = ctx.config.distill, trained["student"]
     student.eval()
     holdout = evaluate_predictor(student, ctx.data().holdout.images, ctx.data().holdout.labels,
@@ -292,27 +287,25 @@ def _end_epoch(ctx, row, row_dir, trained, optimizer, scheduler, result, spec) -
         f"train acc {result.accuracy:.3f}  holdout top1 {holdout['top1']:.3f}  "
         f"{result.examples_per_s:,.0f} img/s  {result.seconds:.1f}s"
     )
-    save_model(row_dir / LAST, trained, {"model": spec, "row": row.name, "epoch": result.epoch + 1})
-    save_train_state(row_dir / TRAIN_STATE, {"epoch": result.epoch + 1, "optimizer": optimizer.state_dict(),
-                                             "scheduler": scheduler.state_dict()})
 
 
-def _resume(ctx, row, row_dir, trained, optimizer, scheduler) -> int:
+def _resume(ctx, row, checkpoints: Checkpointer, trained, stateful) -> int:
     """Continue after the last finished epoch; a corrupt checkpoint restarts the row."""
-    if not (row_dir / TRAIN_STATE).exists():
-        return 0
     initial = {k: v.clone() for k, v in trained.state_dict().items()}
+    initial_state = {name: obj.state_dict() for name, obj in stateful.items()}
     try:
-        state = load_train_state(row_dir / TRAIN_STATE)
-        load_weights(row_dir / LAST, trained)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    except (CheckpointError, KeyError, ValueError) as exc:
+        snapshot = checkpoints.resume(trained, stateful)
+    except CheckpointError as exc:
         ctx.console.print(f"[yellow]warning[/] {row.name}: cannot resume ({exc}); training from scratch")
+        checkpoints.clear()
         trained.load_state_dict(initial)
+        for name, obj in stateful.items():
+            obj.load_state_dict(initial_state[name])
         return 0
-    ctx.console.print(f"  {row.name}: resuming after epoch {state['epoch']}")
-    return int(state["epoch"])
+    if snapshot is None:
+        return 0
+    ctx.console.print(f"  {row.name}: resuming after epoch {snapshot.epoch}")
+    return snapshot.epoch
 
 
 def _finish_row(ctx: StageContext, row: Row, row_dir: Path, student: nn.Module,
@@ -357,17 +350,17 @@ def _data_free_row(ctx: StageContext, teachers: Teachers, spec: dict[str, Any]) 
     set_seed(ctx.config.run.seed)
     student = build_model(spec).to(ctx.device)
     ensemble = teachers.ensemble
-    steps = cfg.data_free_steps_per_epoch * cfg.epochs
-    ctx.console.print(f"  data_free: {cfg.data_free_generator_steps} generator steps, then {steps} "
+    steps = cfg.data_free.steps_per_epoch * cfg.epochs
+    ctx.console.print(f"  data_free: {cfg.data_free.generator_steps} generator steps, then {steps} "
                       f"student steps on generated images")
     history = distill_data_free(
         teachers.generalist, student, image_shape=tuple(data.image_shape), num_classes=data.num_classes,
-        generator_steps=cfg.data_free_generator_steps, student_steps=steps,
-        batch_size=cfg.data_free_batch_size, latent_dim=cfg.data_free_latent_dim,
-        temperature=cfg.temperature, lr=cfg.data_free_lr,
+        generator_steps=cfg.data_free.generator_steps, student_steps=steps,
+        batch_size=cfg.data_free.batch_size, latent_dim=cfg.data_free.latent_dim,
+        temperature=cfg.temperature, lr=cfg.data_free.lr,
         seed=ctx.config.run.seed, device=ctx.device, feature_path="head", feature_capture="input",
         teacher_probs=(lambda x: ensemble_forward(ensemble, x).q.float()) if cfg.teacher == "ensemble" else None,
-        on_progress=_data_free_progress(ctx, {"generator": cfg.data_free_generator_steps, "student": steps}),
+        on_progress=_data_free_progress(ctx, {"generator": cfg.data_free.generator_steps, "student": steps}),
     )
     ctx.logger.log_metrics({"data_free/classes_covered": history["classes_covered"]})
     ctx.console.print(f"  data_free: the generator's samples cover {history['classes_covered']} of "

@@ -7,8 +7,8 @@ group; a frozen shared trunk runs once), then report generalist vs ensemble top-
 conditional accuracy on covered examples and the paper's Table 4 breakdown by the number of
 specialists covering the true class. Writes ``evaluation.json``, ``table4.json`` and
 ``table4.md``; logs the metrics and the table to the stage's MLflow run. Then (``ensemble.cache``)
-computes the soft-target cache of ``ensemble.cache_split`` with Ray Data into ``cache/``
-(:mod:`orchestration.soft_cache`; Ray as configured in the specialists section), whose
+computes the soft-target cache of ``ensemble.cache.split`` with Ray Data into ``cache/``
+(:mod:`orchestration.soft_cache`; Ray as configured in the ``ray`` section), whose
 ``manifest.json`` is an output of the stage.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from generalist.train import iterate_batches
-from orchestration.config import EnsembleConfig
+from orchestration.config import EnsembleConfig, leaf_keys
 from orchestration.parallel import connect
 from orchestration.pipeline import Stage, StageContext, StageResult
 from orchestration.rundir import MANIFEST, read_json, write_json
@@ -41,7 +41,7 @@ from specialists.ensemble import (
 NAME = "ensemble"
 EVALUATION, TABLE4, TABLE4_MD = "evaluation.json", "table4.json", "table4.md"
 # Where and how fast the cache is computed, not what it holds: changing these never re-runs the stage.
-EXECUTION_KEYS = ("cache_actors", "cache_gpus_per_actor")
+EXECUTION_KEYS = ("cache.actors", "cache.gpus_per_actor")
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -63,7 +63,7 @@ def run(ctx: StageContext) -> StageResult:
     _log(ctx, report)
     print_report(ctx.console, report)
     metrics = _metrics(report)
-    if cfg.cache:
+    if cfg.cache.enabled:
         cache_outputs, cache_metrics = _build_cache(ctx, data)
         outputs, metrics = outputs + cache_outputs, {**metrics, **cache_metrics}
     return StageResult(outputs=outputs, metrics=metrics)
@@ -136,18 +136,18 @@ def _predict(ctx: StageContext, ensemble: RoutedEnsemble, split) -> tuple[torch.
 
 
 def _build_cache(ctx: StageContext, data) -> tuple[list[str], dict[str, Any]]:
-    """The soft-target cache of ``ensemble.cache_split``: its manifest (an output) and metrics."""
-    cfg, ray_cfg = ctx.config.ensemble, ctx.config.specialists
-    split = getattr(data, cfg.cache_split)
-    where = connect(ray_cfg.ray_address, local_num_cpus=ray_cfg.local_num_cpus)
-    ctx.console.print(f"  soft-target cache of the {cfg.cache_split} split ({len(split):,} examples) "
-                      f"on {where}: {cfg.cache_actors} actors, {cfg.cache_gpus_per_actor:g} GPU each")
+    """The soft-target cache of ``ensemble.cache.split``: its manifest (an output) and metrics."""
+    cfg, ray_cfg = ctx.config.ensemble.cache, ctx.config.ray
+    split = getattr(data, cfg.split)
+    where = connect(ray_cfg.address, local_num_cpus=ray_cfg.local_num_cpus)
+    ctx.console.print(f"  soft-target cache of the {cfg.split} split ({len(split):,} examples) "
+                      f"on {where}: {cfg.actors} actors, {cfg.gpus_per_actor:g} GPU each")
     manifest = build_cache(
         ctx.run_dir.path, split.images, ctx.stage_dir / CACHE_DIR,
-        identity=data_identity(ctx.config, cfg.cache_split, split),
-        top_k=cfg.cache_top_k, dense_max_classes=cfg.cache_dense_max_classes,
-        shard_size=cfg.cache_shard_size, num_actors=cfg.cache_actors,
-        gpus_per_actor=cfg.cache_gpus_per_actor, batch_size=cfg.batch_size, console=ctx.console,
+        identity=data_identity(ctx.config, cfg.split, split),
+        top_k=cfg.top_k, dense_max_classes=cfg.dense_max_classes,
+        shard_size=cfg.shard_size, num_actors=cfg.actors,
+        gpus_per_actor=cfg.gpus_per_actor, batch_size=ctx.config.ensemble.batch_size, console=ctx.console,
     )
     layout = ("dense float16" if manifest["layout"] == "dense"
               else f"top-{manifest['top_k']} float16 + int32 ids + residual")
@@ -255,7 +255,7 @@ def load_report(run_path: Path) -> dict[str, Any]:
 
 STAGE = Stage(
     name=NAME,
-    config_keys=tuple(f"{NAME}.{k}" for k in EnsembleConfig.model_fields if k not in EXECUTION_KEYS),
+    config_keys=leaf_keys(EnsembleConfig, NAME, exclude=EXECUTION_KEYS),
     upstream=("generalist", "clustering", "specialists"),
     run=run,
 )

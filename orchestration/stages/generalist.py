@@ -15,31 +15,21 @@ import torch
 
 from generalist.data import DataError
 from generalist.models import summarize_model
-from generalist.train import (
-    EarlyStopping,
-    build_optimizer,
-    build_scheduler,
-    evaluate,
-    iterate_batches,
-    set_seed,
-    train_one_epoch,
-)
+from generalist.train import EarlyStopping, evaluate, iterate_batches, set_seed, train_one_epoch
+from orchestration.builders import optimizer_and_schedule
 from orchestration.checkpoints import (
+    Checkpointer,
     CheckpointError,
     build_model,
     load_model,
-    load_train_state,
-    load_weights,
-    read_metadata,
     save_model,
-    save_train_state,
 )
 from orchestration.pipeline import Stage, StageContext, StageResult, step_progress
 from orchestration.rundir import write_json
 
 NAME = "generalist"
-LAST, BEST, FINAL = "checkpoints/last", "checkpoints/best", "model"
-TRAIN_STATE = "checkpoints/train_state.pt"
+FINAL = "model"
+CHECKPOINTS = "checkpoints"
 
 
 def model_spec(ctx: StageContext) -> dict[str, Any]:
@@ -84,27 +74,25 @@ def run(ctx: StageContext) -> StageResult:
         f"{len(data.train):,} train / {len(data.holdout):,} holdout / {len(data.test):,} test"
     )
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
-    optimizer = build_optimizer(
-        model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
-    )
-    scheduler = build_scheduler(
-        optimizer,
-        total_steps=steps_per_epoch * cfg.epochs,
-        warmup_steps=int(cfg.warmup_epochs * steps_per_epoch),
-    )
+    optimizer, scheduler = optimizer_and_schedule(model, cfg.optimizer, steps_per_epoch=steps_per_epoch,
+                                                  epochs=cfg.epochs)
     stopper = EarlyStopping(patience=cfg.patience)
-    start_epoch = _resume(ctx, model, optimizer, scheduler, stopper)
+    checkpoints = Checkpointer(ctx.stage_dir / CHECKPOINTS)
+    stateful = {"optimizer": optimizer, "scheduler": scheduler, "early_stopping": stopper}
+    start_epoch = _resume(ctx, checkpoints, model, stateful)
 
     for epoch in range(start_epoch, cfg.epochs):
-        stop = _train_epoch(ctx, model, optimizer, scheduler, stopper, epoch, spec, steps_per_epoch)
+        stop = _train_epoch(ctx, model, optimizer, scheduler, stopper, epoch, steps_per_epoch)
+        checkpoints.save(epoch + 1, model, stateful, metadata={"model": spec},
+                         best=stopper.best_epoch == epoch + 1)
         if stop:
             ctx.console.print(f"  early stop after epoch {epoch + 1}: holdout loss did not improve")
             break
 
-    return _finish(ctx, spec, summary)
+    return _finish(ctx, checkpoints, spec, summary)
 
 
-def _train_epoch(ctx, model, optimizer, scheduler, stopper, epoch, spec, steps_per_epoch) -> bool:
+def _train_epoch(ctx, model, optimizer, scheduler, stopper, epoch, steps_per_epoch) -> bool:
     cfg, data, device = ctx.config.generalist, ctx.data(), ctx.device
     batches = iterate_batches(
         data.train.images, data.train.labels, batch_size=cfg.batch_size, shuffle=True,
@@ -117,8 +105,7 @@ def _train_epoch(ctx, model, optimizer, scheduler, stopper, epoch, spec, steps_p
             on_step=advance,
         )
     holdout = evaluate(model, _eval_batches(ctx, data.holdout), device=device)
-    improved_before = stopper.best
-    stop = stopper.step(holdout["loss"])
+    stop = stopper.step(holdout["loss"], epoch + 1)
     metrics = {
         "train_loss": result.loss,
         "train_accuracy": result.accuracy,
@@ -133,50 +120,48 @@ def _train_epoch(ctx, model, optimizer, scheduler, stopper, epoch, spec, steps_p
         f"holdout loss {holdout['loss']:.4f}  holdout top1 {holdout['top1']:.3f}  "
         f"{result.examples_per_s:,.0f} img/s  {result.seconds:.1f}s"
     )
-    if stopper.best != improved_before:
-        save_model(ctx.stage_dir / BEST, model, {"model": spec, "epoch": epoch + 1})
-    save_model(ctx.stage_dir / LAST, model, {"model": spec, "epoch": epoch + 1})
-    save_train_state(
-        ctx.stage_dir / TRAIN_STATE,
-        {
-            "epoch": epoch + 1,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "early_stopping": stopper.state_dict(),
-        },
-    )
     return stop
 
 
-def _resume(ctx, model, optimizer, scheduler, stopper) -> int:
-    """Continue from the last epoch checkpoint; a corrupt one is reported and training restarts."""
-    if not (ctx.stage_dir / TRAIN_STATE).exists():
-        return 0
+def _resume(ctx, checkpoints: Checkpointer, model, stateful) -> int:
+    """Continue from the last epoch snapshot; a corrupt one is reported and training restarts."""
     try:
-        state = load_train_state(ctx.stage_dir / TRAIN_STATE)
-        load_weights(ctx.stage_dir / LAST, model)
-        read_metadata(ctx.stage_dir / BEST)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        stopper.load_state_dict(state["early_stopping"])
-    except (CheckpointError, KeyError, ValueError) as exc:
+        snapshot = checkpoints.resume(model, stateful)
+        if snapshot is not None:
+            checkpoints.load_best(build_model(model_spec(ctx)))  # the best snapshot must be readable too
+    except CheckpointError as exc:
         ctx.console.print(f"[yellow]warning[/] cannot resume ({exc}); training from scratch")
+        checkpoints.clear()
         set_seed(ctx.config.run.seed)
         model.load_state_dict(build_model(model_spec(ctx)).state_dict())
+        for name, obj in _fresh_state(ctx, model).items():
+            stateful[name].load_state_dict(obj.state_dict())
         return 0
-    epoch = int(state["epoch"])
-    ctx.console.print(f"  resuming after epoch {epoch} from {ctx.stage_dir / LAST}.safetensors")
-    return epoch
+    if snapshot is None:
+        return 0
+    ctx.console.print(f"  resuming after epoch {snapshot.epoch} from {checkpoints.latest_dir()}")
+    return snapshot.epoch
 
 
-def _finish(ctx, spec, summary) -> StageResult:
+def _fresh_state(ctx, model) -> dict[str, Any]:
+    """Optimizer, schedule and early stopping as a fresh start has them."""
+    cfg = ctx.config.generalist
+    steps_per_epoch = math.ceil(len(ctx.data().train) / cfg.batch_size)
+    optimizer, scheduler = optimizer_and_schedule(model, cfg.optimizer, steps_per_epoch=steps_per_epoch,
+                                                  epochs=cfg.epochs)
+    return {"optimizer": optimizer, "scheduler": scheduler,
+            "early_stopping": EarlyStopping(patience=cfg.patience)}
+
+
+def _finish(ctx, checkpoints: Checkpointer, spec, summary) -> StageResult:
     data, device = ctx.data(), ctx.device
+    model = build_model(spec)
     try:
-        model = load_weights(ctx.stage_dir / BEST, build_model(spec)).to(device)
+        best_epoch = checkpoints.load_best(model)
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}; delete {ctx.stage_dir} to re-train the generalist") from None
+    model = model.to(device)
     test = evaluate(model, _eval_batches(ctx, data.test), device=device)
-    best_epoch = read_metadata(ctx.stage_dir / BEST)["epoch"]
     metrics = {
         "test_top1": test["top1"],
         "test_top5": test["top5"],

@@ -21,7 +21,7 @@ import torch
 
 from generalist.data import DataError
 from orchestration.checkpoints import CheckpointError, build_model, load_weights, read_metadata
-from orchestration.config import ConfigError, SpecialistsConfig
+from orchestration.config import ConfigError, SpecialistsConfig, leaf_keys
 from orchestration.parallel import (
     TaskResources,
     WorkerLostError,
@@ -47,8 +47,7 @@ from specialists.model import Specialist, build_specialist, validate_group
 NAME = "specialists"
 INDEX = "specialists.json"
 # Where and how fast specialists train, not what they learn: changing these never retrains.
-EXECUTION_KEYS = ("cpus_per_specialist", "gpus_per_specialist", "max_concurrency", "max_retries",
-                  "ray_address", "local_num_cpus")
+EXECUTION_KEYS = ("cpus_per_specialist", "gpus_per_specialist", "max_concurrency", "max_retries")
 
 
 class GroupsError(DataError):
@@ -132,7 +131,7 @@ def _absolute_uri(uri: str) -> str:
 def _train_in_parallel(ctx: StageContext, jobs: list[SpecialistJob]) -> None:
     cfg = ctx.config.specialists
     resources = TaskResources(cpus=cfg.cpus_per_specialist, gpus=cfg.gpus_per_specialist)
-    where = connect(cfg.ray_address, local_num_cpus=cfg.local_num_cpus)
+    where = connect(ctx.config.ray.address, local_num_cpus=ctx.config.ray.local_num_cpus)
     _require(resources)
     ctx.console.print(
         f"  on {where} [{cluster_summary()}]: {resources.cpus:g} CPU + {resources.gpus:g} GPU "
@@ -341,7 +340,7 @@ class ProgressPrinter:
 
 STAGE = Stage(
     name=NAME,
-    config_keys=("run.seed", *(f"{NAME}.{k}" for k in SpecialistsConfig.model_fields if k not in EXECUTION_KEYS)),
+    config_keys=("run.seed", *leaf_keys(SpecialistsConfig, NAME, exclude=EXECUTION_KEYS)),
     upstream=("generalist", "clustering"),
     run=run,
 )

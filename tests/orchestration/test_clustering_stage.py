@@ -17,7 +17,7 @@ HIERARCHY = (
     "data.name=hierarchy",
     "data.options={train_per_class: 60, holdout_per_class: 20, test_per_class: 10}",
     "generalist.model=cnn_fast", "generalist.width=0.5", "generalist.epochs=4",
-    "generalist.batch_size=64", "generalist.optimizer=sgd", "generalist.lr=0.05",
+    "generalist.batch_size=64", "generalist.optimizer.name=sgd", "generalist.optimizer.lr=0.05",
 )
 
 

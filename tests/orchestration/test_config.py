@@ -36,9 +36,9 @@ def test_shipped_configs_exist():
 
 
 def test_dotted_overrides_are_typed():
-    config = load_config(None, ["generalist.epochs=3", "generalist.lr=0.05", "run.device=cpu",
+    config = load_config(None, ["generalist.epochs=3", "generalist.optimizer.lr=0.05", "run.device=cpu",
                                 "data.options.num_classes=40", "run.dir=/tmp/x"])
-    assert config.generalist.epochs == 3 and config.generalist.lr == 0.05
+    assert config.generalist.epochs == 3 and config.generalist.optimizer.lr == 0.05
     assert config.data.options == {"num_classes": 40} | {
         k: v for k, v in config.data.options.items() if k != "num_classes"
     }
@@ -66,10 +66,57 @@ def test_wrong_type_names_the_key_and_value():
 
 
 def test_out_of_range_and_bad_choice():
-    with pytest.raises(ConfigError, match="generalist.lr"):
-        load_config(None, ["generalist.lr=-1"])
-    with pytest.raises(ConfigError, match="generalist.optimizer"):
-        load_config(None, ["generalist.optimizer=lbfgs"])
+    with pytest.raises(ConfigError, match="generalist.optimizer.lr"):
+        load_config(None, ["generalist.optimizer.lr=-1"])
+    with pytest.raises(ConfigError, match="generalist.optimizer.name"):
+        load_config(None, ["generalist.optimizer.name=lbfgs"])
+
+
+def test_a_config_in_the_old_flat_shape_names_where_each_key_moved(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("generalist:\n  optimizer: sgd\n  lr: 0.1\nspecialists:\n  ray_address: auto\n"
+                    "ensemble:\n  cache: false\n  cache_top_k: 8\ndistill:\n  data_free_lr: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    for line in ("generalist.lr -> generalist.optimizer.lr", "specialists.ray_address -> ray.address",
+                 "ensemble.cache_top_k -> ensemble.cache.top_k",
+                 "distill.data_free_lr -> distill.data_free.lr",
+                 "generalist.optimizer: 'sgd' -> generalist.optimizer.name: 'sgd'",
+                 "ensemble.cache: False -> ensemble.cache.enabled: False"):
+        assert line in message
+    with pytest.raises(ConfigError, match="generalist.warmup_epochs -> generalist.optimizer.warmup_epochs"):
+        load_config(None, ["generalist.warmup_epochs=0"])
+
+
+def test_a_partial_sub_section_keeps_the_sections_defaults():
+    config = load_config(None, ["distill.optimizer.lr=0.01", "specialists.optimizer.name=sgd"])
+    assert config.distill.optimizer.lr == 0.01 and config.distill.optimizer.warmup_epochs == 0.5
+    assert config.specialists.optimizer.name == "sgd" and config.specialists.optimizer.lr == 0.001
+
+
+def test_booleans_are_not_numbers():
+    with pytest.raises(ConfigError, match=r"generalist.epochs: .*not a boolean"):
+        load_config(None, ["generalist.epochs=true"])
+    with pytest.raises(ConfigError, match=r"distill.optimizer.lr: .*not a boolean"):
+        load_config(None, ["distill.optimizer.lr=false"])
+    assert load_config(None, ["generalist.amp=false"]).generalist.amp is False
+
+
+def test_every_section_and_field_is_documented():
+    from pydantic import BaseModel
+
+    def sections(model):
+        yield model
+        for field in model.model_fields.values():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                yield from sections(field.annotation)
+
+    for section in sections(Config):
+        assert section.__doc__ and section.__doc__.strip(), section.__name__
+        if section is not Config:
+            undocumented = [n for n, f in section.model_fields.items() if not f.description]
+            assert not undocumented, (section.__name__, undocumented)
 
 
 def test_config_is_frozen():

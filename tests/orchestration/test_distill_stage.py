@@ -18,7 +18,7 @@ from orchestration.checkpoints import load_model
 from orchestration.cli import main
 
 TINY_DISTILL = ("distill.epochs=1", "distill.batch_size=32", "distill.eval_batch_size=64",
-                "distill.width=0.125", "distill.data_free=false", "distill.register_model=true")
+                "distill.width=0.125", "distill.data_free.enabled=false", "distill.register_model=true")
 HINT = ("distill.losses={hint: 1.0}", "distill.hint_layers=[blocks.1, blocks.1]", "distill.student=cnn")
 
 
@@ -122,8 +122,8 @@ def test_online_targets_and_data_free_row(run_copy, capsys, monkeypatch):
     measure = stage_module.measure_latency_ms
     monkeypatch.setattr(stage_module, "measure_latency_ms", spy)
     args = run_copy["args"]("distill.targets=online", "distill.baselines=false", "distill.register_model=false",
-                            "distill.data_free=true", "distill.data_free_generator_steps=3",
-                            "distill.data_free_steps_per_epoch=3")
+                            "distill.data_free.enabled=true", "distill.data_free.generator_steps=3",
+                            "distill.data_free.steps_per_epoch=3")
     assert main([*args, "--only", "distill"]) == 0
     out = capsys.readouterr().out
     assert "data_free generator step 3/3" in out and "data_free student step 3/3" in out

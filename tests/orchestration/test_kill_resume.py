@@ -14,7 +14,7 @@ SPECDISTILL = str(Path(sys.executable).parent / "specdistill")
 
 def test_sigkill_mid_training_then_resume(tiny_args, workdir):
     args = tiny_args("generalist.epochs=12", "generalist.patience=12")
-    state = workdir / "run" / "generalist" / "checkpoints" / "train_state.pt"
+    state = workdir / "run" / "generalist" / "checkpoints" / "latest.json"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([SPECDISTILL, "generalist", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -56,7 +56,7 @@ def test_changing_a_stage_key_reruns_it_other_keys_do_not(tiny_args, capsys):
     capsys.readouterr()
     assert main(["generalist", *tiny_args("tracking.experiment=elsewhere")]) == 0
     assert "skip generalist" in capsys.readouterr().out
-    assert main(["generalist", *tiny_args("generalist.lr=0.02")]) == 0
+    assert main(["generalist", *tiny_args("generalist.optimizer.lr=0.02")]) == 0
     out = capsys.readouterr().out
     assert "stage generalist (config changed)" in out and "skip" not in out
 
@@ -85,7 +85,8 @@ def test_corrupted_epoch_checkpoint_retrains_from_scratch(tiny_args, workdir, ca
     assert main(["run", *tiny_args()]) == 0
     stage = workdir / "run" / "generalist"
     (stage / "manifest.json").unlink()
-    last = stage / "checkpoints" / "last.safetensors"
+    latest = json.loads((stage / "checkpoints" / "latest.json").read_text())["dir"]
+    last = stage / "checkpoints" / latest / "model.safetensors"
     last.write_bytes(last.read_bytes()[: len(last.read_bytes()) // 2])
     capsys.readouterr()
     assert main(["run", *tiny_args()]) == 0
@@ -103,7 +104,7 @@ def test_finished_epochs_are_resumed_not_repeated(tiny_args, workdir, capsys):
 
 
 def test_nan_loss_stops_with_epoch_and_step(tiny_args, workdir, capsys):
-    code = main(["run", *tiny_args("generalist.lr=1e12", "generalist.warmup_epochs=0")])
+    code = main(["run", *tiny_args("generalist.optimizer.lr=1e12", "generalist.optimizer.warmup_epochs=0")])
     err = capsys.readouterr().err
     assert code == 1
     assert "epoch" in err and "step" in err

@@ -195,7 +195,7 @@ def test_corrupt_shard(dense, tmp_path):
 
 
 def test_build_edge_cases(teacher, tmp_path):
-    with pytest.raises(ConfigError, match="ensemble.cache_gpus_per_actor"):
+    with pytest.raises(ConfigError, match="ensemble.cache.gpus_per_actor"):
         _build(teacher, tmp_path / "gpu", gpus_per_actor=1.0)
     empty = teacher["data"].train.subset([])
     build_cache(teacher["run"], empty.images, tmp_path / "empty",

@@ -33,7 +33,7 @@ TINY = (
     "data.options={num_superclasses: 3, classes_per_superclass: 3, train_per_class: 24, "
     "holdout_per_class: 8, test_per_class: 8, image_size: 16}",
     "generalist.model=cnn", "generalist.width=0.25", "generalist.epochs=2",
-    "generalist.batch_size=32", "generalist.optimizer=sgd", "generalist.lr=0.05",
+    "generalist.batch_size=32", "generalist.optimizer.name=sgd", "generalist.optimizer.lr=0.05",
 )
 # Long enough epochs (~1 s) that a worker can be killed between two checkpoints.
 SPECIALISTS = ("specialists.epochs=4", "specialists.patience=4", "specialists.batch_size=32",
@@ -95,7 +95,7 @@ class _Killer(threading.Thread):
         self.group_dir, self.killed = group_dir, None
 
     def run(self) -> None:
-        state = self.group_dir / "checkpoints" / "train_state.pt"
+        state = self.group_dir / "checkpoints" / "latest.json"
         deadline = time.time() + 240
         while not state.exists() and time.time() < deadline:
             time.sleep(0.01)
@@ -213,8 +213,9 @@ def test_corrupt_snapshot_is_reported_and_the_specialist_restarts(upstream, tmp_
     config = load_config(None, _args(upstream, "specialists.epochs=1", "specialists.num_batches=2"))
     data = create_dataset("hierarchy", seed=0, **config.data.options)
     group_dir = tmp_path / "group_000"
-    (group_dir / "checkpoints").mkdir(parents=True)
-    (group_dir / "checkpoints" / "train_state.pt").write_bytes(b"not a checkpoint")
+    (group_dir / "checkpoints" / "epoch_0001").mkdir(parents=True)
+    (group_dir / "checkpoints" / "latest.json").write_text('{"epoch": 1, "dir": "epoch_0001"}')
+    (group_dir / "checkpoints" / "epoch_0001" / "state.pt").write_bytes(b"not a checkpoint")
     job = SpecialistJob(group_id=0, classes=(0, 1, 2), names=tuple(data.class_names[:3]),
                         group_dir=str(group_dir), generalist_dir=str(upstream / "run" / "generalist"),
                         seed=0, settings=config.specialists)

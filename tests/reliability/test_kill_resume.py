@@ -91,10 +91,10 @@ def _check_mlflow(root: Path, n_groups: int) -> None:
 
 
 KILL_POINTS = [
-    pytest.param("generalist/checkpoints/train_state.pt", id="mid-generalist", marks=pytest.mark.slow),
+    pytest.param("generalist/checkpoints/latest.json", id="mid-generalist", marks=pytest.mark.slow),
     pytest.param("generalist/manifest.json", id="after-generalist", marks=pytest.mark.slow),
     pytest.param("clustering/manifest.json", id="after-clustering", marks=pytest.mark.slow),
-    pytest.param("specialists/group_000/checkpoints/train_state.pt", id="mid-specialists"),
+    pytest.param("specialists/group_000/checkpoints/latest.json", id="mid-specialists"),
     pytest.param("specialists/manifest.json", id="after-specialists", marks=pytest.mark.slow),
     pytest.param("ensemble/evaluation.json", id="mid-ensemble", marks=pytest.mark.slow),
     pytest.param("ensemble/manifest.json", id="after-ensemble", marks=pytest.mark.slow),

@@ -50,7 +50,7 @@ def test_server_lost_mid_run_then_back(pipeline_args, tmp_path, free_port, mlflo
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
-        while not (run / "generalist" / "checkpoints" / "train_state.pt").exists() and time.time() < deadline:
+        while not (run / "generalist" / "checkpoints" / "latest.json").exists() and time.time() < deadline:
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.05)
         _stop(server)  # the server dies during the generalist's training

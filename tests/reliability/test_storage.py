@@ -20,7 +20,7 @@ def test_run_dir_that_cannot_be_created_fails_before_any_training(tiny_args, wor
 
 
 def test_disk_full_while_writing_a_manifest(tiny_args, workdir, monkeypatch, capsys):
-    args = tiny_args("specialists.epochs=1", "specialists.finetune=head", "ensemble.cache=false")
+    args = tiny_args("specialists.epochs=1", "specialists.finetune=head", "ensemble.cache.enabled=false")
     real_replace = os.replace
 
     def full_disk(src, dst, *a, **kw):

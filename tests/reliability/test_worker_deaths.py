@@ -16,7 +16,7 @@ import pytest
 from orchestration.cli import main
 
 SPECIALISTS = ("specialists.epochs=4", "specialists.patience=4", "specialists.batch_size=32",
-               "specialists.num_batches=60", "specialists.max_retries=3", "ensemble.cache=false")
+               "specialists.num_batches=60", "specialists.max_retries=3", "ensemble.cache.enabled=false")
 
 
 class _TwiceKiller(threading.Thread):

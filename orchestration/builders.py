@@ -1,0 +1,22 @@
+"""Config -> plain arguments: the builders that keep config objects out of the components."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from generalist.train import build_optimizer, build_scheduler
+from orchestration.config import OptimizerConfig
+
+
+def optimizer_and_schedule(
+    module: torch.nn.Module, cfg: OptimizerConfig, *, steps_per_epoch: int, epochs: int,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The optimiser of ``module``'s parameters and its per-step warm-up + cosine schedule over
+    ``epochs * steps_per_epoch`` steps, as ``cfg`` describes them."""
+    optimizer = build_optimizer(module, cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                momentum=cfg.momentum)
+    total = steps_per_epoch * epochs
+    warmup = min(int(math.floor(cfg.warmup_epochs * steps_per_epoch)), total)
+    return optimizer, build_scheduler(optimizer, total_steps=total, warmup_steps=warmup)
