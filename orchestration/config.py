@@ -289,7 +289,7 @@ class Config(Section):
 
     def flat(self) -> dict[str, Any]:
         """Flattened dotted keys -> values (for MLflow params)."""
-        return _flatten(self.model_dump(mode="json"))
+        return flatten(self.model_dump(mode="json"))
 
 
 def leaf_keys(section: type[BaseModel], prefix: str, exclude: Sequence[str] = ()) -> tuple[str, ...]:
@@ -402,12 +402,13 @@ def _get_dotted(data: Mapping[str, Any], key: str) -> Any:
     return node
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> ``{"a.b.c": value}`` (empty mappings kept as values), e.g. MLflow params."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, dotted + "."))
+            flat.update(flatten(value, dotted + "."))
         else:
             flat[dotted] = value
     return flat

@@ -231,6 +231,10 @@ class RunLogger:
         figure.savefig(path)
         self._call("artifact", {"path": str(path.resolve()), "artifact_path": str(Path(name).parent) if Path(name).parent != Path(".") else None})
 
+    def set_status(self, status: str) -> None:
+        """Mark the run ``RUNNING`` again (a resumed stage or specialist) without ending it."""
+        self._call("status", {"status": status})
+
     def finish(self, status: str = "FINISHED") -> None:
         self._call("terminate", {"status": status})
 
@@ -311,23 +315,45 @@ class PipelineTracker:
         """Try to send what is buffered now (end of a run); returns how many calls were sent."""
         return self.connection.replay() if self.connection.buffer_path.exists() else 0
 
+    def logger(self, run_id: str) -> RunLogger:
+        """A logger for the run ``run_id`` of this store (buffered while the server is away)."""
+        return RunLogger(self.client, run_id, self.connection)
+
+    def open_child(self, run_name: str, tags: Mapping[str, Any], record_path: Path) -> RunLogger:
+        """The child run recorded at ``record_path`` when it belongs to this parent (marked
+        RUNNING again: a resumed stage or specialist), else a new child recorded there."""
+        assert self.parent is not None, "start_parent first"
+        record = read_json(record_path) if record_path.exists() else {}
+        run_id = record.get("mlflow_run_id")
+        if self._reusable(run_id, parent_id=self.parent.run_id):
+            logger = self.logger(run_id)
+            logger.set_status("RUNNING")
+            return logger
+        return self.logger(self.create_child(run_name, tags, record_path))
+
+    def running_child(self, record_path: Path) -> RunLogger | None:
+        """The run recorded at ``record_path`` if the server says it is still RUNNING (a stage or
+        specialist that finished just before the pipeline was killed), else None (also when the
+        server cannot be asked: nothing is lost, the next run asks again)."""
+        run_id = read_json(record_path).get("mlflow_run_id") if record_path.exists() else None
+        if not run_id or run_id.startswith(OFFLINE_PREFIX) or not self.connection.should_try():
+            return None
+        try:
+            if self.client.get_run(run_id).info.status != "RUNNING":
+                return None
+        except TRACKING_ERRORS:
+            return None
+        return self.logger(run_id)
+
     def close_finished_stage(self, stage_dir: Path, manifest_path: Path) -> bool:
         """Mark FINISHED a finished stage's child run that is still RUNNING, with its manifest.
 
         A pipeline killed after a stage wrote its manifest but before it closed its MLflow run
         leaves that run RUNNING; the resumed pipeline skips the stage, so it closes the run here.
-        Returns whether it closed one (False when the server cannot be asked: nothing is lost,
-        the next run tries again)."""
-        record_path = stage_dir / "mlflow.json"
-        run_id = read_json(record_path).get("mlflow_run_id") if record_path.exists() else None
-        if not run_id or run_id.startswith(OFFLINE_PREFIX) or not self.connection.should_try():
+        Returns whether it closed one."""
+        logger = self.running_child(stage_dir / "mlflow.json")
+        if logger is None:
             return False
-        try:
-            if self.client.get_run(run_id).info.status != "RUNNING":
-                return False
-        except TRACKING_ERRORS:
-            return False
-        logger = RunLogger(self.client, run_id, self.connection)
         logger.log_artifact(manifest_path)
         logger.finish()
         return True
@@ -335,15 +361,7 @@ class PipelineTracker:
     @contextmanager
     def child(self, stage: str, stage_dir: Path, tags: Mapping[str, Any] | None = None) -> Iterator[RunLogger]:
         """A child run for ``stage``; a resumed stage gets its earlier child run back."""
-        assert self.parent is not None, "start_parent first"
-        record_path = stage_dir / "mlflow.json"
-        record = read_json(record_path) if record_path.exists() else {}
-        run_id = record.get("mlflow_run_id")
-        if self._reusable(run_id, parent_id=self.parent.run_id):
-            RunLogger(self.client, run_id, self.connection)._call("status", {"status": "RUNNING"})
-        else:
-            run_id = self.create_child(stage, {"specdistill.stage": stage}, record_path)
-        logger = RunLogger(self.client, run_id, self.connection)
+        logger = self.open_child(stage, {"specdistill.stage": stage}, stage_dir / "mlflow.json")
         if tags:
             logger.set_tags(tags)
         try:

@@ -21,7 +21,7 @@ import torch
 
 from generalist.data import DataError
 from orchestration.checkpoints import CheckpointError, build_model, load_weights, read_metadata
-from orchestration.config import ConfigError, SpecialistsConfig, leaf_keys
+from orchestration.config import ConfigError, SpecialistsConfig, flatten, leaf_keys
 from orchestration.parallel import (
     TaskResources,
     WorkerLostError,
@@ -41,7 +41,7 @@ from orchestration.specialist_job import (
 )
 from orchestration.stages.clustering import load_groups
 from orchestration.stages.generalist import FINAL
-from orchestration.tracking import OFFLINE_PREFIX, PARENT_TAG, TRACKING_ERRORS, RunLogger
+from orchestration.tracking import RunLogger
 from specialists.model import Specialist, build_specialist, validate_group
 
 NAME = "specialists"
@@ -186,19 +186,14 @@ def _open_child_run(ctx: StageContext, job: SpecialistJob) -> SpecialistJob:
     tracker = ctx.tracker
     if tracker is None or tracker.parent is None:
         return job
-    record_path = job.dir / "mlflow.json"
-    run_id = read_json(record_path).get("mlflow_run_id") if record_path.exists() else None
-    if run_id and _is_child(tracker, run_id):
-        RunLogger(tracker.client, run_id, tracker.connection)._call("status", {"status": "RUNNING"})
-    else:
-        tags = {
-            "specdistill.stage": NAME,
-            "specdistill.group_id": str(job.group_id), "specdistill.group_size": str(len(job.classes)),
-            "specdistill.class_names": ", ".join(job.names)[:5000],
-            "specdistill.class_ids": ",".join(map(str, job.classes))[:5000],
-        }
-        run_id = tracker.create_child(f"specialist-{job.group_id:03d}", tags, record_path)
-    return dataclasses.replace(job, mlflow_run_id=run_id)
+    tags = {
+        "specdistill.stage": NAME,
+        "specdistill.group_id": str(job.group_id), "specdistill.group_size": str(len(job.classes)),
+        "specdistill.class_names": ", ".join(job.names)[:5000],
+        "specdistill.class_ids": ",".join(map(str, job.classes))[:5000],
+    }
+    logger = tracker.open_child(f"specialist-{job.group_id:03d}", tags, job.dir / "mlflow.json")
+    return dataclasses.replace(job, mlflow_run_id=logger.run_id)
 
 
 def _close_interrupted_runs(ctx: StageContext, finished: list[SpecialistJob]) -> None:
@@ -209,39 +204,25 @@ def _close_interrupted_runs(ctx: StageContext, finished: list[SpecialistJob]) ->
     if tracker is None or tracker.parent is None:
         return
     for job in finished:
-        record_path = job.dir / "mlflow.json"
-        run_id = read_json(record_path).get("mlflow_run_id") if record_path.exists() else None
-        if not run_id or run_id.startswith(OFFLINE_PREFIX):
-            continue
-        try:
-            status = tracker.client.get_run(run_id).info.status
-        except TRACKING_ERRORS:
-            continue
-        if status == "RUNNING":
-            _close_child_run(ctx, dataclasses.replace(job, mlflow_run_id=run_id), read_metadata(job.dir / MODEL))
-
-
-def _is_child(tracker, run_id: str) -> bool:
-    if run_id.startswith(OFFLINE_PREFIX):  # made while the server was away; its creation is buffered
-        return True
-    try:
-        run = tracker.client.get_run(run_id)
-    except TRACKING_ERRORS:  # deleted, from another tracking store, or the server is away: a fresh one
-        return False
-    return (run.info.experiment_id == tracker.experiment_id
-            and run.data.tags.get(PARENT_TAG) == tracker.parent.run_id)
+        logger = tracker.running_child(job.dir / "mlflow.json")
+        if logger is not None:
+            _log_summary(logger, job, read_metadata(job.dir / MODEL))
 
 
 def _close_child_run(ctx: StageContext, job: SpecialistJob, summary: dict[str, Any] | None) -> None:
     if not (ctx.tracker and job.mlflow_run_id):
         return
-    logger = RunLogger(ctx.tracker.client, job.mlflow_run_id, ctx.tracker.connection)
+    logger = ctx.tracker.logger(job.mlflow_run_id)
     if summary is None:
         logger.finish("FAILED")
         return
+    _log_summary(logger, job, summary)
+
+
+def _log_summary(logger: RunLogger, job: SpecialistJob, summary: dict[str, Any]) -> None:
     logger.log_metrics({**summary["metrics"], "pi_m": summary["pi_m"],
                         "prior_correction": summary["prior_correction"]})
-    logger.log_params({f"specialists.{k}": v for k, v in job.settings.model_dump().items()})
+    logger.log_params(flatten(job.settings.model_dump(mode="json"), "specialists."))
     logger.log_artifact(job.dir / f"{MODEL}.json")
     logger.finish()
 
