@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestration.rundir import read_json
-from orchestration.stages.ensemble import format_number, table4_markdown, table4_table
+from orchestration.tables import format_number, models_table, table4_table
 
 REPORT_MD = "report.md"
 PLOT_PARAMS = "accuracy_vs_params.png"
@@ -47,10 +47,8 @@ def _model_rows(run: Path, evaluation: dict[str, Any] | None) -> list[dict[str, 
         rows = results["rows"] if isinstance(results, dict) else results
         return [dict(r) for r in rows]
     rows = [r for r in [_generalist_row(run)] if r]
-    if evaluation is not None:
-        rows.append({"name": "ensemble", "teacher": "-", "top1": evaluation["ensemble_top1"],
-                     "top5": evaluation.get("ensemble_top5"), "params": evaluation.get("params"),
-                     "latency_ms": evaluation.get("latency_ms")})
+    if evaluation is not None:  # top-5, size and latency of the ensemble come from the distill stage
+        rows.append({"name": "ensemble", "teacher": "-", "top1": evaluation["ensemble_top1"]})
     return rows
 
 
@@ -83,15 +81,6 @@ def build_report(run: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ formatting
-def _model_cells(row: dict[str, Any]) -> list[str]:
-    return [str(row["name"]), str(row.get("teacher", "-")), format_number(row.get("top1"), ".4f"),
-            format_number(row.get("top5"), ".4f"), format_number(row.get("params"), ",d") if isinstance(row.get("params"), int)
-            else format_number(row.get("params"), ",.0f"), format_number(row.get("latency_ms"), ".3f")]
-
-
-MODEL_COLUMNS = ("model", "teacher", "test top-1", "test top-5", "parameters", "latency ms/example")
-
-
 def _group_gains(report: dict[str, Any]) -> list[tuple[int, str, int, float]]:
     """(group id, label, examples, top-1 gain) per group with test examples, largest gain first."""
     names = report.get("groups", {}).get("names", [])
@@ -106,8 +95,7 @@ def _group_gains(report: dict[str, Any]) -> list[tuple[int, str, int, float]]:
 def markdown(report: dict[str, Any]) -> str:
     """The whole report as Markdown (``report.md``)."""
     lines = [f"# specdistill report: {report['run_dir']}", "", "## Models (test split)", "",
-             "| " + " | ".join(MODEL_COLUMNS) + " |", "|---|---|---:|---:|---:|---:|"]
-    lines += ["| " + " | ".join(_model_cells(r)) + " |" for r in report["models"]]
+             models_table(report["models"]).markdown().rstrip("\n")]
     lines += ["", "Latency: per example at batch 1 on the run's device, all models measured side by side "
               "(median of round-robin rounds) at the end of the distill stage."]
     if "groups" in report:
@@ -123,7 +111,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{format_number(e['ensemble_top1'], '.4f')} on {e['n_examples']:,} test examples; "
                   f"{e['n_covered']:,} covered by a specialist, conditional top-1 "
                   f"{format_number(e['covered_generalist_top1'], '.4f')} -> {format_number(e['covered_ensemble_top1'], '.4f')}.",
-                  "", table4_markdown(report["table4"]).rstrip("\n")]
+                  "", table4_table(report["table4"]).markdown().rstrip("\n")]
         gains = _group_gains(report)
         if gains:
             lines += ["", "Largest and smallest per-group gains (ensemble - generalist top-1):", "",
@@ -139,17 +127,10 @@ def markdown(report: dict[str, Any]) -> str:
 def print_report(console, report: dict[str, Any]) -> None:
     """The model table (and, when the ensemble ran, Table 4) in the terminal."""
     from rich.console import Console
-    from rich.table import Table
 
     # Wide enough that no cell wraps, also when stdout is a file or a job log (rich's 80 columns).
     console = Console(width=max(console.width, 132), soft_wrap=True, file=console.file)
-
-    table = Table(title=f"specdistill results: {report['run_dir']}")
-    for i, col in enumerate(MODEL_COLUMNS):
-        table.add_column(col, justify="left" if i < 2 else "right")
-    for row in report["models"]:
-        table.add_row(*_model_cells(row))
-    console.print(table)
+    console.print(models_table(report["models"], f"specdistill results: {report['run_dir']}").rich())
     if "groups" in report:
         g = report["groups"]
         console.print(f"groups: {g['n_groups']} of {g['num_classes']} classes ({g['method']}), sizes "
@@ -160,7 +141,7 @@ def print_report(console, report: dict[str, Any]) -> None:
                       f"{format_number(e['ensemble_top1'], '.4f')}; covered by a specialist {e['n_covered']:,} of "
                       f"{e['n_examples']:,}, conditional top1 {format_number(e['covered_generalist_top1'], '.4f')} -> "
                       f"{format_number(e['covered_ensemble_top1'], '.4f')}")
-        console.print(table4_table(report["table4"]))
+        console.print(table4_table(report["table4"]).rich())
 
 
 # ------------------------------------------------------------------------------ plots + files

@@ -51,6 +51,7 @@ from orchestration.soft_cache import (
     data_identity,
 )
 from orchestration.stages.ensemble import load_ensemble, load_report
+from orchestration.tables import models_table
 from orchestration.tracking import TrackingError
 from specialists.ensemble import RoutedEnsemble, ensemble_forward
 
@@ -435,39 +436,20 @@ def measure_latencies_together(ctx: StageContext, teachers: Teachers, rows: list
 # ------------------------------------------------------------------------------- outputs
 
 
-def results_markdown(rows: list[dict[str, Any]]) -> str:
-    """One line per model: accuracy, size relative to the generalist, latency."""
-    base = next((r["params"] for r in rows if r["name"] == "generalist"), None)
-    lines = ["| model | teacher | top-1 | top-5 | parameters | vs generalist | latency (ms/example) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        ratio = f"{r['params'] / base:.2f}x" if base else "n/a"
-        lines.append(f"| {r['name']} | {r['teacher']} | {r['top1']:.4f} | {r['top5']:.4f} | "
-                     f"{r['params']:,} | {ratio} | {r['latency_ms']:.3f} |")
-    return "\n".join(lines) + "\n"
-
-
 def _write_results(ctx: StageContext, rows: list[dict[str, Any]]) -> list[str]:
     write_json(ctx.stage_dir / RESULTS, {"rows": rows, "temperature": ctx.config.distill.temperature,
                                          "alpha": ctx.config.distill.alpha})
-    (ctx.stage_dir / RESULTS_MD).write_text(results_markdown(rows))
+    markdown = models_table(rows).markdown()
+    (ctx.stage_dir / RESULTS_MD).write_text(markdown)
     ctx.logger.log_artifact(ctx.stage_dir / RESULTS)
-    ctx.logger.log_text(results_markdown(rows), RESULTS_MD)
+    ctx.logger.log_text(markdown, RESULTS_MD)
     models = [f"{Path(r['path']).with_suffix('')}{ext}" for r in rows if "path" in r
               for ext in (".safetensors", ".json")]
     return [*models, RESULTS, RESULTS_MD]
 
 
 def print_results(console, rows: list[dict[str, Any]]) -> None:
-    from rich.table import Table
-
-    table = Table(title="Distillation: test accuracy, size and latency (T = 1)")
-    for col in ("model", "teacher", "top-1", "top-5", "parameters", "ms/example"):
-        table.add_column(col, justify="left" if col in ("model", "teacher") else "right")
-    for r in rows:
-        table.add_row(r["name"], r["teacher"], f"{r['top1']:.4f}", f"{r['top5']:.4f}",
-                      f"{r['params']:,}", f"{r['latency_ms']:.3f}")
-    console.print(table)
+    console.print(models_table(rows, "Distillation: test accuracy, size and latency (T = 1)").rich())
 
 
 def _register(ctx: StageContext, teachers: Teachers, spec: dict[str, Any],

@@ -31,6 +31,7 @@ from orchestration.soft_cache import CACHE_DIR, build_cache, data_identity
 from orchestration.stages.clustering import load_groups
 from orchestration.stages.generalist import FINAL, load_generalist
 from orchestration.stages.specialists import INDEX, GroupsError, check_groups, load_specialist
+from orchestration.tables import format_number, table4_table
 from specialists.ensemble import (
     RoutedEnsemble,
     build_ensemble,
@@ -181,7 +182,7 @@ def _json_safe(value: Any) -> Any:
 def _write_outputs(ctx: StageContext, report: dict[str, Any]) -> list[str]:
     write_json(ctx.stage_dir / EVALUATION, {k: _json_safe(v) for k, v in report.items()})
     write_json(ctx.stage_dir / TABLE4, report["table4"])
-    (ctx.stage_dir / TABLE4_MD).write_text(table4_markdown(report["table4"]))
+    (ctx.stage_dir / TABLE4_MD).write_text(table4_table(report["table4"]).markdown())
     return [EVALUATION, TABLE4, TABLE4_MD]
 
 
@@ -198,41 +199,7 @@ def _log(ctx: StageContext, report: dict[str, Any]) -> None:
     log.log_artifact(ctx.stage_dir / EVALUATION)
     table = {key: [r[key] for r in rows] for key in rows[0]}
     log.log_table(table, TABLE4)
-    log.log_text(table4_markdown(rows), TABLE4_MD)
-
-
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:+.1%}"
-
-
-def table4_markdown(rows: list[dict[str, Any]]) -> str:
-    """The paper's Table 4 as markdown."""
-    lines = ["| # specialists covering | # test examples | delta top-1 correct | relative accuracy change |",
-             "|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['specialists_covering']} | {r['n_examples']} | {r['delta_correct']:+d} | "
-                     f"{_percent(r['relative_accuracy_change'])} |")
-    return "\n".join(lines) + "\n"
-
-
-def format_number(value: Any, fmt: str = ".4f") -> str:
-    """``format(value, fmt)``, or "n/a" for a missing or non-finite value (tables and reports)."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    return format(value, fmt)
-
-
-def table4_table(rows: list[dict[str, Any]]):
-    """The paper's Table 4 as a rich table (the stage's output and ``specdistill report``)."""
-    from rich.table import Table
-
-    table = Table(title="Table 4: accuracy change by specialists covering the true class")
-    for col in ("# specialists covering", "# test examples", "delta top-1 correct", "relative change"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(str(r["specialists_covering"]), f"{r['n_examples']:,}", f"{r['delta_correct']:+d}",
-                      _percent(r["relative_accuracy_change"]))
-    return table
+    log.log_text(table4_table(rows).markdown(), TABLE4_MD)
 
 
 def print_report(console, report: dict[str, Any]) -> None:
@@ -244,7 +211,7 @@ def print_report(console, report: dict[str, Any]) -> None:
         f"-> {format_number(report['covered_ensemble_top1'])}; {report['mean_active_specialists']:.2f} active "
         f"specialists per example"
     )
-    console.print(table4_table(report["table4"]))
+    console.print(table4_table(report["table4"]).rich())
 
 
 def load_report(run_path: Path) -> dict[str, Any]:
