@@ -2,15 +2,18 @@
 a loss registry and DAFL data-free distillation."""
 
 from distill.data_free import (
+    BatchNormPrior,
     Generator,
+    GeneratorStep,
     activation_loss,
     dafl_generator_loss,
     default_feature_path,
-    distill_data_free,
+    frozen,
     information_entropy_loss,
     onehot_loss,
     train_generator_step,
 )
+from distill.data_free_train import DataFreeSettings, DataFreeTrainer, distill_data_free
 from distill.feature_losses import (
     AttentionTransferLoss,
     HintLoss,
@@ -29,9 +32,13 @@ from distill.registry import CombinedLoss, create_loss, list_losses, register_lo
 
 __all__ = [
     "AttentionTransferLoss",
+    "BatchNormPrior",
     "CombinedLoss",
+    "DataFreeSettings",
+    "DataFreeTrainer",
     "FeatureExtractor",
     "Generator",
+    "GeneratorStep",
     "HintLoss",
     "KDLoss",
     "RKDLoss",
@@ -43,6 +50,7 @@ __all__ = [
     "dafl_generator_loss",
     "default_feature_path",
     "distill_data_free",
+    "frozen",
     "hint_loss",
     "information_entropy_loss",
     "kd_loss",

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.data_free import distill_data_free
+from distill.data_free_train import DataFreeSettings, distill_data_free
 from distill.train import (
     DistillObjective,
     TeacherFn,
@@ -360,12 +360,14 @@ def _data_free_row(ctx: StageContext, teachers: Teachers, spec: dict[str, Any]) 
     steps = cfg.data_free_steps_per_epoch * cfg.epochs
     ctx.console.print(f"  data_free: {cfg.data_free_generator_steps} generator steps, then {steps} "
                       f"student steps on generated images")
-    history = distill_data_free(
-        teachers.generalist, student, image_shape=tuple(data.image_shape), num_classes=data.num_classes,
+    settings = DataFreeSettings(
+        image_shape=tuple(data.image_shape), num_classes=data.num_classes,
         generator_steps=cfg.data_free_generator_steps, student_steps=steps,
         batch_size=cfg.data_free_batch_size, latent_dim=cfg.data_free_latent_dim,
         temperature=cfg.temperature, lr=cfg.data_free_lr,
-        seed=ctx.config.run.seed, device=ctx.device, feature_path="head", feature_capture="input",
+        seed=ctx.config.run.seed, feature_path="head", feature_capture="input")
+    history = distill_data_free(
+        teachers.generalist, student, settings, device=ctx.device,
         teacher_probs=(lambda x: ensemble_forward(ensemble, x).q.float()) if cfg.teacher == "ensemble" else None,
         on_progress=_data_free_progress(ctx, {"generator": cfg.data_free_generator_steps, "student": steps}),
     )

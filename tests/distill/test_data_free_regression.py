@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from distill import distill_data_free
+from distill import DataFreeSettings, distill_data_free
 
 RECORDED = {
     "plain": {
@@ -57,12 +57,11 @@ class TinyNet(nn.Module):
 def _run(probs: bool = False, **overrides):
     torch.manual_seed(0)
     teacher, student = TinyNet(), TinyNet(width=4)
-    kwargs = dict(image_shape=(1, 8, 8), num_classes=4, generator_steps=4, student_steps=6, batch_size=8,
-                  latent_dim=8, temperature=4.0, lr=1e-2, seed=0, generator_hidden_channels=8,
-                  histogram_samples=16)
-    if probs:
-        kwargs["teacher_probs"] = lambda x: torch.softmax(teacher(x), dim=1)
-    history = distill_data_free(teacher, student, **kwargs, **overrides)
+    settings = DataFreeSettings(image_shape=(1, 8, 8), num_classes=4, generator_steps=4, student_steps=6,
+                                batch_size=8, latent_dim=8, temperature=4.0, lr=1e-2, seed=0,
+                                generator_hidden_channels=8, histogram_samples=16, **overrides)
+    teacher_probs = (lambda x: torch.softmax(teacher(x), dim=1)) if probs else None
+    history = distill_data_free(teacher, student, settings, teacher_probs=teacher_probs)
     return history, student
 
 
