@@ -91,7 +91,7 @@ class DataFreeSettings:
     latent_dim: int  # noise dimension of the generator
     temperature: float  # KD temperature T > 0
     lr: float  # student AdamW learning rate, cosine-decayed to 0 over student_steps
-    seed: int  # the generator's initial weights and its noise (the global RNG is not drawn from)
+    seed: int  # the generator's initial weights and its noise (drawn without touching the global RNG)
     feature_path: str | None = None  # teacher module of the pre-FC features; None: the input of its last nn.Linear
     feature_capture: str = "input"  # "input" or "output" of feature_path (unused when it is None)
     schedule: str = "sequential"  # "sequential" or "alternate", see the module docstring
