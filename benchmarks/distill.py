@@ -1,15 +1,17 @@
 """Benchmark: a distillation training step with cached soft targets vs plain cross-entropy.
 
-    python benchmarks/distill.py [--quick] [--out PATH] [--threads N] [--run RUN_DIR]
+    python -m benchmarks.distill [--quick] [--out PATH] [--threads N] [--run RUN_DIR]
 
 The same student (``cnn`` at width 0.5 by default) trains on glyph-sized inputs (1x32x32,
 K = 320, batch 128) in two ways, each with its own copy of the same initial weights and its
-own AdamW:
+own AdamW, each step being what the distill stage runs per batch (``distill_one_epoch`` on
+that one batch, with the stage's ``DistillObjective``):
 
-* ``ce``: ``cross_entropy(student(x), y)``;
-* ``kd (dense)``: the distill stage's cached path: ``q = SoftTargetCache.targets(ids, 1.0)``
-  read per batch from a soft-target cache on disk (memory-mapped float16 shards), then
-  ``kd_loss(student(x), y, teacher_probs=q, T=4, alpha=0.9)``;
+* ``ce``: the objective at alpha = 0 without a teacher (the stage's hard-labels row);
+* ``kd (dense)``: the stage's cached path: the teacher ``make_teacher(probs_fn=...)`` reads
+  ``q = SoftTargetCache.targets(ids, 1.0)`` per batch from a soft-target cache on disk
+  (memory-mapped float16 shards), and the objective (T=4, alpha=0.9) softens it to
+  ``softmax(log q / T)``;
 * ``kd (top-k)`` (full run only): the same from a top-k cache (k = 32 of K).
 
 A step is everything the training loop does per batch: gathering the batch (uint8 -> float),
@@ -21,12 +23,12 @@ run interleaved step by step (one step of each on the same batch, the order rota
 each variant's figure is its median step time (``vs ce``: ratio of medians). ``kd_step_ratio``
 = the median over batches of KD (dense) step / CE step on the same batch, in wall time (target
 <= 1.15; pairing cancels slow changes of the machine's load); ``kd_step_cpu_ratio`` = the ratio
-of median thread CPU times, which a busy machine disturbs less. The target read and the loss
-alone are timed separately (medians over 20 batches).
+of median thread CPU times, which a busy machine disturbs less. The target read and the
+objective alone are timed separately (medians over 20 batches).
 
 ``--run RUN_DIR`` prints the distill stage's accuracy table (``RUN_DIR/distill/results.json``:
 name, top-1, top-5, parameters, latency) when it exists. ``--quick`` (< 60 s on 2 cores) runs
-fewer rounds and only the dense cache.
+fewer rounds and only the dense cache. Run it from the repository root.
 """
 
 from __future__ import annotations
@@ -37,31 +39,27 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-# `python benchmarks/distill.py` puts benchmarks/ first on sys.path, where this file would
-# shadow the `distill` package: import the packages from the repository root instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-from distill.losses import kd_loss  # noqa: E402
-from generalist.models import count_parameters, create_model  # noqa: E402
-from generalist.train import build_optimizer  # noqa: E402
-from orchestration.soft_cache import SoftTargetCache  # noqa: E402
-from orchestration.soft_cache import write_cache as write_soft_cache  # noqa: E402
+from distill.train import (
+    IndexedBatch,
+    TeacherFn,
+    build_objective,
+    distill_one_epoch,
+    make_teacher,
+)
+from generalist.models import count_parameters, create_model
+from generalist.train import build_optimizer
+from orchestration.soft_cache import SoftTargetCache
+from orchestration.soft_cache import write_cache as write_soft_cache
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "distill.json"
 TEMPERATURE, ALPHA = 4.0, 0.9
-TargetFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 # ------------------------------------------------------------------------------ the cache
@@ -87,52 +85,48 @@ def write_cache(out: Path, q: torch.Tensor, *, dense_max_classes: int, top_k: in
     return SoftTargetCache(out)
 
 
-def cache_targets(cache: SoftTargetCache) -> TargetFn:
-    """The one place targets are read: ``q`` at T = 1 for a batch of example ids, as the
-    distill stage does (``kd_loss`` softens it to ``softmax(log q / T)``)."""
-    return lambda ids: cache.targets(ids, 1.0)
+def cache_teacher(cache: SoftTargetCache) -> TeacherFn:
+    """The distill stage's cached teacher: ``q`` at T = 1 for a batch of example ids, read from the
+    cache (the objective softens it to ``softmax(log q / T)``)."""
+    return make_teacher(probs_fn=lambda x, ids: cache.targets(ids, 1.0).to(x.device))
 
 
 # ------------------------------------------------------------------------------ the steps
 class Variant:
-    """One student + optimizer and its step: ``targets`` None = plain cross-entropy."""
+    """One student + optimizer and the stage's objective: ``teacher`` None = hard labels only."""
 
-    def __init__(self, name: str, student: torch.nn.Module, targets: TargetFn | None) -> None:
-        self.name, self.student, self.targets = name, copy.deepcopy(student), targets
+    def __init__(self, name: str, student: torch.nn.Module, teacher: TeacherFn | None) -> None:
+        self.name, self.student, self.teacher = name, copy.deepcopy(student), teacher
+        self.objective = build_objective(temperature=TEMPERATURE, alpha=ALPHA if teacher is not None else 0.0)
         self.optimizer = build_optimizer(self.student, "adamw", lr=3e-3, weight_decay=5e-4)
         self.wall: list[float] = []
         self.cpu: list[float] = []
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
-        """One training step; appends its wall and thread CPU seconds."""
+        """One training step, as the distill stage runs it; appends its wall and thread CPU seconds."""
         start, start_cpu = time.perf_counter(), time.thread_time()
-        x = images[ids].float().div_(255.0)
-        y = labels[ids]
-        logits = self.student(x)
-        if self.targets is None:
-            loss = F.cross_entropy(logits, y)
-        else:
-            q = self.targets(ids)
-            loss = kd_loss(logits, y, teacher_probs=q, temperature=TEMPERATURE, alpha=ALPHA)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        batch = IndexedBatch(images[ids].float().div_(255.0), labels[ids], ids)
+        distill_one_epoch(self.student, [batch], self.optimizer, None, objective=self.objective,
+                          teacher=self.teacher, epoch=0)
         self.cpu.append(time.thread_time() - start_cpu)
         self.wall.append(time.perf_counter() - start)
 
 
-def time_parts(targets: TargetFn, batches: list[torch.Tensor], num_classes: int) -> dict[str, float]:
-    """Median seconds of the target read alone and of the KD loss (forward + backward through
+def time_parts(variant: Variant, images: torch.Tensor, batches: list[torch.Tensor],
+               num_classes: int) -> dict[str, float]:
+    """Median seconds of the target read alone and of the objective (forward + backward through
     the logits only) alone, on the same batches."""
+    assert variant.teacher is not None
     read, loss_s = [], []
     for ids in batches:
+        x = images[ids].float().div_(255.0)
         start = time.perf_counter()
-        q = targets(ids)
+        said = variant.teacher(x, ids)
         read.append(time.perf_counter() - start)
         logits = torch.randn(len(ids), num_classes, requires_grad=True)
         y = torch.randint(num_classes, (len(ids),))
         start = time.perf_counter()
-        kd_loss(logits, y, teacher_probs=q, temperature=TEMPERATURE, alpha=ALPHA).backward()
+        variant.objective(logits, y, said)[0].backward()
         loss_s.append(time.perf_counter() - start)
     return {"read_ms": 1e3 * statistics.median(read), "loss_ms": 1e3 * statistics.median(loss_s)}
 
@@ -153,7 +147,7 @@ def run_timing(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     student = create_model(args.student, num_classes=k, in_channels=1, image_size=args.image_size,
                            width=args.width)
     variants = [Variant("ce", student, None)]
-    variants += [Variant(name, student, cache_targets(cache)) for name, cache in caches.items()]
+    variants += [Variant(name, student, cache_teacher(cache)) for name, cache in caches.items()]
     order = torch.randperm(n, generator=gen)
     cursor = 0
 
@@ -185,11 +179,11 @@ def run_timing(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         row = {"variant": v.name, "steps": len(v.wall), "median_ms": 1e3 * wall,
                "min_ms": 1e3 * min(v.wall), "cpu_median_ms": 1e3 * cpu,
                "ratio_vs_ce": wall / ce_wall, "cpu_ratio_vs_ce": cpu / ce_cpu}
-        if v.targets is not None:
+        if v.teacher is not None:
             # the same batch, adjacent in time: slow changes of the machine's load cancel
             paired = [a / b for a, b in zip(v.wall, variants[0].wall, strict=True)]
             row["paired_ratio"] = statistics.median(paired)
-            row.update(time_parts(v.targets, [next_batch() for _ in range(20)], k))
+            row.update(time_parts(v, images, [next_batch() for _ in range(20)], k))
             row["cache"] = repr(caches[v.name])
         rows.append(row)
     return {"rows": rows, "kd_step_ratio": rows[1]["paired_ratio"],

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.registry import LOSSES
+
 __all__ = [
     "AttentionTransferLoss",
     "HintLoss",
@@ -76,6 +78,7 @@ def hint_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
     return F.mse_loss(student_features, teacher_features.detach())
 
 
+@LOSSES.register("hint")
 class HintLoss(nn.Module):
     """FitNets hint loss with a learned 1x1-conv (or linear) regressor.
 
@@ -179,29 +182,28 @@ class HintLoss(nn.Module):
 # ------------------------------------------------------------- attention transfer
 
 
-def _attention_energy(features: Tensor, p: float) -> Tensor:
-    """``(B, C, H, W) -> (B, 1, H, W)``: mean over channels of ``|A|^p``."""
-    return features.abs().pow(p).mean(dim=1, keepdim=True)
-
-
-def attention_map(features: Tensor, p: float = 2.0) -> Tensor:
+def attention_map(features: Tensor, p: float = 2.0, size: tuple[int, int] | None = None) -> Tensor:
     """Spatial attention map of Zagoruyko & Komodakis.
 
     Args:
         features: ``(B, C, H, W)`` activations.
         p: exponent (the paper uses 2).
+        size: ``(H', W')`` to adaptive-average-pool the map to before normalising (None: keep
+            ``(H, W)``).
 
     Returns:
-        ``(B, H * W)``: mean over channels of ``|A|^p``, flattened, L2-normalised per
-        sample.
+        ``(B, H' * W')``: mean over channels of ``|A|^p``, flattened, L2-normalised per sample.
     """
     if features.dim() != 4:
         raise ValueError(f"attention: features must be (B, C, H, W), got {tuple(features.shape)}")
-    return F.normalize(_attention_energy(features, p).flatten(1), dim=1, eps=_EPS)
+    energy = features.abs().pow(p).mean(dim=1, keepdim=True)  # (B, 1, H, W)
+    if size is not None and tuple(energy.shape[2:]) != tuple(size):
+        energy = F.adaptive_avg_pool2d(energy, size)
+    return F.normalize(energy.flatten(1), dim=1, eps=_EPS)
 
 
 def attention_loss(student_features: Tensor, teacher_features: Tensor, p: float = 2.0) -> Tensor:
-    """Attention-transfer loss ``mean_b ||Q_s - Q_t||_2``.
+    """Attention-transfer loss ``mean_b ||Q_s - Q_t||_2`` between the two sides' :func:`attention_map`.
 
     Channel counts may differ.  When ``(H, W)`` differ, the larger (unnormalised)
     attention map is adaptive-average-pooled to the smaller size before
@@ -222,16 +224,14 @@ def attention_loss(student_features: Tensor, teacher_features: Tensor, p: float 
             f"attention: features must be (B, C, H, W), got student "
             f"{tuple(student_features.shape)} and teacher {tuple(teacher_features.shape)}"
         )
-    a_s = _attention_energy(student_features, p)
-    a_t = _attention_energy(teacher_features.detach(), p)
-    if a_s.shape[2:] != a_t.shape[2:]:
-        size = (min(a_s.shape[2], a_t.shape[2]), min(a_s.shape[3], a_t.shape[3]))
-        a_s, a_t = F.adaptive_avg_pool2d(a_s, size), F.adaptive_avg_pool2d(a_t, size)
-    q_s = F.normalize(a_s.flatten(1), dim=1, eps=_EPS)
-    q_t = F.normalize(a_t.flatten(1), dim=1, eps=_EPS)
+    size = (min(student_features.shape[2], teacher_features.shape[2]),
+            min(student_features.shape[3], teacher_features.shape[3]))
+    q_s = attention_map(student_features, p, size)  # (B, H * W)
+    q_t = attention_map(teacher_features.detach(), p, size)
     return torch.linalg.vector_norm(q_s - q_t, dim=1).mean()
 
 
+@LOSSES.register("attention")
 class AttentionTransferLoss(nn.Module):
     """Module form of :func:`attention_loss` for one pair of layers.
 
@@ -316,6 +316,7 @@ def rkd_angle_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor
     return F.smooth_l1_loss(s, t)
 
 
+@LOSSES.register("rkd")
 class RKDLoss(nn.Module):
     """Relational KD: ``distance_weight * L_dist + angle_weight * L_angle``.
 
@@ -377,6 +378,7 @@ def similarity_preserving_loss(student_features: Tensor, teacher_features: Tenso
     return (g_s - g_t).pow(2).sum() / (b * b)
 
 
+@LOSSES.register("similarity")
 class SimilarityPreservingLoss(nn.Module):
     """Module form of :func:`similarity_preserving_loss` (no parameters)."""
 

@@ -1,10 +1,15 @@
-"""Logit-based knowledge distillation (Hinton, Vinyals & Dean 2015).
+"""Logit-based knowledge distillation (Hinton, Vinyals & Dean 2015): the one implementation of
 
-The teacher can be given either as logits ``z_t`` of shape ``(B, K)`` or as a
-probability distribution ``q`` of shape ``(B, K)`` at temperature 1 (for example the
-specialist ensemble's combined distribution, or a cache of top-k probabilities plus
-residual mass expanded with :func:`topk_to_probs`).  Probabilities are treated as the
-teacher's logits ``log q`` and softened as ``softmax(log q / T)``.
+    alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha) * CE(z_s, y),  batch mean,
+
+in :func:`kd_loss_terms`; :func:`kd_loss`, :class:`KDLoss` (the registered ``"kd"`` loss) and
+:class:`distill.train.DistillObjective` (the pipeline's objective) all call it.
+
+The teacher is given either as logits ``z_t (B, K)`` or as a probability distribution
+``q (B, K)`` at temperature 1 (the specialist ensemble's combined distribution, or cached top-k
+targets completed with :func:`distill.targets.complete_topk`). Probabilities are the teacher's
+logits ``log q``, softened by :func:`distill.targets.log_soft_targets` (``softmax(log q / T)``;
+exact zeros stay zero).
 
 The teacher side is always detached: these losses never send gradients to the teacher.
 Half-precision inputs are upcast to float32 before the softmax.
@@ -12,18 +17,20 @@ Half-precision inputs are upcast to float32 before the softmax.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.registry import LOSSES
+from distill.targets import check_temperature, log_soft_targets
+
 __all__ = [
     "KDLoss",
+    "check_alpha",
     "kd_loss",
+    "kd_loss_terms",
     "soft_target_loss",
     "teacher_log_probs",
-    "topk_to_probs",
 ]
 
 # Rows of ``teacher_probs`` may deviate this much from summing to one (fp16 caches);
@@ -31,33 +38,18 @@ __all__ = [
 PROB_SUM_TOLERANCE = 1e-2
 
 
-def _to_float(x: object) -> float | None:
+def check_alpha(alpha: object) -> float:
+    """``alpha`` as a float; ValueError unless it lies in [0, 1]."""
     try:
-        return float(x)  # type: ignore[arg-type]
-    except (TypeError, ValueError, RuntimeError):
-        return None
-
-
-def check_positive(what: str, value: object, hint: str = "") -> None:
-    """Raise ValueError unless ``value`` is a finite number > 0 (``hint`` is appended to the message)."""
-    number = _to_float(value)
-    if isinstance(value, bool) or number is None or not math.isfinite(number) or number <= 0:
-        raise ValueError(f"{what} must be a finite number > 0, got {value!r}{'; ' + hint if hint else ''}")
-
-
-def check_temperature(temperature: float) -> None:
-    """Raise ValueError unless ``temperature`` is a finite number > 0."""
-    check_positive("temperature", temperature, "pass e.g. temperature=4.0 (T=1 means no softening)")
-
-
-def check_alpha(alpha: float) -> None:
-    """Raise ValueError unless ``alpha`` lies in [0, 1]."""
-    value = _to_float(alpha)
-    if value is None or not 0.0 <= value <= 1.0:
+        value = float(alpha)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(alpha, bool) or not 0.0 <= value <= 1.0:
         raise ValueError(
             f"alpha must lie in [0, 1] (the weight of the soft-target term; 1 - alpha "
             f"weights the hard-label cross-entropy), got {alpha!r}"
         )
+    return value
 
 
 def _as_float(x: Tensor) -> Tensor:
@@ -70,6 +62,15 @@ def _check_logits(student_logits: Tensor) -> None:
             f"student_logits must be a float tensor of shape (B, K), got dtype "
             f"{student_logits.dtype} and shape {tuple(student_logits.shape)}; "
             "flatten sequence logits with logits.reshape(-1, K)"
+        )
+
+
+def _check_labels(labels: Tensor, student_logits: Tensor) -> None:
+    if labels.shape != student_logits.shape[:1] or labels.is_floating_point():
+        raise ValueError(
+            f"labels must be integer class indices of shape (B,)="
+            f"{tuple(student_logits.shape[:1])}, got dtype {labels.dtype} and shape "
+            f"{tuple(labels.shape)}; soft labels go in teacher_probs=..."
         )
 
 
@@ -92,7 +93,8 @@ def teacher_log_probs(
     *,
     temperature: float,
 ) -> Tensor:
-    """Softened teacher log-distribution ``log softmax(z_t / T)``, detached.
+    """Softened teacher log-distribution, detached: ``log softmax(z_t / T)`` for logits,
+    :func:`distill.targets.log_soft_targets` (``log softmax(log q / T)``) for probabilities.
 
     Args:
         teacher_logits: ``(B, K)`` teacher logits, or None.
@@ -109,15 +111,14 @@ def teacher_log_probs(
             "give exactly one of teacher_logits=(B, K) logits or teacher_probs=(B, K) "
             "probabilities, got " + ("both" if teacher_logits is not None else "neither")
         )
-    if teacher_logits is not None:
-        logits = _as_float(teacher_logits.detach())
-    else:
-        assert teacher_probs is not None
+    if teacher_probs is not None:
         probs = _as_float(teacher_probs.detach())
         if probs.dim() != 2:
             raise ValueError(f"teacher_probs must have shape (B, K), got {tuple(probs.shape)}")
         _check_probs(probs)
-        logits = probs.log()
+        return log_soft_targets(probs, temperature)
+    assert teacher_logits is not None
+    logits = _as_float(teacher_logits.detach())
     if logits.dim() != 2:
         raise ValueError(f"teacher_logits must have shape (B, K), got {tuple(logits.shape)}")
     return F.log_softmax(logits / temperature, dim=-1)
@@ -130,7 +131,7 @@ def soft_target_loss(
     *,
     temperature: float,
 ) -> Tensor:
-    """``T^2 * KL(p_t^T || p_s^T)``, summed over classes and averaged over the batch.
+    """The soft term ``T^2 * KL(p_t^T || p_s^T)``, summed over classes and averaged over the batch.
 
     The ``T^2`` factor keeps the gradient magnitude w.r.t. the student logits roughly
     independent of ``T`` (the KL gradient itself scales like ``1/T^2`` for large T).
@@ -145,21 +146,21 @@ def soft_target_loss(
         Scalar loss.
     """
     _check_logits(student_logits)
-    log_p_t = teacher_log_probs(teacher_logits, teacher_probs, temperature=temperature)
+    log_p_t = teacher_log_probs(teacher_logits, teacher_probs, temperature=temperature)  # (B, K)
     if log_p_t.shape != student_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher "
             f"{'logits' if teacher_logits is not None else 'probs'} {tuple(log_p_t.shape)} "
             "must have the same (B, K) shape; check the batch and the class order/count"
         )
-    log_p_s = F.log_softmax(_as_float(student_logits) / temperature, dim=-1)
+    log_p_s = F.log_softmax(_as_float(student_logits) / temperature, dim=-1)  # (B, K)
     p_t = log_p_t.exp()
     # xlogy(0, 0) = 0, so zero teacher probabilities contribute nothing.
-    kl = (torch.special.xlogy(p_t, p_t) - p_t * log_p_s).sum(dim=-1)
+    kl = (torch.special.xlogy(p_t, p_t) - p_t * log_p_s).sum(dim=-1)  # (B,)
     return kl.mean() * temperature**2
 
 
-def kd_loss(
+def kd_loss_terms(
     student_logits: Tensor,
     labels: Tensor | None,
     teacher_logits: Tensor | None = None,
@@ -167,8 +168,8 @@ def kd_loss(
     *,
     temperature: float,
     alpha: float,
-) -> Tensor:
-    """Hinton distillation loss.
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Hinton distillation loss and its two terms.
 
     ``alpha * T^2 * KL(softmax(z_t/T) || softmax(z_s/T)) + (1 - alpha) * CE(z_s, y)``,
     both terms averaged over the batch (KL summed over classes).
@@ -184,33 +185,49 @@ def kd_loss(
             ``alpha == 1`` pure soft-target distillation (no labels needed).
 
     Returns:
-        Scalar loss.
+        ``(total, terms)``: the scalar loss and its unweighted terms, detached, for logging:
+        ``"ce"`` whenever labels are given (also at ``alpha == 1``, where it does not count)
+        and ``"soft"`` (``T^2 * KL``) when ``alpha > 0``.
     """
     check_temperature(temperature)
-    check_alpha(alpha)
+    alpha = check_alpha(alpha)
     _check_logits(student_logits)
-    loss = student_logits.new_zeros((), dtype=_as_float(student_logits).dtype)
-    if alpha < 1.0:
-        if labels is None:
-            raise ValueError(
-                f"labels are required when alpha < 1 (got alpha={alpha}); pass (B,) class "
-                "indices or use alpha=1.0 for label-free distillation"
-            )
-        if labels.shape != student_logits.shape[:1] or labels.is_floating_point():
-            raise ValueError(
-                f"labels must be integer class indices of shape (B,)="
-                f"{tuple(student_logits.shape[:1])}, got dtype {labels.dtype} and shape "
-                f"{tuple(labels.shape)}; soft labels go in teacher_probs=..."
-            )
-        loss = loss + (1.0 - alpha) * F.cross_entropy(_as_float(student_logits), labels)
-    if alpha > 0.0:
-        soft = soft_target_loss(
-            student_logits, teacher_logits, teacher_probs, temperature=temperature
+    logits = _as_float(student_logits)
+    total = logits.new_zeros(())
+    terms: dict[str, Tensor] = {}
+    if labels is None and alpha < 1.0:
+        raise ValueError(
+            f"labels are required when alpha < 1 (got alpha={alpha}); pass (B,) class "
+            "indices or use alpha=1.0 for label-free distillation"
         )
-        loss = loss + alpha * soft
-    return loss
+    if labels is not None:
+        _check_labels(labels, logits)
+        ce = F.cross_entropy(logits, labels)
+        terms["ce"] = ce.detach()
+        if alpha < 1.0:
+            total = total + (1.0 - alpha) * ce
+    if alpha > 0.0:
+        soft = soft_target_loss(logits, teacher_logits, teacher_probs, temperature=temperature)
+        terms["soft"] = soft.detach()
+        total = total + alpha * soft
+    return total, terms
 
 
+def kd_loss(
+    student_logits: Tensor,
+    labels: Tensor | None,
+    teacher_logits: Tensor | None = None,
+    teacher_probs: Tensor | None = None,
+    *,
+    temperature: float,
+    alpha: float,
+) -> Tensor:
+    """The scalar loss of :func:`kd_loss_terms` (same arguments)."""
+    return kd_loss_terms(student_logits, labels, teacher_logits, teacher_probs,
+                         temperature=temperature, alpha=alpha)[0]
+
+
+@LOSSES.register("kd")
 class KDLoss(nn.Module):
     """Module form of :func:`kd_loss`.
 
@@ -221,10 +238,8 @@ class KDLoss(nn.Module):
 
     def __init__(self, temperature: float, alpha: float) -> None:
         super().__init__()
-        check_temperature(temperature)
-        check_alpha(alpha)
-        self.temperature = float(temperature)
-        self.alpha = float(alpha)
+        self.temperature = check_temperature(temperature)
+        self.alpha = check_alpha(alpha)
 
     def forward(
         self,
@@ -245,50 +260,3 @@ class KDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}"
-
-
-def topk_to_probs(
-    values: Tensor,
-    indices: Tensor,
-    num_classes: int,
-    residual: Tensor | None = None,
-) -> Tensor:
-    """Expand cached top-k teacher probabilities into a full ``(B, K)`` distribution.
-
-    The residual mass (``1 - values.sum(-1)`` unless given) is spread uniformly over
-    the ``K - k`` classes outside the top-k, so every class keeps a non-zero
-    probability and the KL stays finite.
-
-    Args:
-        values: ``(B, k)`` top-k probabilities (non-negative).
-        indices: ``(B, k)`` integer class indices of ``values``.
-        num_classes: ``K >= k``.
-        residual: optional ``(B,)`` mass outside the top-k.
-
-    Returns:
-        ``(B, K)`` probabilities in ``values``' dtype (float32 for half inputs).
-    """
-    if values.dim() != 2 or values.shape != indices.shape:
-        raise ValueError(
-            f"values and indices must both have shape (B, k), got {tuple(values.shape)} "
-            f"and {tuple(indices.shape)}"
-        )
-    if indices.is_floating_point():
-        raise ValueError(f"indices must be integer class ids, got dtype {indices.dtype}")
-    k = values.shape[1]
-    if not isinstance(num_classes, int) or num_classes < k:
-        raise ValueError(
-            f"num_classes must be an int >= k={k} (the number of cached entries), "
-            f"got {num_classes!r}"
-        )
-    values = _as_float(values)
-    if residual is None:
-        residual = (1.0 - values.sum(dim=-1)).clamp_min(0.0)
-    elif residual.shape != values.shape[:1]:
-        raise ValueError(
-            f"residual must have shape (B,)={tuple(values.shape[:1])}, got {tuple(residual.shape)}"
-        )
-    rest = num_classes - k
-    fill = residual.to(values.dtype) / rest if rest > 0 else values.new_zeros(values.shape[0])
-    probs = fill.unsqueeze(1).expand(-1, num_classes).clone()
-    return probs.scatter(1, indices.long(), values)

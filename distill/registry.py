@@ -23,57 +23,36 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from distill.feature_losses import (
-    AttentionTransferLoss,
-    HintLoss,
-    RKDLoss,
-    SimilarityPreservingLoss,
+from generalist.registry import Registry
+
+__all__ = ["LOSSES", "CombinedLoss", "create_loss", "list_losses"]
+
+# name -> ``factory(**kwargs) -> nn.Module``; each loss registers itself next to its definition
+# (``@LOSSES.register("kd")`` in distill.losses, the feature losses in distill.feature_losses).
+LOSSES: Registry[Callable[..., nn.Module]] = Registry(
+    "loss", hint="Register one with @LOSSES.register(name) from distill.registry."
 )
-from distill.losses import KDLoss
-
-__all__ = ["CombinedLoss", "create_loss", "list_losses", "register_loss"]
-
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    "kd": KDLoss,
-    "hint": HintLoss,
-    "attention": AttentionTransferLoss,
-    "rkd": RKDLoss,
-    "similarity": SimilarityPreservingLoss,
-}
 
 
 def list_losses() -> list[str]:
     """Sorted names accepted by :func:`create_loss`."""
-    return sorted(_REGISTRY)
-
-
-def register_loss(name: str, factory: Callable[..., nn.Module], *, overwrite: bool = False) -> None:
-    """Register ``factory(**kwargs) -> nn.Module`` under ``name``."""
-    if not isinstance(name, str) or not name or ":" in name:
-        raise ValueError(f"loss name must be a non-empty string without ':', got {name!r}")
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(f"loss {name!r} is already registered; pass overwrite=True to replace it")
-    _REGISTRY[name] = factory
+    return LOSSES.names()
 
 
 def create_loss(name: str, **kwargs: Any) -> nn.Module:
     """Build the registered loss ``name`` with constructor ``kwargs``.
 
     Raises:
-        ValueError: unknown name (the message lists the known ones) or arguments the
-            constructor does not accept (the message shows its signature).
+        ValueError: unknown name (the message suggests the closest and lists the known ones) or
+            arguments the constructor does not accept (the message shows its signature).
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(list_losses())}")
-    factory = _REGISTRY[name]
+    factory = LOSSES.get(name)
+    signature = inspect.signature(factory)
     try:
-        return factory(**kwargs)
+        signature.bind(**kwargs)
     except TypeError as err:
-        try:
-            sig = str(inspect.signature(factory))
-        except (TypeError, ValueError):
-            sig = "(...)"
-        raise ValueError(f"bad arguments for loss {name!r}: {err}; expected {name}{sig}") from err
+        raise ValueError(f"bad arguments for loss {name!r}: {err}; expected {name}{signature}") from None
+    return factory(**kwargs)
 
 
 def _module_key(term: str) -> str:

@@ -22,7 +22,8 @@ def check_temperature(temperature: object) -> float:
     """``temperature`` as a float; ValueError unless it is a positive finite number."""
     if isinstance(temperature, bool) or not isinstance(temperature, int | float) \
             or not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}; "
+                         "pass e.g. temperature=4.0 (T=1 means no softening)")
     return float(temperature)
 
 

@@ -19,12 +19,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.features import FeatureExtractor
-from distill.losses import check_alpha, check_temperature, soft_target_loss
+from distill.losses import check_alpha, kd_loss_terms
 from distill.registry import CombinedLoss, list_losses
+from distill.targets import check_temperature
 from generalist.train import iterate_batches, train_one_epoch
 
 __all__ = [
@@ -193,7 +193,8 @@ def probe_feature_shapes(model: nn.Module, paths: Sequence[str], x: Tensor) -> d
 
 
 class DistillObjective(nn.Module):
-    """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE + sum_i w_i * extra_i``.
+    """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE + sum_i w_i * extra_i``: the
+    logit terms are :func:`distill.losses.kd_loss_terms`, the extras a :class:`CombinedLoss`.
 
     ``extra`` (may be None) is a :class:`CombinedLoss` whose terms compare the student and
     teacher activations named by ``pairs[term] = (student path, teacher path)``; its learnable
@@ -209,10 +210,8 @@ class DistillObjective(nn.Module):
         pairs: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
         super().__init__()
-        check_temperature(temperature)
-        check_alpha(alpha)
-        self.temperature = float(temperature)
-        self.alpha = float(alpha)
+        self.temperature = check_temperature(temperature)
+        self.alpha = check_alpha(alpha)
         self.extra = extra
         self.pairs = dict(pairs or {})
         terms = set(extra.weights) if extra is not None else set()
@@ -239,17 +238,13 @@ class DistillObjective(nn.Module):
         teacher: TeacherOutput,
         student_features: Mapping[str, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """``(B, K)`` logits, ``(B,)`` labels -> ``(total, {"soft", "ce", <extra terms>})``;
-        the terms are unweighted and detached (``soft`` already includes ``T^2``)."""
-        logits = student_logits.float()
-        ce = F.cross_entropy(logits, labels)
-        total, terms = (1.0 - self.alpha) * ce, {"ce": ce.detach()}
-        if self.alpha > 0:
-            if teacher.probs is None and teacher.logits is None:
-                raise ValueError(f"alpha={self.alpha} needs teacher probs or logits for the batch")
-            soft = soft_target_loss(logits, teacher.logits, teacher.probs, temperature=self.temperature)
-            total = total + self.alpha * soft
-            terms["soft"] = soft.detach()
+        """``(B, K)`` logits, ``(B,)`` labels -> ``(total, {"ce", "soft", <extra terms>})``;
+        the terms are unweighted and detached (``soft`` already includes ``T^2``). The logit
+        terms are :func:`distill.losses.kd_loss_terms` (in float32)."""
+        if self.alpha > 0 and teacher.probs is None and teacher.logits is None:
+            raise ValueError(f"alpha={self.alpha} needs teacher probs or logits for the batch")
+        total, terms = kd_loss_terms(student_logits.float(), labels, teacher.logits, teacher.probs,
+                                     temperature=self.temperature, alpha=self.alpha)
         if self.extra is not None:
             inputs = {term: (_feature(student_features, s, "student").float(),
                              _feature(teacher.features, t, "teacher").float())

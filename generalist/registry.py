@@ -90,5 +90,6 @@ class Registry(Generic[T]):
         by_key = {normalise_name(k): k for k in known}
         hint = f"; did you mean {by_key[close[0]]!r}?" if close else ""
         tail = f" {self._hint}" if self._hint else ""
-        return self.error(f"unknown {self.kind} {name!r}{hint} known {self.kind}s: "
+        kinds = f"{self.kind}es" if self.kind.endswith("s") else f"{self.kind}s"
+        return self.error(f"unknown {self.kind} {name!r}{hint} known {kinds}: "
                           f"{', '.join(known) or '(none)'}.{tail}")

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.data_free import distill_data_free
+from distill.data_free_train import DataFreeSettings, DataFreeTrainer
 from distill.train import (
     DistillObjective,
     TeacherFn,
@@ -354,19 +354,42 @@ def _data_free_row(ctx: StageContext, teachers: Teachers, spec: dict[str, Any]) 
     steps = cfg.data_free.steps_per_epoch * cfg.epochs
     ctx.console.print(f"  data_free: {cfg.data_free.generator_steps} generator steps, then {steps} "
                       f"student steps on generated images")
-    history = distill_data_free(
-        teachers.generalist, student, image_shape=tuple(data.image_shape), num_classes=data.num_classes,
+    settings = DataFreeSettings(
+        image_shape=tuple(data.image_shape), num_classes=data.num_classes,
         generator_steps=cfg.data_free.generator_steps, student_steps=steps,
         batch_size=cfg.data_free.batch_size, latent_dim=cfg.data_free.latent_dim,
         temperature=cfg.temperature, lr=cfg.data_free.lr,
-        seed=ctx.config.run.seed, device=ctx.device, feature_path="head", feature_capture="input",
+        seed=ctx.config.run.seed, feature_path="head", feature_capture="input",
+        chunk_steps=cfg.data_free.steps_per_epoch)
+    checkpoints = Checkpointer(row_dir / CHECKPOINTS)
+    trainer = DataFreeTrainer(
+        settings, teachers.generalist, student, device=ctx.device,
         teacher_probs=(lambda x: ensemble_forward(ensemble, x).q.float()) if cfg.teacher == "ensemble" else None,
         on_progress=_data_free_progress(ctx, {"generator": cfg.data_free.generator_steps, "student": steps}),
+        on_chunk=lambda t: checkpoints.save(t.generator_steps_done + t.student_steps_done, t.student,
+                                            {"trainer": t}, metadata={"model": spec}),
     )
+    _resume_data_free(ctx, checkpoints, trainer)
+    history = trainer.run()
     ctx.logger.log_metrics({"data_free/classes_covered": history["classes_covered"]})
     ctx.console.print(f"  data_free: the generator's samples cover {history['classes_covered']} of "
                       f"{data.num_classes} classes (teacher arg-max)")
     return _finish_row(ctx, row, row_dir, student, spec)
+
+
+def _resume_data_free(ctx: StageContext, checkpoints: Checkpointer, trainer: DataFreeTrainer) -> None:
+    """Continue a data-free row after its last saved chunk; a corrupt snapshot restarts it."""
+    initial = trainer.state_dict()
+    try:
+        snapshot = checkpoints.resume(trainer.student, {"trainer": trainer})
+    except CheckpointError as exc:
+        ctx.console.print(f"[yellow]warning[/] data_free: cannot resume ({exc}); training from scratch")
+        checkpoints.clear()
+        trainer.load_state_dict(initial)
+        return
+    if snapshot is not None:
+        ctx.console.print(f"  data_free: resuming after {trainer.generator_steps_done} generator and "
+                          f"{trainer.student_steps_done} student steps")
 
 
 def _data_free_progress(ctx: StageContext, totals: dict[str, int]):

@@ -1,4 +1,4 @@
-"""DAFL data-free distillation: losses, generator, and a generator training step."""
+"""DAFL data-free distillation: losses, generator, the BatchNorm prior and the generator step."""
 
 import math
 
@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill import (
+    BatchNormPrior,
     Generator,
     activation_loss,
     dafl_generator_loss,
@@ -112,25 +113,57 @@ def test_generator_steps_reduce_loss_and_keep_teacher_frozen():
     teacher.train()
     totals = []
     for _ in range(10):
-        total, terms = train_generator_step(
-            gen, teacher, opt, 16, feature_path="fc", feature_capture="input", rng=rng
-        )
-        totals.append(total.item())
+        step = train_generator_step(gen, teacher, opt, 16, feature_path="fc", feature_capture="input", rng=rng)
+        totals.append(step.loss.item())
     teacher.eval()
     after = _eval_loss(gen, teacher, z)
     # measured: -5.309 -> -5.418 on the fixed z; -5.313 -> -5.419 along the steps
     assert after < before - 0.05
     assert totals[-1] < totals[0] - 0.05
-    assert set(terms) == {"onehot", "activation", "entropy"}
+    assert set(step.terms) == {"onehot", "activation", "entropy"}
+    assert step.images.shape == (16, 1, 8, 8) and step.logits.shape == (16, 4)
+    assert not step.images.requires_grad and not step.logits.requires_grad
     # teacher: parameters and buffers unchanged, no grads, flags and mode restored
     for key, value in teacher.state_dict().items():
         assert torch.equal(value, snapshot[key]), key
     assert all(p.grad is None and p.requires_grad for p in teacher.parameters())
     teacher.train()
-    total, _ = train_generator_step(
-        gen, teacher, opt, 8, feature_path="fc", feature_capture="input", rng=rng
-    )
+    train_generator_step(gen, teacher, opt, 8, feature_path="fc", feature_capture="input", rng=rng)
     assert teacher.training
+
+
+def test_batchnorm_prior_term_matches_the_running_statistics():
+    torch.manual_seed(0)
+    teacher = TinyTeacher().eval()
+    bn = teacher.features[1]
+    with torch.no_grad():
+        bn.running_mean.fill_(0.5)
+        bn.running_var.fill_(2.0)
+    prior = BatchNormPrior(teacher)
+    assert prior.layers == [bn]
+    x = torch.rand(6, 1, 8, 8)
+    with prior:
+        with torch.no_grad():
+            teacher(x)  # not recorded under no_grad
+        assert prior.pop() is None
+        teacher(x)
+    conv = teacher.features[0](x)  # the BatchNorm input, (6, 8, 8, 8)
+    want = (torch.linalg.vector_norm(conv.mean(dim=(0, 2, 3)) - 0.5)
+            + torch.linalg.vector_norm(conv.var(dim=(0, 2, 3), unbiased=False) - 2.0))
+    assert prior.pop().item() == pytest.approx(want.item(), rel=1e-6)
+    teacher(x)  # after the with block the hooks are gone
+    assert prior.pop() is None
+
+    gen = Generator(4, (1, 8, 8), hidden_channels=4)
+    opt = torch.optim.SGD(gen.parameters(), lr=0.0)
+    z_rng = torch.Generator().manual_seed(3)
+    plain = train_generator_step(gen, teacher, opt, 4, feature_path="fc", feature_capture="input", rng=z_rng)
+    z_rng.manual_seed(3)
+    with_prior = train_generator_step(gen, teacher, opt, 4, feature_path="fc", feature_capture="input",
+                                      bn_prior=prior, w_bn=2.0, rng=z_rng)
+    assert "bn" not in plain.terms and with_prior.terms["bn"].item() > 0
+    assert with_prior.loss.item() == pytest.approx(plain.loss.item() + 2.0 * with_prior.terms["bn"].item(),
+                                                   rel=1e-6)
 
 
 def test_train_step_rejects_teacher_in_optimizer_and_tiny_batch():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill import KDLoss, kd_loss, soft_target_loss, topk_to_probs
+from distill import KDLoss, kd_loss, kd_loss_terms, soft_target_loss
 
 # 2 x 3 case.  With T = 2 (values from exp/log by hand, see _reference below):
 #   row 0: p_s = softmax([.5, 1, 1.5]) = [.18632, .30720, .50648]
@@ -47,6 +47,21 @@ def test_hand_computed_value():
     assert loss.item() == pytest.approx(_reference(STUDENT, TEACHER, LABELS, 2.0, 0.5), rel=1e-12)
     soft = soft_target_loss(_t(STUDENT), _t(TEACHER), temperature=2.0)
     assert soft.item() == pytest.approx(0.7006471, abs=1e-6)
+    total, terms = kd_loss_terms(_t(STUDENT), torch.tensor(LABELS), _t(TEACHER), temperature=2.0, alpha=0.5)
+    assert list(terms) == ["ce", "soft"] and total.item() == loss.item()
+    assert terms["soft"].item() == pytest.approx(0.7006471, abs=1e-6)
+    assert terms["ce"].item() == pytest.approx(0.7531100, abs=1e-6)
+
+
+def test_terms_at_the_ends_of_alpha():
+    zs, zt, y = _t(STUDENT), _t(TEACHER), torch.tensor(LABELS)
+    total, terms = kd_loss_terms(zs, y, zt, temperature=2.0, alpha=1.0)
+    assert total.item() == terms["soft"].item()  # ce is reported but does not count
+    assert terms["ce"].item() == pytest.approx(0.7531100, abs=1e-6)
+    total, terms = kd_loss_terms(zs, None, zt, temperature=2.0, alpha=1.0)
+    assert list(terms) == ["soft"]
+    total, terms = kd_loss_terms(zs, y, temperature=2.0, alpha=0.0)  # no teacher needed
+    assert list(terms) == ["ce"] and total.item() == terms["ce"].item()
 
 
 def test_random_case_matches_reference():
@@ -133,19 +148,6 @@ def test_t_squared_keeps_gradient_magnitude():
     # without T^2 the gradient falls like 1/T^2: 100x from T=2 to T=20, ~4x per doubling
     assert 80 < unscaled[2.0] / unscaled[20.0] < 120
     assert 3.5 < unscaled[10.0] / unscaled[20.0] < 4.5
-
-
-def test_topk_to_probs_spreads_residual():
-    values = torch.tensor([[0.6, 0.2], [0.5, 0.5]])
-    indices = torch.tensor([[3, 0], [1, 2]])
-    probs = topk_to_probs(values, indices, num_classes=4)
-    expected = torch.tensor([[0.2, 0.1, 0.1, 0.6], [0.0, 0.5, 0.5, 0.0]])
-    torch.testing.assert_close(probs, expected)
-    residual = torch.tensor([0.1, 0.0])
-    probs = topk_to_probs(values, indices, num_classes=4, residual=residual)
-    assert probs[0, 1].item() == pytest.approx(0.05)
-    with pytest.raises(ValueError, match="num_classes"):
-        topk_to_probs(values, indices, num_classes=1)
 
 
 @pytest.mark.parametrize(

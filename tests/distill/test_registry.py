@@ -1,9 +1,20 @@
-"""Loss registry and CombinedLoss."""
+"""Loss registry (generalist.registry.Registry, losses registered where they are defined) and CombinedLoss."""
 
 import pytest
 import torch
 
-from distill import CombinedLoss, HintLoss, KDLoss, create_loss, kd_loss, list_losses
+from distill import (
+    LOSSES,
+    AttentionTransferLoss,
+    CombinedLoss,
+    HintLoss,
+    KDLoss,
+    RKDLoss,
+    SimilarityPreservingLoss,
+    create_loss,
+    kd_loss,
+    list_losses,
+)
 
 
 def test_list_and_create():
@@ -12,18 +23,29 @@ def test_list_and_create():
     assert isinstance(kd, KDLoss) and kd.temperature == 4.0 and kd.alpha == 0.9
 
 
+def test_each_loss_is_registered_by_its_own_module():
+    assert [LOSSES.get(n) for n in list_losses()] == [
+        AttentionTransferLoss, HintLoss, KDLoss, RKDLoss, SimilarityPreservingLoss]
+    assert isinstance(create_loss("Similarity"), SimilarityPreservingLoss)  # names are normalised
+    with pytest.raises(ValueError, match="already registered"):
+        LOSSES.add("kd", HintLoss)
+
+
 def test_unknown_name_lists_known_names():
     with pytest.raises(ValueError) as info:
-        create_loss("fitnet")
+        create_loss("hnit")
     msg = str(info.value)
-    assert "'fitnet'" in msg
-    for name in ("attention", "hint", "kd", "rkd", "similarity"):
-        assert name in msg
+    assert "unknown loss 'hnit'; did you mean 'hint'?" in msg
+    assert "known losses: attention, hint, kd, rkd, similarity." in msg
 
 
 def test_bad_kwargs_become_value_error():
-    with pytest.raises(ValueError, match="bad arguments for loss 'kd'.*temperature"):
+    with pytest.raises(ValueError, match=r"bad arguments for loss 'kd'.*temperature.*expected kd\(temperature"):
         create_loss("kd", temp=4.0)
+    with pytest.raises(ValueError, match="bad arguments for loss 'hint'.*teacher_channels"):
+        create_loss("hint", student_channels=3)
+    with pytest.raises(ValueError, match="alpha must lie in"):  # the constructor's own check, not hidden
+        create_loss("kd", temperature=4.0, alpha=2.0)
 
 
 def test_combined_total_and_terms():

@@ -50,6 +50,18 @@ def test_complete_topk_spreads_the_residual_over_the_classes_not_kept():
     assert explicit[0, 1].item() == 0.0 and explicit[0, 3].item() == pytest.approx(0.6)
 
 
+def test_complete_topk_fills_each_row_from_its_own_ids_and_mass():
+    values = torch.tensor([[0.6, 0.2], [0.5, 0.5]])
+    ids = torch.tensor([[3, 0], [1, 2]])
+    # row 0: residual 0.2 over classes 1, 2; row 1 holds all its mass: the rest stays exactly zero
+    expected = torch.tensor([[0.2, 0.1, 0.1, 0.6], [0.0, 0.5, 0.5, 0.0]])
+    torch.testing.assert_close(complete_topk(values, ids, num_classes=4), expected)
+    out = complete_topk(values, ids, num_classes=4, residual=torch.tensor([0.1, 0.0]))
+    assert out[0, 1].item() == pytest.approx(0.05) and out[1, 0].item() == 0.0
+    half = complete_topk(values.half(), ids, num_classes=4)
+    assert half.dtype == torch.float32 and torch.allclose(half, expected, atol=1e-3)
+
+
 def test_complete_topk_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="shape"):
         complete_topk(torch.ones(2, 3), torch.zeros(2, 2, dtype=torch.long), num_classes=4)

@@ -10,10 +10,10 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from distill.features import FeatureExtractor
-from distill.losses import kd_loss
 from distill.train import (
     DistillObjective,
     TeacherOutput,
@@ -35,13 +35,47 @@ def _tiny(seed: int, width: float = 0.125) -> nn.Module:
     return create_model("cnn", num_classes=4, in_channels=1, image_size=8, width=width)
 
 
-def test_objective_is_kd_loss_plus_weighted_extras():
+def _previous_objective(zs, y, zt, q, temperature, alpha):
+    """The objective's formula before it called distill.losses.kd_loss_terms, kept verbatim."""
+    logits = zs.float()
+    ce = F.cross_entropy(logits, y)
+    total = (1.0 - alpha) * ce
+    if alpha > 0:
+        log_p_t = F.log_softmax((q.log() if q is not None else zt) / temperature, dim=-1)
+        log_p_s = F.log_softmax(logits / temperature, dim=-1)
+        p_t = log_p_t.exp()
+        soft = (torch.special.xlogy(p_t, p_t) - p_t * log_p_s).sum(dim=-1).mean() * temperature**2
+        total = total + alpha * soft
+    return total
+
+
+def test_objective_hand_computed_and_unchanged():
+    # 2 x 3, T = 2 (hand-computed in test_kd.py): T^2 * KL = .70065, CE = .75311
+    zs = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    zt = torch.tensor([[3.0, 2.0, 1.0], [1.0, 0.0, 0.0]])
+    y = torch.tensor([2, 0])
+    objective = DistillObjective(temperature=2.0, alpha=0.5)
+    for teacher in (TeacherOutput(logits=zt), TeacherOutput(probs=zt.softmax(dim=1))):
+        total, terms = objective(zs, y, teacher)
+        assert total.item() == pytest.approx(0.5 * 0.7006471 + 0.5 * 0.7531100, abs=1e-6)
+        assert terms["soft"].item() == pytest.approx(0.7006471, abs=1e-6)
+        assert terms["ce"].item() == pytest.approx(0.7531100, abs=1e-6)
+    torch.manual_seed(0)
+    zs, q, zt = torch.randn(6, 5), torch.softmax(torch.randn(6, 5), dim=1), torch.randn(6, 5)
+    y = torch.randint(0, 5, (6,))
+    for alpha in (0.0, 0.7, 1.0):
+        objective = DistillObjective(temperature=3.0, alpha=alpha)
+        for teacher in (TeacherOutput(probs=q), TeacherOutput(logits=zt)):
+            want = _previous_objective(zs, y, teacher.logits, teacher.probs, 3.0, alpha)
+            assert torch.equal(objective(zs, y, teacher)[0], want)
+
+
+def test_objective_is_kd_plus_weighted_extras():
     torch.manual_seed(0)
     zs, q = torch.randn(6, 5), torch.softmax(torch.randn(6, 5), dim=1)
     y = torch.randint(0, 5, (6,))
     objective = DistillObjective(temperature=3.0, alpha=0.7)
     total, terms = objective(zs, y, TeacherOutput(probs=q))
-    torch.testing.assert_close(total, kd_loss(zs, y, teacher_probs=q, temperature=3.0, alpha=0.7))
     torch.testing.assert_close(total, 0.7 * terms["soft"] + 0.3 * terms["ce"])
 
     hard, hard_terms = DistillObjective(temperature=3.0, alpha=0.0)(zs, y, TeacherOutput())

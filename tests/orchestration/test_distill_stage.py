@@ -186,3 +186,23 @@ def test_bad_inputs_fail_before_training(run_copy, capsys):
     shutil.rmtree(manifest.parent)
     _fails([*args(), "--only", "distill"], capsys, "no soft-target cache", "distill.targets=online")
     assert not (run_copy["path"] / "distill" / "manifest.json").exists()
+
+
+def test_an_interrupted_data_free_row_resumes_from_its_last_chunk(run_copy, capsys):
+    args = run_copy["args"]("distill.baselines=false", "distill.register_model=false",
+                            "distill.data_free.enabled=true", "distill.data_free.generator_steps=3",
+                            "distill.data_free.steps_per_epoch=2")
+    assert main([*args, "--only", "distill"]) == 0
+    row_dir = run_copy["path"] / "distill" / "baselines" / "data_free"
+    first = json.loads((row_dir / "row.json").read_text())
+    checkpoints = row_dir / "checkpoints"
+    assert json.loads((checkpoints / "latest.json").read_text())["epoch"] == 3 + 2  # distill.epochs=1
+    # As if killed after the last chunk was saved but before the row was written.
+    (row_dir / "row.json").unlink()
+    (run_copy["path"] / "distill" / "manifest.json").unlink()
+    capsys.readouterr()
+    assert main([*args, "--only", "distill"]) == 0
+    out = capsys.readouterr().out
+    assert "data_free: resuming after 3 generator and 2 student steps" in out
+    assert "data_free student step" not in out
+    assert json.loads((row_dir / "row.json").read_text())["top1"] == first["top1"]
