@@ -88,7 +88,7 @@ class Registry(Generic[T]):
         known = self.names()
         close = difflib.get_close_matches(normalise_name(name), [normalise_name(k) for k in known], n=1)
         by_key = {normalise_name(k): k for k in known}
-        hint = f"; did you mean {by_key[close[0]]!r}?" if close else ""
+        hint = f"; did you mean {by_key[close[0]]!r}?" if close else ";"
         tail = f" {self._hint}" if self._hint else ""
         kinds = f"{self.kind}es" if self.kind.endswith("s") else f"{self.kind}s"
         return self.error(f"unknown {self.kind} {name!r}{hint} known {kinds}: "
