@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from distill.targets import check_temperature
 from orchestration.config import load_config
 from orchestration.stages.ensemble import LoadedEnsemble, load_ensemble
-from specialists.combine import soft_targets
-from specialists.ensemble import ensemble_forward
+from specialists.ensemble import ensemble_soft_targets
 
 
 class EnsembleInputError(ValueError):
@@ -54,7 +54,7 @@ class Ensemble:
 
     def soft_targets(self, images: Tensor | Sequence[str | Path], temperature: float = 1.0,
                      top_k: int | None = None) -> Tensor | list[list[tuple[str, float]]]:
-        """Combined distribution ``softmax(log q / T)`` for ``images``.
+        """Combined distribution ``softmax(log q / T)`` for ``images`` (exact zeros of ``q`` stay 0).
 
         Args:
             images: ``(N, C, H, W)`` uint8 (0..255) or float (in [0, 1]) tensor, or image file paths
@@ -67,21 +67,16 @@ class Ensemble:
         if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= num_classes):
             raise EnsembleInputError(f"top_k must be an int in [1, {num_classes}], got {top_k!r}")
         x = self._as_batch(images)
-        probs = torch.cat([self._soft(x[i:i + self.batch_size], temperature)
-                           for i in range(0, len(x), self.batch_size)]) if len(x) else x.new_zeros(0, num_classes)
+        try:
+            check_temperature(temperature)
+        except ValueError as exc:
+            raise EnsembleInputError(str(exc)) from None
+        probs = ensemble_soft_targets(self.loaded.ensemble, x, temperature, batch_size=self.batch_size)
         if top_k is None:
             return probs
         values, ids = probs.topk(top_k, dim=1)
         return [[(self.class_names[c], float(p)) for p, c in zip(v.tolist(), i.tolist(), strict=True)]
                 for v, i in zip(values, ids, strict=True)]
-
-    def _soft(self, x: Tensor, temperature: float) -> Tensor:
-        device = next(self.loaded.ensemble.generalist.parameters()).device
-        q = ensemble_forward(self.loaded.ensemble, x.to(device)).q  # (n, K)
-        try:
-            return soft_targets(q, temperature).cpu()
-        except ValueError as exc:
-            raise EnsembleInputError(str(exc)) from None
 
     def _as_batch(self, images: Tensor | Sequence[str | Path]) -> Tensor:
         """``(N, C, H, W)`` float32 in [0, 1], checked against :attr:`image_shape`."""

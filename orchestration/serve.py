@@ -56,8 +56,8 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import Tensor
 
+from distill.targets import soft_targets as soften
 from orchestration.ensemble_api import Ensemble
-from specialists.combine import soft_targets as soften
 
 APP_NAME = "specdistill"
 DEFAULT_TOP_K = 5
