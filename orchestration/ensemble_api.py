@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import UnidentifiedImageError
 from torch import Tensor
 
 from distill.targets import check_temperature
+from generalist.data.images import ImageSizeError, decode_image
+from orchestration.artifacts import LoadedEnsemble, load_ensemble
 from orchestration.config import load_config
-from orchestration.stages.ensemble import LoadedEnsemble, load_ensemble
 from specialists.ensemble import ensemble_soft_targets
 
 
@@ -83,7 +85,7 @@ class Ensemble:
         if isinstance(images, str | Path):
             images = [images]
         if not isinstance(images, Tensor):
-            images = torch.stack([load_image(p, self.image_shape) for p in images]) if images else None
+            images = torch.stack([self._read(p) for p in images]) if images else None
             if images is None:
                 raise EnsembleInputError("no images given")
         if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
@@ -96,24 +98,16 @@ class Ensemble:
             raise EnsembleInputError(f"images must be uint8 or floating, got {images.dtype}")
         return images.float()
 
-
-def load_image(path: str | Path, image_shape: tuple[int, int, int]) -> Tensor:
-    """Image file -> ``(C, H, W)`` uint8 in the model's channels (L or RGB); the size must match."""
-    from PIL import Image, UnidentifiedImageError
-
-    channels, height, width = image_shape
-    if channels not in (1, 3):
-        raise EnsembleInputError(f"the models take {channels}-channel images; pass a tensor instead of files")
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image {path} does not exist") from None
-    except UnidentifiedImageError:
-        raise EnsembleInputError(f"{path} is not an image file PIL can read") from None
-    if img.size != (width, height):
-        raise EnsembleInputError(
-            f"image {path} is {img.size[0]}x{img.size[1]} pixels but the models expect "
-            f"{width}x{height}; resize it to {width}x{height} first")
-    array = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    return array.view(height, width, channels).permute(2, 0, 1).contiguous()
+    def _read(self, path: str | Path) -> Tensor:
+        """Image file -> ``(C, H, W)`` uint8 in the models' channels (L or RGB); the size must match."""
+        channels = self.image_shape[0]
+        if channels not in (1, 3):
+            raise EnsembleInputError(f"the models take {channels}-channel images; pass a tensor instead of files")
+        try:
+            return torch.from_numpy(decode_image(path, self.image_shape))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image {path} does not exist") from None
+        except UnidentifiedImageError:
+            raise EnsembleInputError(f"{path} is not an image file PIL can read") from None
+        except ImageSizeError as exc:
+            raise EnsembleInputError(str(exc)) from None

@@ -39,6 +39,7 @@ from distill.train import (
 )
 from generalist.models import count_parameters
 from generalist.train import build_optimizer, build_scheduler, set_seed
+from orchestration.artifacts import cache_dir, load_ensemble
 from orchestration.checkpoints import (
     CheckpointError,
     build_model,
@@ -49,16 +50,16 @@ from orchestration.checkpoints import (
 )
 from orchestration.pipeline import Stage, StageContext, StageResult, step_progress
 from orchestration.rundir import read_json, write_json
-from orchestration.soft_cache import (
+from orchestration.soft_cache import data_identity
+from orchestration.stages.ensemble import load_report
+from orchestration.tracking import TrackingError
+from specialists.ensemble import (
     CacheCorruptError,
     CacheMismatchError,
+    RoutedEnsemble,
     SoftTargetCache,
-    cache_dir,
-    data_identity,
+    ensemble_forward,
 )
-from orchestration.stages.ensemble import load_ensemble, load_report
-from orchestration.tracking import TrackingError
-from specialists.ensemble import RoutedEnsemble, ensemble_forward
 
 NAME = "distill"
 STUDENT = "student"                      # model file stem inside each row's folder

@@ -25,12 +25,23 @@ Modules, in the order the data flows:
   :func:`ensemble_forward`), each specialist run only on its active examples;
 - :mod:`~specialists.ensemble.soft_targets`: ``softmax(log q / T)`` of the ensemble for a batch
   of any size (:func:`ensemble_soft_targets`);
-- :mod:`~specialists.ensemble.evaluation`: the paper's Table 4 and per-group accuracy.
+- :mod:`~specialists.ensemble.evaluation`: the paper's Table 4 and per-group accuracy;
+- :mod:`~specialists.ensemble.cache_format`, :mod:`~specialists.ensemble.cache_writer`,
+  :mod:`~specialists.ensemble.cache_reader`: the soft-target cache on disk (``q`` per example of
+  a split, dense or top-k float16 shards, a manifest) and its memory-mapped reader.
 
 Inputs are validated (``ValueError`` naming the rows at fault), cast to ``dtype`` (``float64``
 by default; ``float32`` also works) and renormalised per row.
 """
 
+from specialists.ensemble.cache_format import (
+    BUILD_COMMAND,
+    CacheCorruptError,
+    CacheLayout,
+    CacheMismatchError,
+)
+from specialists.ensemble.cache_reader import SoftTargetCache
+from specialists.ensemble.cache_writer import write_cache, write_shards
 from specialists.ensemble.evaluation import evaluate_predictions
 from specialists.ensemble.fixed_point import solve_fixed_point
 from specialists.ensemble.membership import GroupMembership, SpecialistOutput
@@ -49,9 +60,14 @@ from specialists.ensemble.routing import active_specialists, route
 from specialists.ensemble.soft_targets import ensemble_soft_targets
 
 __all__ = [
+    "BUILD_COMMAND",
+    "CacheCorruptError",
+    "CacheLayout",
+    "CacheMismatchError",
     "EnsembleOutput",
     "GroupMembership",
     "RoutedEnsemble",
+    "SoftTargetCache",
     "SpecialistOutput",
     "active_specialists",
     "build_ensemble",
@@ -65,4 +81,6 @@ __all__ = [
     "solve_fixed_point",
     "solve_reference",
     "specialist_outputs",
+    "write_cache",
+    "write_shards",
 ]
