@@ -42,7 +42,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-from specialists.combine import (  # noqa: E402
+from specialists.ensemble import (  # noqa: E402
     GroupMembership,
     active_specialists,
     combine_objective,

@@ -17,7 +17,7 @@ that one batch, with the stage's ``DistillObjective``):
 A step is everything the training loop does per batch: gathering the batch (uint8 -> float),
 reading the targets, forward, loss, backward, optimizer step. The cache holds random but valid
 distributions (peaky softmaxes), written with the cache's own writer
-(``orchestration.soft_cache``); only reading it is timed. After a warm-up the variants
+(``specialists.ensemble.write_cache``); only reading it is timed. After a warm-up the variants
 run interleaved step by step (one step of each on the same batch, the order rotating), for
 ``--rounds`` rounds of ``--steps`` batches, so load from other processes hits all of them alike;
 each variant's figure is its median step time (``vs ce``: ratio of medians). ``kd_step_ratio``
@@ -55,8 +55,8 @@ from distill.train import (
 )
 from generalist.models import count_parameters, create_model
 from generalist.train import build_optimizer
-from orchestration.soft_cache import SoftTargetCache
-from orchestration.soft_cache import write_cache as write_soft_cache
+from specialists.ensemble import SoftTargetCache
+from specialists.ensemble import write_cache as write_soft_cache
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "distill.json"
 TEMPERATURE, ALPHA = 4.0, 0.9

@@ -25,7 +25,6 @@ __all__ = [
     "build_scheduler",
     "evaluate",
     "iterate_batches",
-    "predict_logits",
     "set_seed",
     "train_one_epoch",
 ]
@@ -361,36 +360,6 @@ def evaluate(
     result.update({f"top{k}": hits[k] / examples for k in topk})
     result["examples"] = float(examples)
     return result
-
-
-@torch.no_grad()
-def predict_logits(
-    model: nn.Module,
-    images: Tensor,
-    *,
-    batch_size: int = 512,
-    device: str | torch.device = "cpu",
-) -> Tensor:
-    """Logits for uint8 ``images (N, C, H, W)`` -> float32 ``(N, K)`` on CPU, in input order.
-
-    Runs in eval mode; the training flag is restored.  Floating ``images`` are taken as [0, 1].
-    """
-    if images.ndim != 4:
-        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dev = torch.device(device)
-    was_training = model.training
-    model.eval()
-    outputs: list[Tensor] = []
-    try:
-        for start in range(0, max(images.shape[0], 1), batch_size):
-            x = images[start : start + batch_size].to(dev, non_blocking=True)
-            x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-            outputs.append(model(x).float().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(outputs)
 
 
 class EarlyStopping:

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import UnidentifiedImageError
 from torch import Tensor
 
+from distill.targets import check_temperature
+from generalist.data.images import ImageSizeError, decode_image
+from orchestration.artifacts import LoadedEnsemble, load_ensemble
 from orchestration.config import load_config
-from orchestration.stages.ensemble import LoadedEnsemble, load_ensemble
-from specialists.combine import soft_targets
-from specialists.ensemble import ensemble_forward
+from specialists.ensemble import ensemble_soft_targets
 
 
 class EnsembleInputError(ValueError):
@@ -54,7 +56,7 @@ class Ensemble:
 
     def soft_targets(self, images: Tensor | Sequence[str | Path], temperature: float = 1.0,
                      top_k: int | None = None) -> Tensor | list[list[tuple[str, float]]]:
-        """Combined distribution ``softmax(log q / T)`` for ``images``.
+        """Combined distribution ``softmax(log q / T)`` for ``images`` (exact zeros of ``q`` stay 0).
 
         Args:
             images: ``(N, C, H, W)`` uint8 (0..255) or float (in [0, 1]) tensor, or image file paths
@@ -67,28 +69,23 @@ class Ensemble:
         if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= num_classes):
             raise EnsembleInputError(f"top_k must be an int in [1, {num_classes}], got {top_k!r}")
         x = self._as_batch(images)
-        probs = torch.cat([self._soft(x[i:i + self.batch_size], temperature)
-                           for i in range(0, len(x), self.batch_size)]) if len(x) else x.new_zeros(0, num_classes)
+        try:
+            check_temperature(temperature)
+        except ValueError as exc:
+            raise EnsembleInputError(str(exc)) from None
+        probs = ensemble_soft_targets(self.loaded.ensemble, x, temperature, batch_size=self.batch_size)
         if top_k is None:
             return probs
         values, ids = probs.topk(top_k, dim=1)
         return [[(self.class_names[c], float(p)) for p, c in zip(v.tolist(), i.tolist(), strict=True)]
                 for v, i in zip(values, ids, strict=True)]
 
-    def _soft(self, x: Tensor, temperature: float) -> Tensor:
-        device = next(self.loaded.ensemble.generalist.parameters()).device
-        q = ensemble_forward(self.loaded.ensemble, x.to(device)).q  # (n, K)
-        try:
-            return soft_targets(q, temperature).cpu()
-        except ValueError as exc:
-            raise EnsembleInputError(str(exc)) from None
-
     def _as_batch(self, images: Tensor | Sequence[str | Path]) -> Tensor:
         """``(N, C, H, W)`` float32 in [0, 1], checked against :attr:`image_shape`."""
         if isinstance(images, str | Path):
             images = [images]
         if not isinstance(images, Tensor):
-            images = torch.stack([load_image(p, self.image_shape) for p in images]) if images else None
+            images = torch.stack([self._read(p) for p in images]) if images else None
             if images is None:
                 raise EnsembleInputError("no images given")
         if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
@@ -101,24 +98,16 @@ class Ensemble:
             raise EnsembleInputError(f"images must be uint8 or floating, got {images.dtype}")
         return images.float()
 
-
-def load_image(path: str | Path, image_shape: tuple[int, int, int]) -> Tensor:
-    """Image file -> ``(C, H, W)`` uint8 in the model's channels (L or RGB); the size must match."""
-    from PIL import Image, UnidentifiedImageError
-
-    channels, height, width = image_shape
-    if channels not in (1, 3):
-        raise EnsembleInputError(f"the models take {channels}-channel images; pass a tensor instead of files")
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image {path} does not exist") from None
-    except UnidentifiedImageError:
-        raise EnsembleInputError(f"{path} is not an image file PIL can read") from None
-    if img.size != (width, height):
-        raise EnsembleInputError(
-            f"image {path} is {img.size[0]}x{img.size[1]} pixels but the models expect "
-            f"{width}x{height}; resize it to {width}x{height} first")
-    array = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    return array.view(height, width, channels).permute(2, 0, 1).contiguous()
+    def _read(self, path: str | Path) -> Tensor:
+        """Image file -> ``(C, H, W)`` uint8 in the models' channels (L or RGB); the size must match."""
+        channels = self.image_shape[0]
+        if channels not in (1, 3):
+            raise EnsembleInputError(f"the models take {channels}-channel images; pass a tensor instead of files")
+        try:
+            return torch.from_numpy(decode_image(path, self.image_shape))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image {path} does not exist") from None
+        except UnidentifiedImageError:
+            raise EnsembleInputError(f"{path} is not an image file PIL can read") from None
+        except ImageSizeError as exc:
+            raise EnsembleInputError(str(exc)) from None

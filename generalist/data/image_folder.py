@@ -3,9 +3,10 @@
     root/<class name>/**/<image>               test carved from it (test_fraction)
     root/train/<class name>/**/<image>  and root/test/<class name>/**/<image>
 
-Images are decoded with PIL, converted to L (channels=1) or RGB (channels=3), resized to
-image_size x image_size (bilinear, aspect ratio not kept) and stored as
-(N, channels, image_size, image_size) uint8. Class ids follow sorted folder names.
+Images are decoded with PIL (:func:`generalist.data.images.decode_image`), converted to L
+(channels=1) or RGB (channels=3), resized to image_size x image_size (bilinear, aspect ratio not
+kept) and stored as (N, channels, image_size, image_size) uint8. Class ids follow sorted folder
+names.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from generalist.data.core import DataBundle, DataError, Split
 from generalist.data.external import finish
+from generalist.data.images import decode_image
 from generalist.data.registry import (
     check_float,
     check_int,
@@ -50,15 +51,11 @@ def class_images(folder: Path) -> dict[str, list[Path]]:
 
 
 def load_image(path: Path, size: int, channels: int) -> np.ndarray:
-    """One image as (channels, size, size) uint8."""
+    """One image as (channels, size, size) uint8, resized."""
     try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
-            pixels = np.asarray(image, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as err:
+        return decode_image(path, (channels, size, size), resize=True)
+    except OSError as err:  # PIL.UnidentifiedImageError is an OSError too
         raise DataError(f"cannot read image {path} ({err}); fix or delete the file.") from err
-    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
 def load_split(files: dict[str, list[Path]], class_ids: dict[str, int], size: int,

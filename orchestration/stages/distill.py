@@ -39,21 +39,22 @@ from distill.train import (
 )
 from generalist.models import count_parameters
 from generalist.train import set_seed
+from orchestration.artifacts import cache_dir, load_ensemble
 from orchestration.builders import optimizer_and_schedule
 from orchestration.checkpoints import Checkpointer, CheckpointError, build_model, save_model
 from orchestration.pipeline import Stage, StageContext, StageResult, step_progress
 from orchestration.rundir import read_json, write_json
-from orchestration.soft_cache import (
-    CacheCorruptError,
-    CacheMismatchError,
-    SoftTargetCache,
-    cache_dir,
-    data_identity,
-)
-from orchestration.stages.ensemble import load_ensemble, load_report
+from orchestration.soft_cache import data_identity
+from orchestration.stages.ensemble import load_report
 from orchestration.tables import models_table
 from orchestration.tracking import TrackingError
-from specialists.ensemble import RoutedEnsemble, ensemble_forward
+from specialists.ensemble import (
+    CacheCorruptError,
+    CacheMismatchError,
+    RoutedEnsemble,
+    SoftTargetCache,
+    ensemble_forward,
+)
 
 NAME = "distill"
 STUDENT = "student"                      # model file stem inside each row's folder

@@ -16,28 +16,20 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from generalist.train import iterate_batches
+from orchestration.artifacts import CACHE_DIR, load_ensemble, require_stage_output
 from orchestration.config import EnsembleConfig, leaf_keys
 from orchestration.parallel import connect
 from orchestration.pipeline import Stage, StageContext, StageResult
 from orchestration.rundir import MANIFEST, read_json, write_json
-from orchestration.soft_cache import CACHE_DIR, build_cache, data_identity
-from orchestration.stages.clustering import load_groups
-from orchestration.stages.generalist import FINAL, load_generalist
-from orchestration.stages.specialists import INDEX, GroupsError, check_groups, load_specialist
+from orchestration.soft_cache import build_cache, data_identity
 from orchestration.tables import format_number, table4_table
-from specialists.ensemble import (
-    RoutedEnsemble,
-    build_ensemble,
-    ensemble_forward,
-    evaluate_predictions,
-)
+from specialists.ensemble import RoutedEnsemble, ensemble_forward, evaluate_predictions
 
 NAME = "ensemble"
 EVALUATION, TABLE4, TABLE4_MD = "evaluation.json", "table4.json", "table4.md"
@@ -68,55 +60,6 @@ def run(ctx: StageContext) -> StageResult:
         cache_outputs, cache_metrics = _build_cache(ctx, data)
         outputs, metrics = outputs + cache_outputs, {**metrics, **cache_metrics}
     return StageResult(outputs=outputs, metrics=metrics)
-
-
-@dataclass(frozen=True)
-class LoadedEnsemble:
-    """A run's ensemble, ready for inference."""
-
-    ensemble: RoutedEnsemble
-    class_names: list[str]
-    image_shape: tuple[int, int, int]  # (C, H, W) the generalist expects
-
-
-def load_ensemble(run_path: Path, *, top_n: int = 1, tol: float = 1e-10, max_iter: int = 1000,
-                  device: torch.device | str = "cpu") -> LoadedEnsemble:
-    """Generalist + specialists of a finished run, checked against the clustering groups.
-
-    Raises FileNotFoundError naming the missing stage output and the command that makes it.
-    """
-    _require(run_path / "generalist" / f"{FINAL}.safetensors", "generalist")
-    _require(run_path / "clustering" / "groups.json", "clustering")
-    _require(run_path / "specialists" / INDEX, "specialists")
-    generalist, meta = load_generalist(run_path / "generalist")
-    class_names = list(meta["class_names"])
-    groups = check_groups(load_groups(run_path / "clustering"), class_names)
-    entries = read_json(run_path / "specialists" / INDEX)["specialists"]
-    _check_index(entries, groups, run_path)
-    specialists = [load_specialist(run_path / "specialists" / e["dir"])[0].to(device) for e in entries]
-    ensemble = build_ensemble(generalist.to(device), specialists, top_n=top_n, tol=tol, max_iter=max_iter)
-    spec = meta["model"]
-    return LoadedEnsemble(ensemble, class_names, (spec["in_channels"], spec["image_size"], spec["image_size"]))
-
-
-def _require(path: Path, stage: str) -> None:
-    if not path.exists():
-        run = path.parents[1]
-        raise FileNotFoundError(
-            f"{path} is missing: the {stage} stage of run {run} has not finished; run it with "
-            f"`specdistill run CONFIG run.dir={run}` (or `specdistill {stage} CONFIG run.dir={run}`)"
-        )
-
-
-def _check_index(entries: list[dict[str, Any]], groups: list[dict[str, Any]], run_path: Path) -> None:
-    trained = [list(e["classes"]) for e in entries]
-    expected = [list(g["classes"]) for g in groups]
-    if trained != expected:
-        raise GroupsError(
-            f"the specialists in {run_path / 'specialists'} were trained for other groups than "
-            f"{run_path / 'clustering' / 'groups.json'} holds; re-train them: "
-            f"specdistill run CONFIG run.dir={run_path} --from specialists"
-        )
 
 
 @torch.no_grad()
@@ -216,7 +159,7 @@ def print_report(console, report: dict[str, Any]) -> None:
 
 def load_report(run_path: Path) -> dict[str, Any]:
     """The ``evaluation.json`` of a finished ensemble stage."""
-    _require(run_path / NAME / EVALUATION, NAME)
+    require_stage_output(run_path / NAME / EVALUATION, NAME)
     return read_json(run_path / NAME / EVALUATION)
 
 

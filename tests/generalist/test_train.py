@@ -21,7 +21,6 @@ from generalist.train import (
     build_scheduler,
     evaluate,
     iterate_batches,
-    predict_logits,
     set_seed,
     train_one_epoch,
 )
@@ -302,18 +301,6 @@ def test_build_optimizer_groups_and_errors() -> None:
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.8, 0.999)
     with pytest.raises(ValueError, match="sgd, adamw"):
         build_optimizer(model, "lamb", lr=0.1, weight_decay=0.0)
-
-
-def test_predict_logits_matches_eval_forward_in_order() -> None:
-    set_seed(0)
-    images, labels = quadrant_data(20)
-    model = tiny_cnn().train()
-    logits = predict_logits(model, images, batch_size=7)
-    assert logits.shape == (20, 4) and logits.dtype == torch.float32 and logits.device.type == "cpu"
-    assert model.training
-    model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(logits, model(images.float() / 255), rtol=1e-5, atol=1e-5)
 
 
 def test_early_stopping_and_state_round_trip() -> None:

@@ -58,6 +58,6 @@ def test_a_run_directory_as_working_directory_does_not_shadow_the_packages(tmp_p
 
     for stage in ("generalist", "clustering", "specialists", "distill"):
         (tmp_path / stage).mkdir()
-    code = "import orchestration, clustering, specialists.combine; print(clustering.ConfusableGroups.__name__)"
+    code = "import orchestration, clustering, specialists.ensemble; print(clustering.ConfusableGroups.__name__)"
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ConfusableGroups", done.stderr[-2000:]

@@ -30,10 +30,9 @@ from PIL import Image
 
 from generalist.data import create_dataset
 from orchestration.ensemble_api import Ensemble
-from orchestration.serve import (
+from orchestration.serve import ServeError, ServeOptions
+from orchestration.serve_protocol import (
     RequestError,
-    ServeError,
-    ServeOptions,
     parse_image_request,
     parse_json_request,
     parse_npy_request,

@@ -1,6 +1,6 @@
-"""The soft-target cache (orchestration.soft_cache): built with Ray Data from the session's tiny
-finished run (9 classes, 216 train images), read back memory-mapped, and wired into the ensemble
-stage."""
+"""The soft-target cache built with Ray Data (orchestration.soft_cache) from the session's tiny
+finished run (9 classes, 216 train images), read back memory-mapped (specialists.ensemble), and
+wired into the ensemble stage."""
 
 from __future__ import annotations
 
@@ -13,19 +13,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from generalist.data import create_dataset
+from orchestration.artifacts import cache_dir
 from orchestration.config import ConfigError, load_config
 from orchestration.ensemble_api import Ensemble
 from orchestration.parallel import connect
 from orchestration.rundir import sha256_file
-from orchestration.soft_cache import (
+from orchestration.soft_cache import build_cache, data_identity
+from specialists.ensemble import (
     BUILD_COMMAND,
     CacheCorruptError,
     CacheMismatchError,
     SoftTargetCache,
-    build_cache,
-    cache_dir,
-    data_identity,
-    write_cache,
 )
 
 SHARD = 50  # 216 examples -> shards of 50, 50, 50, 50, 16
@@ -65,7 +63,8 @@ def topk(teacher, tmp_path_factory):
 
 
 def _soften(q: torch.Tensor, temperature: float) -> torch.Tensor:
-    return torch.softmax(q.double().clamp_min(torch.finfo(torch.float32).tiny).log() / temperature, dim=1)
+    """softmax(log q / T) in float64; entries of q that are 0 stay 0."""
+    return torch.softmax(q.double().log() / temperature, dim=1)
 
 
 def test_dense_round_trip(dense, teacher):
@@ -202,34 +201,6 @@ def test_build_edge_cases(teacher, tmp_path):
                 identity=data_identity(teacher["config"], "train", empty))
     cache = SoftTargetCache(tmp_path / "empty")
     assert len(cache) == 0 and cache.targets(torch.zeros(0, dtype=torch.long)).shape == (0, 9)
-
-
-def test_write_cache_from_another_teacher(tmp_path):
-    """Probabilities computed elsewhere go through the same writer, manifest and reader."""
-    gen = torch.Generator().manual_seed(0)
-    q = (3 * torch.randn(130, 12, generator=gen, dtype=torch.float64)).softmax(dim=1)
-    identity = {"name": "mine", "options": {}, "seed": 0, "split": "train", "n_examples": 130,
-                "labels_sha256": ""}
-    names = [f"c{i}" for i in range(12)]
-    manifest = write_cache(tmp_path / "dense", q, class_names=names, identity=identity,
-                           teacher={"model": "mine"}, shard_size=40)
-    dense = SoftTargetCache(tmp_path / "dense")
-    assert (dense.layout, len(dense), len(manifest["shards"])) == ("dense", 130, 4)
-    assert dense.manifest["teacher"] == {"model": "mine"} and dense.manifest["class_names"] == names
-    torch.testing.assert_close(dense.targets(torch.arange(130)).double(), q, rtol=2e-3, atol=1e-6)
-    stored = q.half().double()  # float16 on disk: softening acts on the stored values
-    torch.testing.assert_close(dense.targets([5, 129], 2.0).double(), _soften(stored[[5, 129]], 2.0),
-                               rtol=1e-5, atol=1e-7)
-    dense.verify()
-    dense.check_compatible(names, identity)
-    write_cache(tmp_path / "topk", q.numpy(), class_names=names, identity=identity, teacher={},
-                top_k=4, dense_max_classes=8, shard_size=64)
-    topk = SoftTargetCache(tmp_path / "topk")
-    assert (topk.layout, topk.top_k) == ("topk", 4)
-    assert (topk.targets(torch.arange(130)).argmax(dim=1) == q.argmax(dim=1)).all()
-    with pytest.raises(ValueError, match=r"q must be \(N=130, K=12\)"):
-        write_cache(tmp_path / "bad", q[:, :11], class_names=names, identity=identity, teacher={})
-    assert not (tmp_path / "bad").exists()
 
 
 def test_ensemble_stage_writes_cache(finished_run, teacher):

@@ -1,4 +1,5 @@
-"""Routed ensemble inference and the paper's evaluation (specialists/ensemble.py)."""
+"""Routed ensemble inference, its soft targets and the paper's evaluation
+(specialists/ensemble/routed_ensemble.py, soft_targets.py, evaluation.py)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,17 @@ import pytest
 import torch
 
 from generalist.models import create_model
-from specialists.combine import (
+from specialists.ensemble import (
     GroupMembership,
     active_specialists,
-    routed_from_dense,
-    solve_fixed_point,
-)
-from specialists.ensemble import (
     build_ensemble,
     combine_routed,
     ensemble_forward,
+    ensemble_soft_targets,
     evaluate_predictions,
+    route,
     shares_trunk,
+    solve_fixed_point,
     specialist_outputs,
 )
 from specialists.model import build_specialist
@@ -80,8 +80,8 @@ def test_routed_equals_running_every_specialist_on_every_example(top_n):
         p_general = torch.softmax(generalist(x).double(), dim=1)
         dense = [torch.softmax(s(x).double(), dim=1) for s in specs]  # every specialist, every row
     active = active_specialists(p_general, ensemble.membership, top_n)
-    q_ref, _ = solve_fixed_point(p_general, routed_from_dense(dense, active), active,
-                                 ensemble.membership, tol=1e-10)
+    routed = [(index, probs[index]) for index, probs in zip(route(active), dense, strict=True)]
+    q_ref, _ = solve_fixed_point(p_general, routed, active, ensemble.membership, tol=1e-10)
     assert torch.equal(out.active, active)
     assert 0 < int(active.sum()) < active.numel(), "the case must mix active and inactive pairs"
     assert [sum(c) for c in seen] == active.sum(dim=0).tolist(), "specialists ran on inactive rows"
@@ -154,6 +154,25 @@ def test_specialist_outputs_are_routed_pairs():
     with torch.no_grad():
         expected = torch.softmax(specs[0](x[[1, 4]]).double(), dim=1)
     torch.testing.assert_close(routed[0][1], expected)
+
+
+def test_soft_targets_soften_q_in_batches_of_any_size():
+    generalist = _generalist()
+    ensemble = build_ensemble(generalist, _specialists(generalist, "all"), top_n=2)
+    x = _images(10)
+    q = ensemble_forward(ensemble, x).q  # (10, K) float64
+    torch.testing.assert_close(ensemble_soft_targets(ensemble, x, batch_size=3), q, atol=1e-6, rtol=0)
+    hot = ensemble_soft_targets(ensemble, x, 2.0, batch_size=4)  # softmax(log q / 2) = sqrt(q), renormalised
+    expected = q.sqrt() / q.sqrt().sum(dim=1, keepdim=True)
+    assert hot.dtype == torch.float64 and hot.device.type == "cpu"
+    torch.testing.assert_close(hot, expected, atol=1e-6, rtol=0)
+    assert ensemble_soft_targets(ensemble, x[:0]).shape == (0, K)
+    calls: list[int] = []
+    hook = generalist.register_forward_hook(lambda mod, inp, out: calls.append(1))
+    with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+        ensemble_soft_targets(ensemble, x, 0.0)
+    hook.remove()
+    assert calls == [], "the temperature is checked before any model runs"
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -1,6 +1,6 @@
 """Reference solver: per-example gradient descent on the logits of ``q`` (as in the paper).
 
-Slow by design; it is the baseline that :func:`specialists.combine.solve_fixed_point` is checked
+Slow by design; it is the baseline that :func:`specialists.ensemble.fixed_point.solve_fixed_point` is checked
 against. Each example is solved on its own: ``F`` is written with ``log_softmax`` /
 ``logsumexp`` of the logits ``z`` (so complement masses keep full precision), the gradient comes
 from autograd (independent of the fixed-point algebra), and the step size comes from
@@ -17,14 +17,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from specialists.combine_inputs import (
-    GroupMembership,
-    SpecialistOutput,
-    check_dtype,
-    normalized,
-    validate_problem,
-)
-from specialists.combine_problem import Pairs, gather_pairs
+from specialists.ensemble.membership import GroupMembership, SpecialistOutput
+from specialists.ensemble.problem import Pairs, gather_pairs
+from specialists.ensemble.validation import check_dtype, normalized, validate_problem
 
 _MEMORY = 10
 _ARMIJO = 1e-4

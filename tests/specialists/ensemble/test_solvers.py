@@ -1,26 +1,21 @@
-"""Closed-form cases, API behaviour and input validation of specialists.combine."""
+"""Closed-form cases, API behaviour and input validation of the eq. 5 solvers and objective
+(specialists/ensemble)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from specialists.combine import (
+from specialists.ensemble import (
     GroupMembership,
     active_specialists,
-    collapse,
-    combine,
     combine_objective,
     route,
-    routed_from_dense,
-    soft_targets,
     solve_fixed_point,
     solve_reference,
-    teacher_logits,
 )
 
 f64 = torch.float64
-
 
 
 def t(rows) -> torch.Tensor:
@@ -117,7 +112,6 @@ def test_no_active_specialist_returns_the_generalist_exactly():
     q, info = solve_fixed_point(p_general, outputs, active, membership)
     assert torch.equal(q, p_general) and q.data_ptr() != p_general.data_ptr()
     assert info["iterations"] == 0 and info["converged"]
-    assert torch.equal(combine(p_general, outputs, membership), p_general)
     assert torch.equal(solve_reference(p_general, outputs, active, membership), p_general)
     assert torch.equal(combine_objective(q, p_general, outputs, active, membership), torch.zeros(5, dtype=f64))
 
@@ -150,9 +144,7 @@ def test_membership_matrices_and_routing_tables():
     membership = GroupMembership.from_groups([[3, 0], [0, 1, 2]], 5)
     expected = t([[1, 0, 0, 1, 0], [1, 1, 1, 0, 0]])
     torch.testing.assert_close(membership.dense(dtype=f64), expected)
-    assert membership.sparse(dtype=f64).layout == torch.sparse_csr
-    torch.testing.assert_close(membership.sparse(dtype=f64).to_dense(), expected)
-    assert membership.class_to_groups() == [[0, 1], [1], [1], [0], []]
+    assert membership.padded_groups().tolist() == [[3, 0, -1], [0, 1, 2]]
     assert membership.groups == ((3, 0), (0, 1, 2)) and membership.sizes == (2, 3)
     assert GroupMembership.from_groups([[3, 0], [0, 1, 2]], 5) == membership
 
@@ -177,14 +169,6 @@ def test_active_specialists_top_n():
     assert route(active_specialists(p_general, membership, top_n=2))[2].tolist() == [1, 2]
 
 
-def test_collapse_puts_outside_mass_in_the_dustbin():
-    membership = GroupMembership.from_groups([[2, 0], [3]], 4)
-    q = t([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]])
-    first, second = collapse(q, membership)
-    torch.testing.assert_close(first, t([[0.3, 0.1, 0.6], [0.25, 0.25, 0.5]]))
-    torch.testing.assert_close(second, t([[0.4, 0.6], [0.25, 0.75]]))
-
-
 def test_combine_objective_hand_value():
     # F = KL(pg||q) + KL(pm||q~) with q~ = (q_0, q_1 + q_2).
     membership = GroupMembership.from_groups([[0]], 3)
@@ -196,28 +180,18 @@ def test_combine_objective_hand_value():
     torch.testing.assert_close(value, expected.reshape(1), atol=1e-15, rtol=0)
 
 
-def test_combine_equals_solve_fixed_point_and_routed_from_dense():
+def test_route_gives_each_specialist_its_active_examples():
     membership = GroupMembership.from_groups([[0, 1], [1, 2, 3]], 5)
     p_general = t([[0.4, 0.3, 0.1, 0.1, 0.1], [0.1, 0.5, 0.2, 0.1, 0.1], [0.1, 0.1, 0.1, 0.1, 0.6]])
     active = active_specialists(p_general, membership)
-    dense = [t([[0.5, 0.3, 0.2]] * 3), t([[0.6, 0.1, 0.1, 0.2]] * 3)]
-    routed = routed_from_dense(dense, active)
-    assert [index.tolist() for index, _ in routed] == [[0, 1], [1]]
+    first, second = route(active)  # class 1 is in both groups: row 1 activates both
+    assert first.tolist() == [0, 1] and second.tolist() == [1]
+    routed = [(first, t([[0.5, 0.3, 0.2]] * 2)), (second, t([[0.6, 0.1, 0.1, 0.2]]))]
     q, _ = solve_fixed_point(p_general, routed, active, membership)
-    torch.testing.assert_close(combine(p_general, routed, membership), q, atol=0, rtol=0)
     torch.testing.assert_close(q.sum(dim=1), torch.ones(3, dtype=f64), atol=1e-14, rtol=0)
-
-
-def test_soft_targets_and_teacher_logits():
-    q = t([[0.7, 0.2, 0.1, 0.0]])
-    torch.testing.assert_close(soft_targets(q, 1.0), q, atol=1e-15, rtol=0)
-    hot = soft_targets(q, 4.0)
-    expected = q[0, :3] ** 0.25
-    torch.testing.assert_close(hot[0, :3], expected / expected.sum(), atol=1e-6, rtol=0)
-    assert bool(torch.isfinite(teacher_logits(q)).all())
-    torch.testing.assert_close(teacher_logits(q)[0, :3], q[0, :3].log())
-    with pytest.raises(ValueError, match="temperature"):
-        soft_targets(q, 0.0)
+    assert torch.equal(q[2], p_general[2])  # no active specialist
+    with pytest.raises(ValueError, match="2-D bool tensor"):
+        route(active.long())
 
 
 # ----------------------------------------------------------------------------------- validation
@@ -295,5 +269,3 @@ def test_top_n_out_of_range(top_n):
     p_general, _, _, membership = _valid_problem()
     with pytest.raises(ValueError, match=r"top_n must be an int in \[1, 4\]"):
         active_specialists(p_general, membership, top_n=top_n)
-    with pytest.raises(ValueError, match="top_n"):
-        combine(p_general, [], membership, top_n=top_n)

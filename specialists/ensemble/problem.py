@@ -1,4 +1,4 @@
-"""Batched form of the combination problem (Hinton et al. 2015, eq. 5) for the fixed-point solver.
+"""The combination problem (Hinton et al. 2015, eq. 5) in batched form, for the fixed-point solver.
 
 Minimise ``F(q) = KL(p^g || q) + sum_{m in A} KL(p^m || q~^m)`` over distributions ``q``.
 Up to a constant, ``F(q) = -sum_j b_j log q_j - sum_{m in A} d_m log Q_m`` with
@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from specialists.combine_inputs import GroupMembership, SpecialistOutput, normalized
+from specialists.ensemble.membership import GroupMembership, SpecialistOutput
+from specialists.ensemble.validation import normalized
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Fixed-point (EM) iteration for the combination problem, accelerated with SQUAREM.
+"""The production solver of eq. 5: the exact EM fixed-point iteration, in batch, accelerated
+with SQUAREM (:func:`solve_fixed_point`).
 
 SQUAREM (Varadhan & Roland 2008, scheme S3), per row: from ``q0`` take two EM steps
 ``q1 = T(q0)``, ``q2 = T(q1)``; with ``r = q1 - q0``, ``v = q2 - 2 q1 + q0`` and
@@ -19,14 +20,27 @@ A row stops once the last EM step moved it by at most ``tol`` in every coordinat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from specialists.combine_problem import Problem, em_step, objective
+from specialists.ensemble.membership import GroupMembership, SpecialistOutput
+from specialists.ensemble.problem import (
+    Problem,
+    build_dense,
+    build_sparse,
+    em_step,
+    expand,
+    gather_pairs,
+    objective,
+)
+from specialists.ensemble.validation import check_dtype, normalized, validate_problem
 
 _ROUNDING = 8.0  # F(x) may exceed F(q0) by this many ulps of |F| + 2 |const| (evaluation noise)
+_SPARSE_MAX_DENSITY = 0.5  # sparse layout unless groups cover more of the S x K membership
 
 
 @dataclass(frozen=True)
@@ -103,3 +117,82 @@ def run_fixed_point(
             live, problem, q = live[pending], problem.take(pending), q[pending]
             pending = torch.ones(live.numel(), dtype=torch.bool, device=q.device)
     return FixedPointResult(result, iterations, residual, residual <= tol, history)
+
+
+def _prefer_sparse(membership: GroupMembership) -> bool:
+    density = sum(membership.sizes) / max(1, membership.num_groups * membership.num_classes)
+    return density <= _SPARSE_MAX_DENSITY
+
+
+def _info(result: FixedPointResult | None, sparse: bool, tol: float, rows: Tensor, batch: int) -> dict[str, Any]:
+    if result is None:
+        return {"iterations": 0, "max_change": 0.0, "converged": True, "sparse": sparse, "tol": tol}
+    info: dict[str, Any] = {
+        "iterations": int(result.iterations.max()),
+        "max_change": float(result.residual.max()),
+        "converged": bool(result.converged.all()),
+        "sparse": sparse,
+        "tol": tol,
+    }
+    if result.history is not None:
+        full = result.q.new_zeros(len(result.history), batch)
+        full[:, rows] = torch.stack(result.history)
+        info["objective_history"] = full  # (iterations + 1, B)
+    return info
+
+
+def solve_fixed_point(
+    p_general: Tensor,
+    specialist_probs: Sequence[SpecialistOutput],
+    active: Tensor,
+    membership: GroupMembership,
+    *,
+    tol: float = 1e-12,
+    max_iter: int = 1000,
+    accelerate: bool = True,
+    sparse: bool | None = None,
+    dtype: torch.dtype = torch.float64,
+    record_objective: bool = False,
+) -> tuple[Tensor, dict[str, Any]]:
+    """Exact optimum ``q (B, K)`` of eq. 5 by the EM fixed-point iteration (SQUAREM if
+    ``accelerate``) for ``p_general (B, K)`` and the ``(B, S)`` bool ``active`` mask.
+
+    Stops a row once an EM step moves no coordinate by more than ``tol`` (raised to ``4 eps``
+    of ``dtype``). ``sparse``: ``True`` works per row on the union of its active groups plus one
+    lumped "everything else" coordinate (exact, index gather/scatter), ``False`` on all ``K``
+    classes with the dense ``(S, K)`` membership; ``None`` picks sparse unless groups cover more
+    than half of the ``S x K`` membership matrix. Rows with no active specialist are
+    ``p_general`` unchanged (cast to ``dtype``).
+
+    ``info``: ``iterations`` (max over rows), ``max_change`` (largest final residual),
+    ``converged`` (all rows), ``sparse``, ``tol`` (effective) and, if ``record_objective``,
+    ``objective_history`` ``(iterations + 1, B)``: ``F`` at the start and after each iteration
+    (a row keeps its final value once it has converged).
+    """
+    check_dtype(dtype)
+    validate_problem(p_general, specialist_probs, active, membership)
+    if not tol > 0 or max_iter < 1:
+        raise ValueError(f"tol must be > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
+    device, batch = p_general.device, p_general.shape[0]
+    active = active.to(device)
+    use_sparse = _prefer_sparse(membership) if sparse is None else bool(sparse)
+    tol = effective_tol(tol, dtype)
+    p = p_general.to(dtype=dtype)
+    rows = active.any(dim=1).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        info = _info(None, use_sparse, tol, rows, batch)
+        if record_objective:
+            info["objective_history"] = p.new_zeros(1, batch)
+        return p.clone(), info
+    pairs = gather_pairs(active[rows], rows, batch, specialist_probs, membership, dtype)
+    run = {"tol": tol, "max_iter": max_iter, "accelerate": accelerate, "record": record_objective}
+    if use_sparse:
+        problem, lumping = build_sparse(p, rows, pairs, membership)
+        result = run_fixed_point(problem, **run)
+        q = expand(result.q, p, lumping)
+    else:
+        problem = build_dense(normalized(p[rows], dtype, device), pairs, membership)
+        result = run_fixed_point(problem, **run)
+        q = p.clone()
+        q[rows] = result.q
+    return q, _info(result, use_sparse, tol, rows, batch)
