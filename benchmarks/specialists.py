@@ -63,7 +63,7 @@ def make_generalist(root: Path, data, width: float, seed: int) -> Path:
 def make_jobs(root: Path, phase: str, groups: list[list[int]], data, settings, seed: int) -> list[SpecialistJob]:
     return [
         SpecialistJob(group_id=i, classes=tuple(g), names=tuple(data.class_names[c] for c in g),
-                      group_dir=str(root / phase / f"group_{i:03d}"), generalist_dir=str(root / "generalist"),
+                      group_dir=str(root / phase / f"group_{i:03d}"), run_dir=str(root),
                       seed=seed + i, settings=settings)
         for i, g in enumerate(groups)
     ]

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from orchestration.rundir import atomic_write_bytes, read_json, write_json
+from orchestration.files import atomic_write_bytes, read_json, write_json
 
 
 class CheckpointError(RuntimeError):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from orchestration.artifacts import CONFIG
 from orchestration.config import ConfigError, load_config
 from orchestration.stages import STAGES, stage_names
 
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_run_dir(run: str) -> Path:
     """A run directory given as a path, or as a run name under ./runs."""
     for candidate in (Path(run), Path("runs") / run):
-        if (candidate / "config.yaml").exists():
+        if (candidate / CONFIG).exists():
             return candidate
     raise FileNotFoundError(
         f"no run directory at {run!r} (nor runs/{run}); pass the run.dir of a pipeline run"
@@ -97,19 +98,20 @@ def resolve_run_dir(run: str) -> Path:
 
 
 def _cmd_groups(ns: argparse.Namespace, console: Console) -> int:
-    from orchestration.rundir import read_json
-    from orchestration.stages.clustering import load_groups, print_groups_table
+    from orchestration.artifacts import GROUPS_TABLE, load_groups, stage_dir
+    from orchestration.files import read_json
+    from orchestration.tables import groups_table
 
-    stage_dir = resolve_run_dir(ns.run) / "clustering"
-    record = load_groups(stage_dir)
-    rows = read_json(stage_dir / "groups_table.json")
+    run = resolve_run_dir(ns.run)
+    record = load_groups(run)
+    rows = read_json(stage_dir(run, "clustering") / GROUPS_TABLE)
     m = record["metrics"]
     console.print(
         f"{len(record['groups'])} groups of {record['num_classes']} classes "
         f"({record['method']}, {record['normalize']}), {len(record['unassigned'])} unassigned, "
         f"stability ARI {m['stability_ari']:.3f}"
     )
-    print_groups_table(console, rows)
+    console.print(groups_table(rows).rich())
     return 0
 
 
@@ -304,8 +306,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from generalist.train import NonFiniteLossError
     from orchestration.checkpoints import CheckpointError
     from orchestration.ensemble_api import EnsembleInputError
+    from orchestration.files import RunDirError
     from orchestration.parallel import WorkerLostError
-    from orchestration.rundir import RunDirError
     from orchestration.stages.distill import DistillError
     from orchestration.tracking import TrackingError
 

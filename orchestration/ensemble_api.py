@@ -18,7 +18,7 @@ from torch import Tensor
 
 from distill.targets import check_temperature
 from generalist.data.images import ImageSizeError, decode_image
-from orchestration.artifacts import LoadedEnsemble, load_ensemble
+from orchestration.artifacts import CONFIG, LoadedEnsemble, load_ensemble
 from orchestration.config import load_config
 from specialists.ensemble import ensemble_soft_targets
 
@@ -38,10 +38,10 @@ class Ensemble:
     def load(cls, run_dir: str | Path, *, device: str = "cpu") -> Ensemble:
         """The ensemble of run directory ``run_dir`` (its ``ensemble`` config section, if any)."""
         path = Path(run_dir)
-        if not (path / "config.yaml").exists():
-            raise FileNotFoundError(f"no run directory at {str(run_dir)!r} (no config.yaml); make one "
+        if not (path / CONFIG).exists():
+            raise FileNotFoundError(f"no run directory at {str(run_dir)!r} (no {CONFIG}); make one "
                                     f"with `specdistill run CONFIG run.dir={run_dir}`")
-        cfg = load_config(path / "config.yaml").ensemble
+        cfg = load_config(path / CONFIG).ensemble
         loaded = load_ensemble(path, top_n=cfg.top_n, tol=cfg.tol, max_iter=cfg.max_iter, device=device)
         return cls(loaded, batch_size=cfg.batch_size)
 

@@ -20,16 +20,16 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from orchestration.artifacts import ATTEMPT, CONFIG
 from orchestration.config import Config
-from orchestration.rundir import Manifest, RunDir, read_json, write_json
+from orchestration.files import read_json, write_json
+from orchestration.rundir import Manifest, RunDir
 from orchestration.tracking import (
     PipelineTracker,
     RunLogger,
     check_reachable,
     resolve_tracking_uri,
 )
-
-ATTEMPT = "attempt.json"
 
 
 @dataclass(frozen=True)
@@ -139,12 +139,12 @@ def run_pipeline(
     device = resolve_device(config.run.device)
     uri = resolve_tracking_uri(config.tracking.uri)
     check_reachable(uri)
-    (run_dir.path / "config.yaml").write_text(config.to_yaml())
+    (run_dir.path / CONFIG).write_text(config.to_yaml())
 
     tracker = PipelineTracker(uri, config.tracking.experiment, run_dir.path)
     parent = tracker.start_parent(config.run.name, config.section_hash(_run_keys(config)))
     parent.log_params(config.flat())
-    parent.log_artifact(run_dir.path / "config.yaml")
+    parent.log_artifact(run_dir.path / CONFIG)
     console.print(f"[bold]specdistill[/] run dir {run_dir.path}  mlflow {uri}  parent run {parent.run_id}")
 
     load_data = functools.lru_cache(maxsize=1)(functools.partial(_load_data, config))

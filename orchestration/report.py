@@ -16,12 +16,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from orchestration.rundir import read_json
+from orchestration.artifacts import (
+    EVALUATION,
+    GROUPS,
+    METRICS,
+    PLOT_GROUPS,
+    PLOT_PARAMS,
+    REPORT_MD,
+    RESULTS,
+    stage_dir,
+)
+from orchestration.files import atomic_write_text, read_json
 from orchestration.tables import format_number, models_table, table4_table
-
-REPORT_MD = "report.md"
-PLOT_PARAMS = "accuracy_vs_params.png"
-PLOT_GROUPS = "per_group_gain.png"
 
 
 class ReportError(FileNotFoundError):
@@ -33,7 +39,7 @@ def _read(path: Path) -> Any | None:
 
 
 def _generalist_row(run: Path) -> dict[str, Any] | None:
-    metrics = _read(run / "generalist" / "metrics.json")
+    metrics = _read(stage_dir(run, "generalist") / METRICS)
     if metrics is None:
         return None
     return {"name": "generalist", "teacher": "-", "top1": metrics.get("test_top1"),
@@ -42,7 +48,7 @@ def _generalist_row(run: Path) -> dict[str, Any] | None:
 
 
 def _model_rows(run: Path, evaluation: dict[str, Any] | None) -> list[dict[str, Any]]:
-    results = _read(run / "distill" / "results.json")
+    results = _read(stage_dir(run, "distill") / RESULTS)
     if results is not None:
         rows = results["rows"] if isinstance(results, dict) else results
         return [dict(r) for r in rows]
@@ -55,8 +61,8 @@ def _model_rows(run: Path, evaluation: dict[str, Any] | None) -> list[dict[str, 
 def build_report(run: Path) -> dict[str, Any]:
     """Everything the report shows, as plain data; ReportError if no stage has finished."""
     run = Path(run)
-    evaluation = _read(run / "ensemble" / "evaluation.json")
-    groups = _read(run / "clustering" / "groups.json")
+    evaluation = _read(stage_dir(run, "ensemble") / EVALUATION)
+    groups = _read(stage_dir(run, "clustering") / GROUPS)
     rows = _model_rows(run, evaluation)
     if not rows:
         raise ReportError(f"nothing to report in {run}: no stage has finished; run "
@@ -191,7 +197,6 @@ def write_report(report: dict[str, Any], run: Path) -> list[Path]:
     """``report.md`` and the plots in the run directory; returns the files written."""
     import matplotlib.pyplot as plt
 
-    from orchestration.rundir import atomic_write_text
 
     run = Path(run)
     written, plots = [], []

@@ -30,10 +30,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from orchestration.artifacts import ensemble_inputs, load_ensemble
+from orchestration.artifacts import (
+    CONFIG,
+    MODEL,
+    SPECIALISTS_INDEX,
+    generalist_metadata,
+    load_ensemble,
+    specialists_index,
+    stage_dir,
+)
 from orchestration.config import ConfigError, load_config
+from orchestration.files import sha256_file
 from orchestration.parallel import TaskResources, connect, unmet_request
-from orchestration.rundir import read_json, sha256_file
 from specialists.ensemble import CacheLayout, ensemble_soft_targets, write_shards
 from specialists.ensemble.cache_writer import check_count
 
@@ -135,16 +143,13 @@ def build_cache(
 def _teacher(run_path: Path) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
     """Identity of the run's ensemble (weights, specialists, routing settings), its classes, and
     the settings its actors load it with (routing, solver and batch size of the run's config)."""
-    inputs = ensemble_inputs(run_path)
-    for stage in ("generalist", "specialists"):
-        if not inputs[stage].exists():
-            raise FileNotFoundError(
-                f"{inputs[stage]} is missing: the {stage} stage of run {run_path} has not finished, so "
-                f"there is no ensemble to cache; run it with `specdistill run CONFIG run.dir={run_path}`")
-    meta = read_json(inputs["generalist"].with_suffix(".json"))
-    cfg = load_config(run_path / "config.yaml").ensemble
-    teacher = {"run_dir": str(run_path), "generalist_sha256": sha256_file(inputs["generalist"]),
-               "specialists_index_sha256": sha256_file(inputs["specialists"]),
+    meta = generalist_metadata(run_path)
+    specialists_index(run_path)  # the specialists stage has finished
+    cfg = load_config(run_path / CONFIG).ensemble
+    weights = stage_dir(run_path, "generalist") / f"{MODEL}.safetensors"
+    index = stage_dir(run_path, "specialists") / SPECIALISTS_INDEX
+    teacher = {"run_dir": str(run_path), "generalist_sha256": sha256_file(weights),
+               "specialists_index_sha256": sha256_file(index),
                "top_n": cfg.top_n, "tol": cfg.tol, "max_iter": cfg.max_iter}
     settings = {"top_n": cfg.top_n, "tol": cfg.tol, "max_iter": cfg.max_iter, "batch_size": cfg.batch_size}
     return teacher, [str(c) for c in meta["class_names"]], settings

@@ -26,16 +26,11 @@ from typing import Any
 import torch
 
 from generalist.train import EarlyStopping, set_seed, train_one_epoch
+from orchestration.artifacts import CHECKPOINTS, MODEL, PID_FILE, PROGRESS, load_generalist
 from orchestration.builders import optimizer_and_schedule
-from orchestration.checkpoints import (
-    Checkpointer,
-    CheckpointError,
-    load_model,
-    read_metadata,
-    save_model,
-)
+from orchestration.checkpoints import Checkpointer, CheckpointError, read_metadata, save_model
 from orchestration.config import SpecialistsConfig
-from orchestration.rundir import read_json, write_json
+from orchestration.files import read_json, write_json
 from specialists.model import build_specialist
 from specialists.prior import apply_prior_correction, group_prior, shift_to_training_mix
 from specialists.sampler import HalfAndHalfBatchSampler, specialist_targets
@@ -46,10 +41,6 @@ from specialists.train import (
     sampled_batches,
 )
 
-MODEL = "model"
-CHECKPOINTS = "checkpoints"
-PROGRESS = "progress.json"
-PID_FILE = "worker.pid"
 INVARIANT_EXAMPLES = 64
 
 
@@ -61,7 +52,7 @@ class SpecialistJob:
     classes: tuple[int, ...]
     names: tuple[str, ...]
     group_dir: str
-    generalist_dir: str
+    run_dir: str
     seed: int
     settings: SpecialistsConfig
     tracking_uri: str | None = None
@@ -70,12 +61,6 @@ class SpecialistJob:
     @property
     def dir(self) -> Path:
         return Path(self.group_dir)
-
-
-def load_generalist(stage_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The generalist checkpoint, read without importing the stage scripts (which would cost
-    every Ray worker seconds of imports: clustering, plotting, MLflow)."""
-    return load_model(stage_dir / "model")
 
 
 def is_finished(job: SpecialistJob) -> bool:
@@ -101,7 +86,7 @@ def train_specialist(job: SpecialistJob, data: dict[str, torch.Tensor]) -> dict[
     job.dir.mkdir(parents=True, exist_ok=True)
     (job.dir / PID_FILE).write_text(str(os.getpid()))
     device = torch.device("cuda" if cfg.gpus_per_specialist > 0 and torch.cuda.is_available() else "cpu")
-    generalist, gen_meta = load_generalist(Path(job.generalist_dir))
+    generalist, gen_meta = load_generalist(job.run_dir)
     set_seed(job.seed)
     model = build_specialist(generalist, job.classes, finetune=cfg.finetune, last_n=cfg.last_n).to(device)
 

@@ -81,6 +81,19 @@ def models_table(rows: Sequence[Mapping[str, Any]], title: str = "specdistill re
     return Table(title, MODEL_COLUMNS, (False, False, True, True, True, True), cells)
 
 
+def table_cell(value: Any) -> str | Any:
+    """A list of class names as one comma-separated cell; anything else as is."""
+    return ", ".join(map(str, value)) if isinstance(value, list | tuple) else value
+
+
+def groups_table(rows: Sequence[Mapping[str, Any]]) -> Table:
+    """The confusable groups (the clustering stage's ``groups_table.json`` rows)."""
+    cells = tuple((str(r["group_id"]), str(r["size"]), f"{r['mass_share']:.3f}", str(table_cell(r["classes"])))
+                  for r in rows)
+    return Table("confusable groups", ("group", "size", "mass share", "classes"),
+                 (True, True, True, False), cells)
+
+
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.1%}"
 

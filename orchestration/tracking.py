@@ -31,12 +31,12 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from orchestration.rundir import read_json, write_json
+from orchestration.artifacts import MLFLOW_RECORD, RUN_RECORD, TRACKING_BUFFER
+from orchestration.files import read_json, write_json
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LEN = 6000
-BUFFER = "mlflow_buffer.jsonl"
 RETRY_SECONDS = 30.0
 OFFLINE_PREFIX = "offline-"
 
@@ -81,7 +81,7 @@ class Connection:
 
     def __init__(self, client: MlflowClient, uri: str, run_dir: Path):
         self.client, self.uri = client, uri
-        self.buffer_path = run_dir / BUFFER
+        self.buffer_path = run_dir / TRACKING_BUFFER
         self.offline_since: float | None = None
         self.ids: dict[str, str] = {}  # offline run id -> the real one, once its creation was replayed
 
@@ -272,7 +272,7 @@ class PipelineTracker:
     def start_parent(self, run_name: str, config_hash: str) -> RunLogger:
         """Reuse the parent run recorded for this run dir and config, else start a new one."""
         self.connection.replay()  # calls buffered while the server was away in an earlier run
-        record_path = self.run_dir / "run.json"
+        record_path = self.run_dir / RUN_RECORD
         record = read_json(record_path) if record_path.exists() else {}
         run_id = record.get("mlflow_run_id") if record.get("config_hash") == config_hash else None
         if not self._reusable(run_id) or record.get("tracking_uri") != self.uri:
@@ -351,7 +351,7 @@ class PipelineTracker:
         A pipeline killed after a stage wrote its manifest but before it closed its MLflow run
         leaves that run RUNNING; the resumed pipeline skips the stage, so it closes the run here.
         Returns whether it closed one."""
-        logger = self.running_child(stage_dir / "mlflow.json")
+        logger = self.running_child(stage_dir / MLFLOW_RECORD)
         if logger is None:
             return False
         logger.log_artifact(manifest_path)
@@ -361,7 +361,7 @@ class PipelineTracker:
     @contextmanager
     def child(self, stage: str, stage_dir: Path, tags: Mapping[str, Any] | None = None) -> Iterator[RunLogger]:
         """A child run for ``stage``; a resumed stage gets its earlier child run back."""
-        logger = self.open_child(stage, {"specdistill.stage": stage}, stage_dir / "mlflow.json")
+        logger = self.open_child(stage, {"specdistill.stage": stage}, stage_dir / MLFLOW_RECORD)
         if tags:
             logger.set_tags(tags)
         try:

@@ -9,7 +9,6 @@ confusion mass, a reordered covariance heatmap, and a group-size histogram.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,12 +25,12 @@ from clustering import (
 )
 from generalist.data import DataError
 from generalist.train import iterate_batches
+from orchestration.artifacts import COVARIANCE, GROUPS, GROUPS_TABLE, load_generalist
+from orchestration.files import write_json
 from orchestration.pipeline import Stage, StageContext, StageResult
-from orchestration.rundir import read_json, write_json
-from orchestration.stages.generalist import load_generalist
+from orchestration.tables import groups_table, table_cell
 
 NAME = "clustering"
-GROUPS_FILE = "groups.json"
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -41,7 +40,7 @@ def run(ctx: StageContext) -> StageResult:
             "the holdout split is empty: clustering needs held-out examples; "
             "raise data.options.holdout_per_class (built-in sets) or holdout_fraction"
         )
-    model, meta = load_generalist(ctx.run_dir.path / "generalist")
+    model, meta = load_generalist(ctx.run_dir.path)
     class_names = meta["class_names"]
     cov = _covariance(ctx, model.to(ctx.device), data.holdout.images, len(class_names))
 
@@ -70,7 +69,7 @@ def run(ctx: StageContext) -> StageResult:
         f"{len(estimator.unassigned_)} classes unassigned, stability ARI {stability:.3f}, "
         f"confusion mass captured {metrics['mass_captured']:.1%}"
     )
-    print_groups_table(ctx.console, rows, limit=12)
+    print_groups(ctx.console, rows, limit=12)
     return StageResult(outputs=outputs, metrics=metrics)
 
 
@@ -122,12 +121,12 @@ def _groups_record(estimator, class_names, metrics) -> dict[str, Any]:
 
 
 def _write_outputs(ctx, cov, estimator, rows, class_names, metrics) -> list[str]:
-    write_json(ctx.stage_dir / GROUPS_FILE, _groups_record(estimator, class_names, metrics))
-    write_json(ctx.stage_dir / "groups_table.json", rows)
-    outputs = [GROUPS_FILE, "groups_table.json"]
+    write_json(ctx.stage_dir / GROUPS, _groups_record(estimator, class_names, metrics))
+    write_json(ctx.stage_dir / GROUPS_TABLE, rows)
+    outputs = [GROUPS, GROUPS_TABLE]
     if _dense(cov):
-        np.save(ctx.stage_dir / "covariance.npy", cov)
-        outputs.append("covariance.npy")
+        np.save(ctx.stage_dir / COVARIANCE, cov)
+        outputs.append(COVARIANCE)
     return outputs
 
 
@@ -135,46 +134,21 @@ def _log_review(ctx, cov, estimator, rows, class_names, metrics) -> None:
     log = ctx.logger
     log.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
     log.set_tags({"specdistill.method": estimator.method_, "specdistill.normalize": estimator.normalize_})
-    log.log_artifact(ctx.stage_dir / GROUPS_FILE)
+    log.log_artifact(ctx.stage_dir / GROUPS)
     if rows:
-        table = {key: [_cell(r[key]) for r in rows] for key in rows[0]}
-        log.log_table(table, "groups_table.json")
-        log.log_text(_markdown_table(rows), "groups.md")
+        table = {key: [table_cell(r[key]) for r in rows] for key in rows[0]}
+        log.log_table(table, GROUPS_TABLE)
+        log.log_text(groups_table(rows).markdown(), "groups.md")
     if _dense(cov):
         log.log_figure(covariance_heatmap(cov, estimator.groups_, class_names), "covariance_heatmap.png")
     log.log_figure(group_size_histogram(estimator.groups_), "group_sizes.png")
 
 
-def _cell(value: Any) -> Any:
-    return ", ".join(map(str, value)) if isinstance(value, list | tuple) else value
-
-
-def _markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| group | size | mass share | classes |", "|---:|---:|---:|---|"]
-    for r in rows:
-        lines.append(f"| {r['group_id']} | {r['size']} | {r['mass_share']:.3f} | {_cell(r['classes'])} |")
-    return "\n".join(lines) + "\n"
-
-
-def print_groups_table(console, rows: list[dict[str, Any]], limit: int | None = None) -> None:
-    from rich.table import Table
-
-    table = Table(title="confusable groups", show_lines=False)
-    for col in ("group", "size", "mass share", "classes"):
-        table.add_column(col, justify="right" if col != "classes" else "left")
-    for r in rows[:limit] if limit else rows:
-        table.add_row(str(r["group_id"]), str(r["size"]), f"{r['mass_share']:.3f}", _cell(r["classes"]))
-    console.print(table)
+def print_groups(console, rows: list[dict[str, Any]], limit: int | None = None) -> None:
+    """The groups table in the terminal (the first ``limit`` groups)."""
+    console.print(groups_table(rows[:limit] if limit else rows).rich())
     if limit and len(rows) > limit:
         console.print(f"  ... {len(rows) - limit} more groups (specdistill groups RUN shows all)")
-
-
-def load_groups(stage_dir: Path) -> dict[str, Any]:
-    """The groups record written by this stage (what the specialists stage reads)."""
-    path = stage_dir / GROUPS_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; run `specdistill clustering` first")
-    return read_json(path)
 
 
 STAGE = Stage(

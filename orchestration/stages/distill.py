@@ -39,13 +39,25 @@ from distill.train import (
 )
 from generalist.models import count_parameters
 from generalist.train import set_seed
-from orchestration.artifacts import cache_dir, load_ensemble
+from orchestration.artifacts import (
+    BASELINES,
+    CHECKPOINTS,
+    METRICS,
+    REGISTRY,
+    RESULTS,
+    RESULTS_MD,
+    ROW,
+    STUDENT,
+    cache_dir,
+    load_ensemble,
+    load_evaluation,
+    stage_dir,
+)
 from orchestration.builders import optimizer_and_schedule
 from orchestration.checkpoints import Checkpointer, CheckpointError, build_model, save_model
+from orchestration.files import read_json, write_json
 from orchestration.pipeline import Stage, StageContext, StageResult, step_progress
-from orchestration.rundir import read_json, write_json
 from orchestration.soft_cache import data_identity
-from orchestration.stages.ensemble import load_report
 from orchestration.tables import models_table
 from orchestration.tracking import TrackingError
 from specialists.ensemble import (
@@ -57,9 +69,6 @@ from specialists.ensemble import (
 )
 
 NAME = "distill"
-STUDENT = "student"                      # model file stem inside each row's folder
-CHECKPOINTS, ROW = "checkpoints", "row.json"
-RESULTS, RESULTS_MD, REGISTRY = "results.json", "results.md", "registry.json"
 LATENCY_REPEATS = 20
 LATENCY_ROUNDS = 5                       # round-robin rounds of the final latency comparison
 
@@ -206,10 +215,10 @@ def plan_rows(ctx: StageContext, teachers: Teachers, pairs: dict) -> list[Row]:
     label = "generalist" if cfg.teacher == "generalist" else f"ensemble ({cfg.targets})"
     rows = [Row(STUDENT, label, cfg.alpha, fns[cfg.teacher], True, "")]
     if cfg.baselines:
-        rows.append(Row("hard_labels", "none (labels only)", 0.0, None, False, "baselines/hard_labels"))
+        rows.append(Row("hard_labels", "none (labels only)", 0.0, None, False, f"{BASELINES}/hard_labels"))
         if cfg.teacher != "generalist":
             rows.append(Row("generalist_kd", "generalist", cfg.alpha, fns["generalist"], True,
-                            "baselines/generalist_kd"))
+                            f"{BASELINES}/generalist_kd"))
     return rows
 
 
@@ -344,9 +353,9 @@ def evaluate_model(ctx: StageContext, model: nn.Module | Callable, params: int |
 def _data_free_row(ctx: StageContext, teachers: Teachers, spec: dict[str, Any]) -> dict[str, Any]:
     """DAFL: a generator trained against the frozen generalist; the student sees only its samples
     (soft targets from the ensemble on those samples when the teacher is the ensemble)."""
-    cfg, data, row_dir = ctx.config.distill, ctx.data(), ctx.stage_dir / "baselines" / "data_free"
+    cfg, data, row_dir = ctx.config.distill, ctx.data(), ctx.stage_dir / BASELINES / "data_free"
     row = Row("data_free", f"{cfg.teacher} on generated images (DAFL)", 1.0, None, False,
-              "baselines/data_free")
+              f"{BASELINES}/data_free")
     if (row_dir / ROW).exists():
         return read_json(row_dir / ROW)
     set_seed(ctx.config.run.seed)
@@ -413,7 +422,7 @@ def _data_free_progress(ctx: StageContext, totals: dict[str, int]):
 def reference_rows(ctx: StageContext, teachers: Teachers) -> list[dict[str, Any]]:
     """The generalist and the ensemble on the same test split (top-1 from their stages)."""
     run_path, ensemble = ctx.run_dir.path, teachers.ensemble
-    general = read_json(run_path / "generalist" / "metrics.json")
+    general = read_json(stage_dir(run_path, "generalist") / METRICS)
     general_row = {"name": "generalist", "teacher": "none (trained on labels)",
                    **evaluate_model(ctx, teachers.generalist)}
     general_row.update(top1=general["test_top1"], top5=general["test_top5"])
@@ -422,7 +431,7 @@ def reference_rows(ctx: StageContext, teachers: Teachers) -> list[dict[str, Any]
         count_parameters(s.head) if heads_only else count_parameters(s) for s in ensemble.specialists)
     ensemble_row = {"name": "ensemble", "teacher": f"generalist + {len(ensemble.specialists)} specialists",
                     **evaluate_model(ctx, lambda x: ensemble_forward(ensemble, x).q, params)}
-    ensemble_row["top1"] = load_report(run_path)["ensemble_top1"]
+    ensemble_row["top1"] = load_evaluation(run_path)["ensemble_top1"]
     return [general_row, ensemble_row]
 
 

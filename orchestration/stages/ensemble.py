@@ -16,23 +16,28 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from generalist.train import iterate_batches
-from orchestration.artifacts import CACHE_DIR, load_ensemble, require_stage_output
+from orchestration.artifacts import (
+    CACHE_DIR,
+    EVALUATION,
+    MANIFEST,
+    TABLE4,
+    TABLE4_MD,
+    load_ensemble,
+)
 from orchestration.config import EnsembleConfig, leaf_keys
+from orchestration.files import write_json
 from orchestration.parallel import connect
 from orchestration.pipeline import Stage, StageContext, StageResult
-from orchestration.rundir import MANIFEST, read_json, write_json
 from orchestration.soft_cache import build_cache, data_identity
 from orchestration.tables import format_number, table4_table
 from specialists.ensemble import RoutedEnsemble, ensemble_forward, evaluate_predictions
 
 NAME = "ensemble"
-EVALUATION, TABLE4, TABLE4_MD = "evaluation.json", "table4.json", "table4.md"
 # Where and how fast the cache is computed, not what it holds: changing these never re-runs the stage.
 EXECUTION_KEYS = ("cache.actors", "cache.gpus_per_actor")
 
@@ -155,12 +160,6 @@ def print_report(console, report: dict[str, Any]) -> None:
         f"specialists per example"
     )
     console.print(table4_table(report["table4"]).rich())
-
-
-def load_report(run_path: Path) -> dict[str, Any]:
-    """The ``evaluation.json`` of a finished ensemble stage."""
-    require_stage_output(run_path / NAME / EVALUATION, NAME)
-    return read_json(run_path / NAME / EVALUATION)
 
 
 STAGE = Stage(

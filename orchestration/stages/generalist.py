@@ -8,28 +8,23 @@ test split, and write ``model.safetensors`` + ``model.json`` + ``metrics.json``.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
-
-import torch
 
 from generalist.data import DataError
 from generalist.models import summarize_model
 from generalist.train import EarlyStopping, evaluate, iterate_batches, set_seed, train_one_epoch
+from orchestration.artifacts import CHECKPOINTS, METRICS, MODEL
 from orchestration.builders import optimizer_and_schedule
 from orchestration.checkpoints import (
     Checkpointer,
     CheckpointError,
     build_model,
-    load_model,
     save_model,
 )
+from orchestration.files import write_json
 from orchestration.pipeline import Stage, StageContext, StageResult, step_progress
-from orchestration.rundir import write_json
 
 NAME = "generalist"
-FINAL = "model"
-CHECKPOINTS = "checkpoints"
 
 
 def model_spec(ctx: StageContext) -> dict[str, Any]:
@@ -43,11 +38,6 @@ def model_spec(ctx: StageContext) -> dict[str, Any]:
         "width": cfg.width,
         "depth": cfg.depth,
     }
-
-
-def load_generalist(stage_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The trained generalist and its metadata, for later stages (CheckpointError if unusable)."""
-    return load_model(stage_dir / FINAL)
 
 
 def check_splits(data) -> None:
@@ -177,16 +167,16 @@ def _finish(ctx, checkpoints: Checkpointer, spec, summary) -> StageResult:
         "config": ctx.config.generalist.model_dump(mode="json"),
         "metrics": metrics,
     }
-    save_model(ctx.stage_dir / FINAL, model, metadata)
-    write_json(ctx.stage_dir / "metrics.json", metrics)
+    save_model(ctx.stage_dir / MODEL, model, metadata)
+    write_json(ctx.stage_dir / METRICS, metrics)
     ctx.logger.log_metrics({k: v for k, v in metrics.items() if k != "best_epoch"})
-    ctx.logger.log_artifact(ctx.stage_dir / "metrics.json")
-    ctx.logger.log_artifact(ctx.stage_dir / f"{FINAL}.json")
+    ctx.logger.log_artifact(ctx.stage_dir / METRICS)
+    ctx.logger.log_artifact(ctx.stage_dir / f"{MODEL}.json")
     ctx.console.print(
         f"  generalist test top1 {test['top1']:.4f}  top5 {test['top5']:.4f}  "
         f"params {summary.params:,}  (best epoch {best_epoch})"
     )
-    outputs = [f"{FINAL}.safetensors", f"{FINAL}.json", "metrics.json"]
+    outputs = [f"{MODEL}.safetensors", f"{MODEL}.json", METRICS]
     return StageResult(outputs=outputs, metrics=metrics, details={"data": data.describe()})
 
 

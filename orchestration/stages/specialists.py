@@ -19,9 +19,19 @@ from typing import Any
 
 import torch
 
-from generalist.data import DataError
-from orchestration.checkpoints import CheckpointError, build_model, load_weights, read_metadata
+from orchestration.artifacts import (
+    GROUP_DIR,
+    MLFLOW_RECORD,
+    MODEL,
+    PROGRESS,
+    SPECIALISTS_INDEX,
+    check_groups,
+    generalist_metadata,
+    load_groups,
+)
+from orchestration.checkpoints import read_metadata
 from orchestration.config import ConfigError, SpecialistsConfig, flatten, leaf_keys
+from orchestration.files import read_json, write_json
 from orchestration.parallel import (
     TaskResources,
     WorkerLostError,
@@ -31,33 +41,18 @@ from orchestration.parallel import (
     unmet_request,
 )
 from orchestration.pipeline import Stage, StageContext, StageResult
-from orchestration.rundir import read_json, write_json
-from orchestration.specialist_job import (
-    MODEL,
-    PROGRESS,
-    SpecialistJob,
-    is_finished,
-    train_specialist,
-)
-from orchestration.stages.clustering import load_groups
-from orchestration.stages.generalist import FINAL
+from orchestration.specialist_job import SpecialistJob, is_finished, train_specialist
 from orchestration.tracking import RunLogger
-from specialists.model import Specialist, build_specialist, validate_group
 
 NAME = "specialists"
-INDEX = "specialists.json"
 # Where and how fast specialists train, not what they learn: changing these never retrains.
 EXECUTION_KEYS = ("cpus_per_specialist", "gpus_per_specialist", "max_concurrency", "max_retries")
 
 
-class GroupsError(DataError):
-    """The clustering stage's groups do not fit the generalist (ids, names, empty or full groups)."""
-
-
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.config.specialists
-    class_names = _generalist_metadata(ctx)["class_names"]
-    groups = check_groups(load_groups(ctx.run_dir.path / "clustering"), class_names)
+    class_names = generalist_metadata(ctx.run_dir.path)["class_names"]
+    groups = check_groups(load_groups(ctx.run_dir.path), class_names)
     jobs = [_plan(ctx, group) for group in groups]
     todo = [job for job in jobs if not is_finished(job)]
     ctx.console.print(
@@ -71,47 +66,14 @@ def run(ctx: StageContext) -> StageResult:
     return _finish(ctx, jobs, summaries)
 
 
-def _generalist_metadata(ctx: StageContext) -> dict[str, Any]:
-    stage_dir = ctx.run_dir.path / "generalist"
-    try:
-        meta = read_metadata(stage_dir / FINAL)
-        if not (stage_dir / f"{FINAL}.safetensors").exists():
-            raise CheckpointError(f"checkpoint {stage_dir / FINAL}.safetensors is missing")
-    except CheckpointError as exc:
-        raise CheckpointError(f"{exc}: specialists are initialised from the generalist; train it "
-                              "first (specdistill run CONFIG, or --from generalist)") from None
-    return meta
-
-
-def check_groups(record: dict[str, Any], class_names: list[str]) -> list[dict[str, Any]]:
-    """The groups of a clustering record, checked against the generalist's classes."""
-    fix = "re-run clustering for this generalist: specdistill run CONFIG --from clustering"
-    if record.get("num_classes") != len(class_names) or record.get("class_names", class_names) != class_names:
-        raise GroupsError(f"the groups file was made for {record.get('num_classes')} classes that "
-                          f"differ from the generalist's {len(class_names)}; {fix}")
-    if not record.get("groups"):
-        raise GroupsError("the groups file holds no groups (clustering dropped every group smaller "
-                          "than clustering.min_group_size); lower it or set clustering.n_groups")
-    for group in record["groups"]:
-        try:
-            classes = validate_group(group["classes"], len(class_names))
-        except ValueError as exc:
-            raise GroupsError(f"group {group.get('id')} of the groups file: {exc}; {fix}") from None
-        names = [class_names[c] for c in classes]
-        if group.get("names", names) != names:
-            raise GroupsError(f"group {group['id']} names {group['names']} but its class ids "
-                              f"{list(classes)} are {names} for the generalist; {fix}")
-    return record["groups"]
-
-
 def _plan(ctx: StageContext, group: dict[str, Any]) -> SpecialistJob:
     tracker = ctx.tracker
     return SpecialistJob(
         group_id=int(group["id"]),
         classes=tuple(int(c) for c in group["classes"]),
         names=tuple(group["names"]),
-        group_dir=str((ctx.stage_dir / f"group_{int(group['id']):03d}").resolve()),
-        generalist_dir=str((ctx.run_dir.path / "generalist").resolve()),
+        group_dir=str((ctx.stage_dir / GROUP_DIR.format(int(group["id"]))).resolve()),
+        run_dir=str(ctx.run_dir.path.resolve()),
         seed=ctx.config.run.seed * 100_003 + int(group["id"]),
         settings=ctx.config.specialists,
         tracking_uri=_absolute_uri(tracker.uri) if tracker else None,
@@ -192,7 +154,7 @@ def _open_child_run(ctx: StageContext, job: SpecialistJob) -> SpecialistJob:
         "specdistill.class_names": ", ".join(job.names)[:5000],
         "specdistill.class_ids": ",".join(map(str, job.classes))[:5000],
     }
-    logger = tracker.open_child(f"specialist-{job.group_id:03d}", tags, job.dir / "mlflow.json")
+    logger = tracker.open_child(f"specialist-{job.group_id:03d}", tags, job.dir / MLFLOW_RECORD)
     return dataclasses.replace(job, mlflow_run_id=logger.run_id)
 
 
@@ -204,7 +166,7 @@ def _close_interrupted_runs(ctx: StageContext, finished: list[SpecialistJob]) ->
     if tracker is None or tracker.parent is None:
         return
     for job in finished:
-        logger = tracker.running_child(job.dir / "mlflow.json")
+        logger = tracker.running_child(job.dir / MLFLOW_RECORD)
         if logger is not None:
             _log_summary(logger, job, read_metadata(job.dir / MODEL))
 
@@ -230,7 +192,7 @@ def _log_summary(logger: RunLogger, job: SpecialistJob, summary: dict[str, Any])
 # ----------------------------------------------------------------------------- output
 def _finish(ctx: StageContext, jobs: list[SpecialistJob], summaries: list[dict[str, Any]]) -> StageResult:
     entries = [_index_entry(job, s) for job, s in zip(jobs, summaries, strict=True)]
-    write_json(ctx.stage_dir / INDEX, {"finetune": ctx.config.specialists.finetune, "specialists": entries})
+    write_json(ctx.stage_dir / SPECIALISTS_INDEX, {"finetune": ctx.config.specialists.finetune, "specialists": entries})
     ms = [s["metrics"] for s in summaries]
     metrics = {
         "n_specialists": len(jobs),
@@ -241,13 +203,13 @@ def _finish(ctx: StageContext, jobs: list[SpecialistJob], summaries: list[dict[s
         "n_resumed": sum(bool(s["resumed_from_epochs"]) for s in summaries),
     }
     ctx.logger.log_metrics(metrics)
-    ctx.logger.log_artifact(ctx.stage_dir / INDEX)
+    ctx.logger.log_artifact(ctx.stage_dir / SPECIALISTS_INDEX)
     ctx.console.print(
         f"  {len(jobs)} specialists: group top1 {metrics['mean_group_top1']:.3f} "
         f"(generalist {metrics['mean_init_group_top1']:.3f}) on their balanced holdouts; "
         f"init invariant max diff {metrics['init_invariant_maxdiff']:.1e}"
     )
-    outputs = [INDEX] + [f"{job.dir.name}/{MODEL}{ext}" for job in jobs for ext in (".safetensors", ".json")]
+    outputs = [SPECIALISTS_INDEX] + [f"{job.dir.name}/{MODEL}{ext}" for job in jobs for ext in (".safetensors", ".json")]
     return StageResult(outputs=outputs, metrics=metrics)
 
 
@@ -258,15 +220,6 @@ def _index_entry(job: SpecialistJob, summary: dict[str, Any]) -> dict[str, Any]:
         "prior_correction": summary["prior_correction"], "metrics": summary["metrics"],
         "resumed_from_epochs": summary["resumed_from_epochs"], "mlflow_run_id": summary["mlflow_run_id"],
     }
-
-
-def load_specialist(group_dir: Path) -> tuple[Specialist, dict[str, Any]]:
-    """A trained, prior-corrected specialist and its metadata (for the ensemble stage)."""
-    meta = read_metadata(group_dir / MODEL)
-    spec = meta["specialist"]
-    skeleton = build_specialist(build_model(meta["model"]), spec["classes"],
-                                finetune=spec["finetune"], last_n=spec["last_n"])
-    return load_weights(group_dir / MODEL, skeleton).eval(), meta
 
 
 class ProgressPrinter:

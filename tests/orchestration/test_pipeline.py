@@ -8,8 +8,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from orchestration.artifacts import load_generalist
 from orchestration.cli import main
-from orchestration.stages.generalist import load_generalist
 
 
 def _runs(uri: str):
@@ -77,7 +77,7 @@ def test_corrupted_final_checkpoint_is_detected_and_rebuilt(tiny_args, workdir, 
     capsys.readouterr()
     assert main(["run", *tiny_args()]) == 0
     assert "model.safetensors changed or corrupt" in capsys.readouterr().out
-    model, meta = load_generalist(workdir / "run" / "generalist")
+    model, meta = load_generalist(workdir / "run")
     assert meta["model"]["num_classes"] == 9 and len(meta["class_names"]) == 9
 
 

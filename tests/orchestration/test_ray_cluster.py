@@ -100,9 +100,9 @@ def _working_dir(root: Path, run_dir: Path, db: Path) -> Path:
             "num_superclasses": 3, "classes_per_superclass": 3, "train_per_class": 24,
             "holdout_per_class": 8, "test_per_class": 8, "image_size": 16}},
         "generalist": {"model": "cnn", "width": 0.25, "epochs": 2, "batch_size": 32,
-                       "optimizer": "sgd", "lr": 0.05},
+                       "optimizer": {"name": "sgd", "lr": 0.05}},
         "specialists": {"epochs": 2, "batch_size": 32},
-        "distill": {"epochs": 1, "batch_size": 32, "width": 0.125, "data_free": False,
+        "distill": {"epochs": 1, "batch_size": 32, "width": 0.125, "data_free": {"enabled": False},
                     "register_model": False},
     }
     (wd / "tiny.yaml").write_text(yaml.safe_dump(config))

@@ -1,6 +1,7 @@
 import pytest
 
-from orchestration.rundir import RunDir, RunDirError, atomic_write_text, read_json
+from orchestration.files import RunDirError, atomic_write_text, read_json
+from orchestration.rundir import RunDir
 
 
 def test_manifest_round_trip_and_completeness(tmp_path):

@@ -16,8 +16,8 @@ from generalist.data import create_dataset
 from orchestration.artifacts import cache_dir
 from orchestration.config import ConfigError, load_config
 from orchestration.ensemble_api import Ensemble
+from orchestration.files import sha256_file
 from orchestration.parallel import connect
-from orchestration.rundir import sha256_file
 from orchestration.soft_cache import build_cache, data_identity
 from specialists.ensemble import (
     BUILD_COMMAND,

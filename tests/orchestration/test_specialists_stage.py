@@ -23,10 +23,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from generalist.data import create_dataset
+from orchestration.artifacts import load_specialist
 from orchestration.cli import main
 from orchestration.config import load_config
 from orchestration.specialist_job import SpecialistJob, train_specialist
-from orchestration.stages.specialists import load_specialist
 
 TINY = (
     "run.device=cpu", "run.num_threads=1", "data.name=hierarchy",
@@ -217,7 +217,7 @@ def test_corrupt_snapshot_is_reported_and_the_specialist_restarts(upstream, tmp_
     (group_dir / "checkpoints" / "latest.json").write_text('{"epoch": 1, "dir": "epoch_0001"}')
     (group_dir / "checkpoints" / "epoch_0001" / "state.pt").write_bytes(b"not a checkpoint")
     job = SpecialistJob(group_id=0, classes=(0, 1, 2), names=tuple(data.class_names[:3]),
-                        group_dir=str(group_dir), generalist_dir=str(upstream / "run" / "generalist"),
+                        group_dir=str(group_dir), run_dir=str(upstream / "run"),
                         seed=0, settings=config.specialists)
     summary = train_specialist(job, {"train_images": data.train.images, "train_labels": data.train.labels,
                                      "holdout_images": data.holdout.images,

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from orchestration.artifacts import TRACKING_BUFFER as BUFFER
 from orchestration.cli import main
-from orchestration.tracking import BUFFER
 
 SPECDISTILL = str(Path(sys.executable).parent / "specdistill")
 STAGES = ("generalist", "clustering", "specialists", "ensemble", "distill")

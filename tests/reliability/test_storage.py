@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import os
 
-from orchestration import rundir
+from orchestration import files
 from orchestration.cli import main
 
 
@@ -28,7 +28,7 @@ def test_disk_full_while_writing_a_manifest(tiny_args, workdir, monkeypatch, cap
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_replace(src, dst, *a, **kw)
 
-    monkeypatch.setattr(rundir.os, "replace", full_disk)
+    monkeypatch.setattr(files.os, "replace", full_disk)
     assert main(["run", *args, "--to", "ensemble"]) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "nothing was half-written" in err and "re-run" in err
@@ -38,7 +38,7 @@ def test_disk_full_while_writing_a_manifest(tiny_args, workdir, monkeypatch, cap
     for stage in ("generalist", "clustering", "specialists"):
         assert (run / stage / "manifest.json").exists()
 
-    monkeypatch.setattr(rundir.os, "replace", real_replace)  # space freed: the same command resumes
+    monkeypatch.setattr(files.os, "replace", real_replace)  # space freed: the same command resumes
     assert main(["run", *args, "--to", "ensemble"]) == 0
     out = capsys.readouterr().out
     assert "skip generalist" in out and "skip specialists" in out and "stage ensemble" in out
