@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py --quick
+	$(BIN)/python -m benchmarks.run_all --quick
 
 clean:
 	rm -rf runs mlflow.db mlruns mlartifacts .pytest_cache

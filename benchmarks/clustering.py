@@ -1,6 +1,6 @@
 """Benchmark: ConfusableGroups(method="kmeans") (scikit-learn) vs method="faiss", end to end.
 
-Usage: python benchmarks/clustering.py [--quick] [--out PATH]
+Usage: python -m benchmarks.clustering [--quick] [--out PATH]
 
 On synthetic class covariances with planted groups (``clustering.planted_covariance``,
 float32, low-rank + noise), both estimators are called exactly as a
@@ -52,21 +52,15 @@ import numpy as np
 import sklearn
 from sklearn.metrics import adjusted_rand_score
 
-# `python benchmarks/clustering.py` puts benchmarks/ first on sys.path, where this file would
-# shadow the `clustering` package: import the package from the repository root instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-from clustering import (  # noqa: E402
+from clustering import (
     ConfusableGroups,
     SparseCoPredictionAccumulator,
     planted_covariance,
     planted_labels,
     simulate_topk_predictions,
 )
-from clustering.backends import faiss_kmeans, faiss_threads  # noqa: E402
-from clustering.features import DENSE_POWER_ITERATIONS, normalized_descriptors  # noqa: E402
+from clustering.backends import faiss_kmeans, faiss_threads
+from clustering.features import DENSE_POWER_ITERATIONS, normalized_descriptors
 
 SEED = 0
 MAX_ITER = 100

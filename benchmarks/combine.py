@@ -1,6 +1,6 @@
 """Benchmark: batched fixed-point combination vs per-example gradient descent (the paper's way).
 
-    python benchmarks/combine.py [--quick] [--out PATH] [--threads N] [--tol TOL]
+    python -m benchmarks.combine [--quick] [--out PATH] [--threads N] [--tol TOL]
 
 Both solvers run on the CPU with one torch thread by default (``--threads``): on a small shared
 machine OpenMP barriers stall whenever another process holds a core, which distorts timings.
@@ -29,20 +29,13 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-# `python benchmarks/combine.py` puts benchmarks/ first on sys.path, where benchmarks/specialists.py
-# would shadow the `specialists` package: import the packages from the repository root instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-from specialists.ensemble import (  # noqa: E402
+from specialists.ensemble import (
     GroupMembership,
     active_specialists,
     combine_objective,

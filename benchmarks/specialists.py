@@ -1,6 +1,6 @@
 """Benchmark: specialists trained one after the other vs in parallel on single-CPU Ray workers.
 
-    python benchmarks/specialists.py [--quick] [--out PATH] [--workers N] [--seed S]
+    python -m benchmarks.specialists [--quick] [--out PATH] [--workers N] [--seed S]
 
 Both phases run the stage's real per-specialist job (``orchestration.specialist_job``:
 half-and-half batches, holdout early stopping, epoch checkpoints, prior correction) through
@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,18 +31,12 @@ from typing import Any
 
 import torch
 
-# `python benchmarks/specialists.py` puts benchmarks/ first on sys.path, where this file would
-# shadow the `specialists` package: import the packages from the repository root instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-from generalist.data import create_dataset  # noqa: E402
-from generalist.models import create_model  # noqa: E402
-from orchestration.checkpoints import save_model  # noqa: E402
-from orchestration.config import SpecialistsConfig  # noqa: E402
-from orchestration.parallel import TaskResources, connect, run_tasks  # noqa: E402
-from orchestration.specialist_job import SpecialistJob, train_specialist  # noqa: E402
+from generalist.data import create_dataset
+from generalist.models import create_model
+from orchestration.checkpoints import save_model
+from orchestration.config import SpecialistsConfig
+from orchestration.parallel import TaskResources, connect, run_tasks
+from orchestration.specialist_job import SpecialistJob, train_specialist
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "specialists.json"
 

@@ -13,8 +13,6 @@ No file I/O, no logging, no printing: progress goes through the callbacks the ca
 from __future__ import annotations
 
 import contextlib
-import statistics
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -40,7 +38,6 @@ __all__ = [
     "feature_pairs",
     "iterate_indexed_batches",
     "make_teacher",
-    "measure_latency_ms",
     "probe_feature_shapes",
 ]
 
@@ -407,31 +404,3 @@ def evaluate_predictor(
     if examples == 0:
         raise ValueError("no examples to evaluate")
     return {**{f"top{k}": hits[k] / examples for k in topk}, "examples": float(examples)}
-
-
-@torch.no_grad()
-def measure_latency_ms(
-    predict: Callable[[Tensor], object],
-    example: Tensor,
-    *,
-    repeats: int = 20,
-    warmup: int = 3,
-) -> float:
-    """Per-example latency of ``predict`` on ``example (B, C, H, W)`` in milliseconds: the
-    median of ``repeats`` timed calls (after ``warmup`` untimed ones) divided by ``B``.
-    Use ``B = 1`` for the latency a single request sees."""
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    if example.ndim != 4 or example.shape[0] < 1:
-        raise ValueError(f"example must be (B, C, H, W) with B >= 1, got {tuple(example.shape)}")
-    sync = torch.cuda.synchronize if example.device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        predict(example)
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        predict(example)
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000.0 / example.shape[0]

@@ -308,7 +308,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from orchestration.ensemble_api import EnsembleInputError
     from orchestration.files import RunDirError
     from orchestration.parallel import WorkerLostError
-    from orchestration.stages.distill import DistillError
+    from orchestration.teachers import DistillError
     from orchestration.tracking import TrackingError
 
     return (

@@ -13,12 +13,22 @@ Where Ray runs (``connect``):
 - otherwise: start a private local Ray (``address="local"``, never someone else's cluster).
 
 A Ray already initialised in this process is used as is.
+
+The private local Ray gives its workers an empty working directory of their own (runtime_env
+``working_dir``). Without one, Ray puts the driver's working directory (and its script's
+folder) on every worker's ``sys.path``; when that is a run directory, its stage folders
+(``clustering/``, ``specialists/``, ...) shadow the packages as empty namespace packages and
+the workers cannot import them. With a ``working_dir`` Ray adds neither, and relative paths
+behave as on a cluster: everything a task gets is an absolute path. ``ray job submit
+--working-dir`` (the cluster path) already gives the job a ``working_dir``, so Ray does not add
+the driver's folder there either.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -61,8 +71,9 @@ def connect(address: str | None = None, *, local_num_cpus: int | None = None) ->
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, logging_level=logging.WARNING)
         return f"Ray cluster at {address or os.environ['RAY_ADDRESS']}"
-    ray.init(address="local", num_cpus=local_num_cpus, include_dashboard=False,
-             logging_level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="specdistill-ray-") as empty:  # uploaded by init
+        ray.init(address="local", num_cpus=local_num_cpus, include_dashboard=False,
+                 logging_level=logging.WARNING, runtime_env={"working_dir": empty})
     return f"local Ray ({_cpus()} CPUs)"
 
 

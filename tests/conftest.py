@@ -4,12 +4,14 @@ store, a real mlflow server, and a tiny run finished up to the ensemble stage.""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -66,47 +68,112 @@ def tiny_args(workdir):
     return make
 
 
+def _ephemeral_low() -> int:
+    """The lowest port of the kernel's ephemeral range (the ports bind(0) and connect() hand out)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152  # the IANA range, used by macOS and Windows
+
+
+# Ray's worker ports are 10002-19999 by default: pick between those and the ephemeral range.
+PORT_BAND = (20000, max(_ephemeral_low(), 20100))
+_handed_out: set[int] = set()
+_random = random.SystemRandom()
+
+
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port free on 127.0.0.1 now, never handed out before in this session.
+
+    It comes from below the ephemeral range, which the kernel never hands out by itself: between
+    this check and the server binding it, the only ones that can take it are processes choosing
+    this very number (an outgoing connection or a bind(0) elsewhere cannot)."""
+    while True:
+        port = _random.randrange(*PORT_BAND)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 @pytest.fixture(scope="session")
 def free_port():
-    """A function returning a TCP port that is free on 127.0.0.1 right now."""
+    """A function returning a TCP port that is free on 127.0.0.1 right now (see ``_free_port``)."""
     return _free_port
 
 
-def _start_mlflow_server(root: Path, port: int, new_session: bool = False) -> subprocess.Popen:
-    """Start ``mlflow server`` on 127.0.0.1:port with its store under ``root``; wait for /health.
+@dataclass
+class MlflowServer:
+    """A running ``mlflow server`` on 127.0.0.1:port."""
 
+    proc: subprocess.Popen
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+SERVER_START_ATTEMPTS = 5
+SERVER_START_TIMEOUT_S = 300  # a hang guard: it is up in 10-40 s on a busy 2-core machine
+
+
+def _start_mlflow_server(root: Path, port: int | None = None, new_session: bool = False) -> MlflowServer:
+    """Start ``mlflow server`` with its store under ``root``; return once /health answers.
+
+    With no ``port`` it takes a free one, and another one when that was taken before the server
+    bound it. A given ``port`` (a restart on the same store and address) is used as it is.
     ``new_session`` puts it in its own process group (so a test can kill -9 the group and later
     start a server again on the same store and port)."""
+    for _ in range(SERVER_START_ATTEMPTS if port is None else 1):
+        chosen = port or _free_port()
+        proc = _launch_mlflow_server(root, chosen, new_session)
+        if proc is not None:
+            return MlflowServer(proc, chosen)
+    raise RuntimeError(f"mlflow server found its port taken {SERVER_START_ATTEMPTS} times in a row "
+                       f"(or port {port} is in use); see {root / 'server.log'}")
+
+
+def _launch_mlflow_server(root: Path, port: int, new_session: bool) -> subprocess.Popen | None:
+    """The started server, or None when the port was in use (the server logs it and exits)."""
+    log = root / "server.log"
+    offset = log.stat().st_size if log.exists() else 0  # restarts append to the same log
     mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    proc = subprocess.Popen(
-        [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "ab"), start_new_session=new_session,
-        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
-    )
-    deadline = time.time() + 90
-    while time.time() < deadline:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port),
+             "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=out, start_new_session=new_session,
+            env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+        )
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
             return proc
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError((root / "server.log").read_text()[-2000:]) from None
+                with open(log, "rb") as f:
+                    f.seek(offset)
+                    text = f.read().decode(errors="replace")
+                if "address already in use" in text.lower():
+                    return None
+                raise RuntimeError(text[-2000:]) from None
             time.sleep(0.5)
     proc.kill()
-    raise RuntimeError("mlflow server did not start in 90 s")
+    raise RuntimeError(f"mlflow server did not answer in {SERVER_START_TIMEOUT_S} s; see {log}")
 
 
 @pytest.fixture(scope="session")
 def mlflow_server_factory():
-    """``start(root, port, new_session=False) -> Popen``: a real ``mlflow server`` the test owns."""
+    """``start(root, port=None, new_session=False) -> MlflowServer``: a real ``mlflow server``
+    the test owns (``.proc``, ``.port``, ``.url``)."""
     return _start_mlflow_server
 
 
@@ -114,14 +181,13 @@ def mlflow_server_factory():
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1, stopped at the end of the session."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    proc = _start_mlflow_server(root, port)
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
+    server = _start_mlflow_server(root)
+    yield server.url
+    server.proc.terminate()
     try:
-        proc.wait(timeout=20)
+        server.proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        server.proc.kill()
 
 
 TINY_SPECIALISTS = ("specialists.epochs=1", "specialists.batch_size=32", "specialists.finetune=head",

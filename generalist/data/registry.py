@@ -5,8 +5,10 @@ A builder is a function taking keyword-only arguments `root`, `seed` and its opt
     @register_dataset("glyphs")
     def build_glyphs(*, root=None, seed=0, num_classes=None, ...) -> DataBundle
 
-The option names a data set accepts are read from its builder's signature, so an
-unknown option is rejected with the list of valid ones.
+The names live in `DATASETS`, a :class:`generalist.registry.Registry` (normalised names,
+"did you mean" for unknown ones, duplicates refused; errors are `DataError`). The option
+names a data set accepts are read from its builder's signature, so an unknown option is
+rejected with the list of valid ones.
 """
 
 from __future__ import annotations
@@ -19,41 +21,29 @@ from collections.abc import Callable, Iterator
 import torch
 
 from generalist.data.core import DataBundle, DataError
+from generalist.registry import Registry, normalise_name
 
 Builder = Callable[..., DataBundle]
 
-_REGISTRY: dict[str, Builder] = {}
+DATASETS: Registry[Builder] = Registry(
+    "data set", error=DataError, hint="Register new ones with @register_dataset(name)."
+)
 _RESERVED = ("root", "seed")
-
-
-def _normalise(name: str) -> str:
-    return str(name).strip().lower().replace("-", "_")
 
 
 def register_dataset(name: str) -> Callable[[Builder], Builder]:
     """Decorator registering `builder(*, root, seed, **options) -> DataBundle` under `name`."""
-    key = _normalise(name)
-
-    def decorator(builder: Builder) -> Builder:
-        if key in _REGISTRY and _REGISTRY[key] is not builder:
-            raise DataError(
-                f"a data set named {key!r} is already registered; pick another name."
-            )
-        _REGISTRY[key] = builder
-        return builder
-
-    return decorator
+    return DATASETS.register(name)
 
 
 def list_datasets() -> list[str]:
     """Names accepted by `create_dataset`, sorted."""
-    return sorted(_REGISTRY)
+    return DATASETS.names()
 
 
 def dataset_options(name: str) -> list[str]:
     """The option names (besides root and seed) that data set `name` accepts."""
-    builder = _lookup(name)
-    params = inspect.signature(builder).parameters
+    params = inspect.signature(DATASETS.get(name)).parameters
     return [p for p in params if p not in _RESERVED]
 
 
@@ -63,12 +53,12 @@ def create_dataset(name: str, *, root: str | None = None, seed: int = 0, **optio
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise DataError(
-            f"data set {_normalise(name)!r} got unknown option(s) {unknown}; valid options "
+            f"data set {normalise_name(name)!r} got unknown option(s) {unknown}; valid options "
             f"are {valid} (plus root and seed)."
         )
     seed = check_int("seed", seed, minimum=0)
     with single_threaded():
-        return _lookup(name)(root=root, seed=seed, **options)
+        return DATASETS.get(name)(root=root, seed=seed, **options)
 
 
 @contextlib.contextmanager
@@ -86,16 +76,6 @@ def single_threaded() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def _lookup(name: str) -> Builder:
-    key = _normalise(name)
-    if key not in _REGISTRY:
-        raise DataError(
-            f"unknown data set {name!r}; available data sets are {list_datasets()}. "
-            "Register new ones with @register_dataset(name)."
-        )
-    return _REGISTRY[key]
 
 
 def check_int(name: str, value: object, *, minimum: int | None = None,

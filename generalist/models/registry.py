@@ -1,14 +1,19 @@
-"""timm-style model registry: ``register_model`` / ``create_model`` / ``list_models``."""
+"""Model families by name (timm style): ``register_model`` / ``create_model`` / ``list_models``.
+
+Built on :class:`generalist.registry.Registry` (normalised names, "did you mean", duplicate
+names refused). ``tv.<name>`` models are not registered one by one: they are resolved by
+:mod:`generalist.models.tv` and listed as the registry's extra names.
+"""
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from generalist.models.base import Classifier, check_multipliers
+from generalist.registry import Registry, normalise_name
 
-__all__ = ["ModelBuilder", "create_model", "list_models", "register_model"]
+__all__ = ["MODELS", "ModelBuilder", "create_model", "list_models", "register_model"]
 
 TV_PREFIX = "tv."
 
@@ -28,43 +33,43 @@ class ModelBuilder(Protocol):
     ) -> Classifier: ...
 
 
-_REGISTRY: dict[str, ModelBuilder] = {}
+def _torchvision_names() -> list[str]:
+    from generalist.models.tv import supported_torchvision_models
+
+    return [TV_PREFIX + n for n in supported_torchvision_models()]
+
+
+MODELS: Registry[ModelBuilder] = Registry("model", extra_names=_torchvision_names)
 
 
 def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     """Decorator registering ``builder`` under ``name``; names must be unique and not start with ``tv.``."""
-    if not name or name.startswith(TV_PREFIX):
-        raise ValueError(
-            f"invalid model name {name!r} (empty, or uses the reserved {TV_PREFIX!r} prefix)"
-        )
-
-    def decorator(builder: ModelBuilder) -> ModelBuilder:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = builder
-        return builder
-
-    return decorator
+    if normalise_name(name).startswith(TV_PREFIX):
+        raise MODELS.error(f"invalid model name {name!r}: the {TV_PREFIX!r} prefix is reserved "
+                           "for torchvision models")
+    return MODELS.register(name)
 
 
 def list_models() -> list[str]:
     """All creatable names: registered families (sorted) followed by the supported ``tv.<name>`` models."""
-    from generalist.models.tv import supported_torchvision_models
-
-    return sorted(_REGISTRY) + [TV_PREFIX + n for n in supported_torchvision_models()]
-
-
-def _unknown_model_error(name: str) -> ValueError:
-    known = list_models()
-    lowered = {k.lower(): k for k in known}
-    closest = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.0)
-    hint = f" Did you mean {lowered[closest[0]]!r}?" if closest else ""
-    return ValueError(f"Unknown model {name!r}.{hint} Known models: {', '.join(known)}")
+    return MODELS.names()
 
 
 def _check_positive_int(what: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{what} must be a positive int, got {value!r}")
+
+
+def _builder(name: str) -> ModelBuilder:
+    """The registered builder of ``name``, or the torchvision wrapper for ``tv.<name>``."""
+    key = normalise_name(name)
+    if not key.startswith(TV_PREFIX):
+        return MODELS.get(name)
+    from generalist.models.tv import build_torchvision_model, supported_torchvision_models
+
+    if key[len(TV_PREFIX):] not in supported_torchvision_models():
+        raise MODELS.unknown(name)
+    return build_torchvision_model(key[len(TV_PREFIX):])
 
 
 def create_model(
@@ -87,16 +92,7 @@ def create_model(
     _check_positive_int("in_channels", in_channels)
     _check_positive_int("image_size", image_size)
     check_multipliers(width, depth)
-    if name.startswith(TV_PREFIX):
-        from generalist.models.tv import build_torchvision_model, supported_torchvision_models
-
-        if name[len(TV_PREFIX) :] not in supported_torchvision_models():
-            raise _unknown_model_error(name)
-        builder: ModelBuilder = build_torchvision_model(name[len(TV_PREFIX) :])
-    elif name in _REGISTRY:
-        builder = _REGISTRY[name]
-    else:
-        raise _unknown_model_error(name)
+    builder = _builder(name)
     model = builder(
         num_classes=num_classes,
         in_channels=in_channels,

@@ -15,7 +15,6 @@ student in the MLflow model registry (alias ``candidate``).
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from distill.data_free_train import DataFreeSettings, DataFreeTrainer
+from distill.latency import latencies_side_by_side
 from distill.train import (
     DistillObjective,
     TeacherFn,
@@ -33,8 +33,6 @@ from distill.train import (
     evaluate_predictor,
     feature_pairs,
     iterate_indexed_batches,
-    make_teacher,
-    measure_latency_ms,
     probe_feature_shapes,
 )
 from generalist.models import count_parameters
@@ -48,8 +46,6 @@ from orchestration.artifacts import (
     RESULTS_MD,
     ROW,
     STUDENT,
-    cache_dir,
-    load_ensemble,
     load_evaluation,
     stage_dir,
 )
@@ -57,34 +53,16 @@ from orchestration.builders import optimizer_and_schedule
 from orchestration.checkpoints import Checkpointer, CheckpointError, build_model, save_model
 from orchestration.files import read_json, write_json
 from orchestration.pipeline import Stage, StageContext, StageResult, step_progress
-from orchestration.soft_cache import data_identity
 from orchestration.tables import models_table
+from orchestration.teachers import DistillError, Teachers, load_teachers, teacher_fns
 from orchestration.tracking import TrackingError
 from specialists.ensemble import (
-    CacheCorruptError,
-    CacheMismatchError,
-    RoutedEnsemble,
-    SoftTargetCache,
     ensemble_forward,
 )
 
 NAME = "distill"
 LATENCY_REPEATS = 20
 LATENCY_ROUNDS = 5                       # round-robin rounds of the final latency comparison
-
-
-class DistillError(ValueError):
-    """The distill stage cannot run with this config or these upstream outputs; says what to change."""
-
-
-@dataclass(frozen=True)
-class Teachers:
-    """The run's trained models, checked against the data."""
-
-    generalist: nn.Module
-    ensemble: RoutedEnsemble
-    class_names: list[str]
-    cache: SoftTargetCache | None       # when distill.targets=cache
 
 
 @dataclass(frozen=True)
@@ -119,63 +97,6 @@ def run(ctx: StageContext) -> StageResult:
     ctx.logger.log_metrics(metrics)
     return StageResult(outputs=outputs, metrics=metrics,
                        details={"registered": registered, "data": data.describe()})
-
-
-# ------------------------------------------------------------------------------ teachers
-
-
-def load_teachers(ctx: StageContext) -> Teachers:
-    """Generalist + routed ensemble of this run, and the soft-target cache when it is used."""
-    ecfg, data = ctx.config.ensemble, ctx.data()
-    loaded = load_ensemble(ctx.run_dir.path, top_n=ecfg.top_n, tol=ecfg.tol, max_iter=ecfg.max_iter,
-                           device=ctx.device)
-    if list(loaded.class_names) != list(data.class_names):
-        raise DistillError(
-            f"the generalist of {ctx.run_dir.path} was trained on {len(loaded.class_names)} classes "
-            f"but data set {data.name} has {len(data.class_names)} (or another order); the upstream "
-            f"stages belong to another data set: restore the run's data.* settings or re-run them "
-            f"(specdistill run CONFIG run.dir={ctx.run_dir.path})"
-        )
-    cache = _open_cache(ctx, loaded.class_names) if _uses_cache(ctx) else None
-    return Teachers(loaded.ensemble.generalist, loaded.ensemble, list(loaded.class_names), cache)
-
-
-def _uses_cache(ctx: StageContext) -> bool:
-    cfg = ctx.config.distill
-    return cfg.teacher == "ensemble" and cfg.targets == "cache"
-
-
-def _open_cache(ctx: StageContext, class_names: list[str]):
-    """The ensemble stage's cache of q over the train split, checked against this data."""
-    path, split = cache_dir(ctx.run_dir.path), ctx.config.ensemble.cache.split
-    online = "or train on targets computed online instead: distill.targets=online"
-    if split != "train":
-        raise DistillError(f"distill.targets=cache trains on the train split but the cache covers "
-                           f"ensemble.cache.split={split}; set ensemble.cache.split=train and rebuild "
-                           f"it (specdistill run CONFIG run.dir={ctx.run_dir.path} --from ensemble), {online}")
-    try:
-        cache = SoftTargetCache(path)
-        cache.check_compatible(class_names, data_identity(ctx.config, "train", ctx.data().train))
-    except (FileNotFoundError, CacheCorruptError, CacheMismatchError) as exc:
-        raise DistillError(f"distill.targets=cache: {exc}; {online}") from None
-    return cache
-
-
-def teacher_fns(teachers: Teachers, teacher_paths: tuple[str, ...]) -> dict[str, TeacherFn]:
-    """``generalist`` (its logits online) and ``ensemble`` (q from the cache or online), each
-    with the generalist's activations at ``teacher_paths`` for the extra losses (the ensemble's
-    features are its generalist's: the specialists only see some examples)."""
-    generalist, ensemble, cache = teachers.generalist, teachers.ensemble, teachers.cache
-    if cache is not None:
-        def probs(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-            return cache.targets(ids, 1.0).to(x.device)
-    else:
-        def probs(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-            return ensemble_forward(ensemble, x).q
-    return {
-        "generalist": make_teacher(logits_model=generalist, feature_paths=teacher_paths),
-        "ensemble": make_teacher(probs_fn=probs, feature_model=generalist, feature_paths=teacher_paths),
-    }
 
 
 # -------------------------------------------------------------------------- student setup
@@ -456,13 +377,9 @@ def measure_latencies_together(ctx: StageContext, teachers: Teachers, rows: list
             model, _ = load_model(ctx.stage_dir / str(row["path"]).removesuffix(".safetensors"))
             predictors[row["name"]] = model.to(ctx.device)
     one = ctx.data().test.images[:1].to(ctx.device).float() / 255.0
-    samples: dict[str, list[float]] = {name: [] for name in predictors}
-    with torch.inference_mode():
-        for _ in range(LATENCY_ROUNDS):
-            for name, predict in predictors.items():
-                samples[name].append(measure_latency_ms(predict, one, repeats=LATENCY_REPEATS, warmup=2))
+    latency = latencies_side_by_side(predictors, one, rounds=LATENCY_ROUNDS, repeats=LATENCY_REPEATS)
     for row in rows:
-        row["latency_ms"] = statistics.median(samples[row["name"]])
+        row["latency_ms"] = latency[row["name"]]
     ctx.logger.log_metrics({f"{row['name']}/test_latency_ms": row["latency_ms"] for row in rows})
 
 

@@ -1,13 +1,40 @@
-"""benchmarks/run_all.py: aggregation over seeds and the BENCHMARKS.md it writes."""
+"""benchmarks/run_all.py: how it launches the benchmarks, aggregation over seeds and the
+BENCHMARKS.md it writes."""
 
 from __future__ import annotations
 
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-RUN_ALL = runpy.run_path(str(Path(__file__).parents[2] / "benchmarks" / "run_all.py"))
+ROOT = Path(__file__).parents[2]
+RUN_ALL = runpy.run_path(str(ROOT / "benchmarks" / "run_all.py"))
+
+
+def test_components_run_as_modules_from_the_repository_root(monkeypatch):
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append((cmd, kwargs["cwd"]))
+        return subprocess.CompletedProcess(cmd, 0, stdout="figures\nspeedup=120.5 solver=fixed\n", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    result = RUN_ALL["run_component"]("combine", quick=True)
+    assert calls == [([sys.executable, "-m", "benchmarks.combine", "--quick"], ROOT)]
+    assert result["command"] == "python -m benchmarks.combine --quick" and result["returncode"] == 0
+    assert result["figures"] == {"speedup": 120.5, "solver": "fixed"}
+
+
+def test_every_benchmark_imports_as_a_module_of_the_benchmarks_package():
+    """What `python -m benchmarks.<name>` does first: import it with the repository root (the
+    working directory) on sys.path, where `clustering`, `specialists`, ... are the packages."""
+    modules = [f"benchmarks.{name}" for name in RUN_ALL["COMPONENTS"]]
+    code = f"import importlib; print([importlib.import_module(m).__name__ for m in {modules!r}])"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == repr(modules), done.stderr[-3000:]
 
 
 def _run(seed: int, top1: float, seconds: float) -> dict:
@@ -35,10 +62,10 @@ def test_aggregate_gives_mean_and_spread_over_seeds():
 
 def test_markdown_has_machine_components_pipeline_and_failures():
     runs = [_run(0, 0.90, 300), _run(1, 0.92, 320), {"seed": 2, "returncode": 1, "error": "boom"}]
-    results = {"command": "python benchmarks/run_all.py", "date": "2026-11-23",
+    results = {"command": "python -m benchmarks.run_all", "date": "2026-11-23",
                "machine": {"cpu": "x", "cpus": 2, "memory_gib": 24, "gpu": None, "python": "3.11",
                            "platform": "linux", "versions": {"torch": "2.14.1"}},
-               "components": {"combine": {"command": "python benchmarks/combine.py --quick", "seconds": 30,
+               "components": {"combine": {"command": "python -m benchmarks.combine --quick", "seconds": 30,
                                           "returncode": 0, "last_line": "speedup=100 objective_gap=1e-9"}},
                "pipeline_runs": runs, "pipeline_command": "specdistill run configs/quickstart.yaml run.seed=S",
                "pipeline": RUN_ALL["aggregate"](runs), "wall_seconds": 600}
@@ -46,6 +73,7 @@ def test_markdown_has_machine_components_pipeline_and_failures():
     assert "torch 2.14.1" in text and "`speedup=100 objective_gap=1e-9`" in text
     assert "| student | ensemble | 0.9100 ± 0.0141 |" in text
     assert "seeds 0, 1" in text and "Pipeline seed 2 FAILED" in text and "CIFAR-100" in text
+    assert "python -m benchmarks.run_all --config configs/cifar100.yaml" in text
     assert "| 0 | 300 | 32 (0.651) | 0.9000 |" in text and "| 1 | 320 | 32 (0.651) | 0.9200 |" in text  # per seed
     assert "groups: 32 of 320 classes (spectral), sizes 2-38, 0 unassigned, stability ARI 0.651" in text
     assert "| student | ensemble | 0.9000 | 0.9900 | 95,152 | 0.400 |" in text  # seed 0's report

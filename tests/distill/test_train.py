@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.features import FeatureExtractor
+from distill.latency import measure_latency_ms
 from distill.train import (
     DistillObjective,
     TeacherOutput,
@@ -23,7 +24,6 @@ from distill.train import (
     feature_pairs,
     iterate_indexed_batches,
     make_teacher,
-    measure_latency_ms,
     probe_feature_shapes,
 )
 from generalist.models import create_model
@@ -268,16 +268,22 @@ def test_evaluate_predictor_hand_computed():
     assert evaluate_predictor(predict, images, labels, topk=(10,))["top10"] == 1.0  # k clipped to K
 
 
-def test_measure_latency_is_the_per_example_median():
+def test_measure_latency_is_the_per_example_median(monkeypatch):
+    """A fake clock that each call advances by a known time: 2 warm-up calls (not timed), then
+    5 timed ones of 3, 5, 4, 100 and 4 ms; the median (4 ms) over 2 examples is 2 ms."""
+    durations = iter([9.0, 9.0, 0.003, 0.005, 0.004, 0.100, 0.004])
+    now = [0.0]
     calls = []
 
     def slow(x):
         calls.append(x.shape[0])
-        time.sleep(0.004)
+        now[0] += next(durations)
 
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
     latency = measure_latency_ms(slow, torch.zeros(2, 1, 4, 4), repeats=5, warmup=2)
-    assert len(calls) == 7
-    assert 1.9 <= latency < 10.0  # ~4 ms per call / 2 examples
+    monkeypatch.undo()
+    assert calls == [2] * 7
+    assert latency == pytest.approx(2.0)
     with pytest.raises(ValueError, match="example must be"):
         measure_latency_ms(slow, torch.zeros(4, 4))
     with pytest.raises(ValueError, match="repeats >= 1"):

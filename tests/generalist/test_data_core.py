@@ -100,8 +100,11 @@ def test_registry_round_trip_and_option_checking():
     assert create_dataset("test_data_core_toy", seed=3).describe() == _bundle(3).describe()
     with pytest.raises(DataError, match=r"unknown option\(s\) \['colour'\]; valid options are \['size'\]"):
         create_dataset("test_data_core_toy", colour=1)
-    with pytest.raises(DataError, match="available data sets are"):
-        create_dataset("no_such_data")
+    with pytest.raises(DataError, match=r"unknown data set 'glyph'; did you mean 'glyphs'\? known data "
+                                        r"sets: .*Register new ones with @register_dataset\(name\)\."):
+        create_dataset("glyph")
+    with pytest.raises(DataError, match="a data set named 'test_data_core_toy' is already registered"):
+        register_dataset("Test-Data-Core-Toy")(lambda **kwargs: _bundle(0))
     with pytest.raises(DataError, match="seed"):
         create_dataset("test_data_core_toy", seed=-1)
 

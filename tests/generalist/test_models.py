@@ -19,7 +19,7 @@ from generalist.models import (
     register_model,
     summarize_model,
 )
-from generalist.models.registry import _REGISTRY
+from generalist.models.registry import MODELS
 
 
 def conv_bn(cin: int, cout: int) -> int:
@@ -83,7 +83,7 @@ def test_torchvision_wrapper_computes_the_original_function(name: str) -> None:
 def test_torchvision_rejects_width_and_unsupported_names() -> None:
     with pytest.raises(ValueError, match="fixed architecture"):
         create_model("tv.resnet18", num_classes=3, width=0.5)
-    with pytest.raises(ValueError, match="Unknown model 'tv.vit_b_16'"):
+    with pytest.raises(ValueError, match=r"unknown model 'tv.vit_b_16'; did you mean 'tv\."):
         create_model("tv.vit_b_16", num_classes=3)
 
 
@@ -178,14 +178,26 @@ def test_invalid_sizes_raise() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "closest"), [("resnt", "resnet"), ("CNN", "cnn"), ("tv.resnet19", "tv.resnet18")]
+    ("name", "closest"), [("resnt", "resnet"), ("cnm", "cnn"), ("tv.resnet19", "tv.resnet18"),
+                          ("TV.Resnet19", "tv.resnet18")]
 )
 def test_unknown_name_names_closest_match(name: str, closest: str) -> None:
     with pytest.raises(ValueError) as info:
         create_model(name, num_classes=3)
     message = str(info.value)
-    assert f"Did you mean '{closest}'?" in message
-    assert "cnn, cnn_fast, resnet, resnet_cifar" in message
+    assert message.startswith(f"unknown model {name!r}; did you mean {closest!r}? known models: ")
+    assert "cnn, cnn_fast, resnet, resnet_cifar, tv." in message
+
+
+def test_names_are_normalised() -> None:
+    """Case and '-' do not matter, for registered families and torchvision models alike."""
+    torch.manual_seed(0)
+    a = create_model("CNN-Fast", num_classes=3, width=0.25)
+    torch.manual_seed(0)
+    b = create_model("cnn_fast", num_classes=3, width=0.25)
+    assert type(a) is type(b) and str(a) == str(b)
+    assert count_parameters(create_model("TV.ResNet18", num_classes=3)) == count_parameters(
+        create_model("tv.resnet18", num_classes=3))
 
 
 def test_list_models() -> None:
@@ -195,8 +207,9 @@ def test_list_models() -> None:
     assert not any(n in names for n in ("tv.vit_b_16", "tv.alexnet", "tv.googlenet"))
 
 
-def test_register_model_adds_builder_and_rejects_duplicates() -> None:
+def test_register_model_adds_builder_and_rejects_duplicates(monkeypatch) -> None:
     name = "test_linear_probe"
+    monkeypatch.setattr(MODELS, "_entries", dict(MODELS._entries))  # restored after the test
 
     def build(*, num_classes, in_channels, image_size, width, depth) -> Classifier:
         dim = in_channels * image_size * image_size
@@ -207,17 +220,15 @@ def test_register_model_adds_builder_and_rejects_duplicates() -> None:
             nn.Linear(dim, num_classes),
         )
 
-    try:
-        register_model(name)(build)
-        assert name in list_models()
-        model = create_model(name, num_classes=4, in_channels=1, image_size=8)
-        assert count_parameters(model) == 64 * 4 + 4
-        with pytest.raises(ValueError, match="already registered"):
-            register_model(name)(build)
-    finally:
-        _REGISTRY.pop(name, None)
+    register_model(name)(build)
+    assert name in list_models()
+    model = create_model(name, num_classes=4, in_channels=1, image_size=8)
+    assert count_parameters(model) == 64 * 4 + 4
+    register_model(name)(build)  # the same builder again (a module imported twice): a no-op
+    with pytest.raises(ValueError, match="a model named 'test_linear_probe' is already registered"):
+        register_model("Test-Linear-Probe")(lambda **kwargs: build(**kwargs))
     with pytest.raises(ValueError, match="reserved"):
-        register_model("tv.mine")
+        register_model("TV.mine")
 
 
 def test_normalisation_is_fixed_and_saved() -> None:

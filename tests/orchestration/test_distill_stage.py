@@ -110,6 +110,7 @@ def test_distill_with_baselines_registers_the_student_and_skips_on_rerun(run_cop
 
 
 def test_online_targets_and_data_free_row(run_copy, capsys, monkeypatch):
+    import distill.latency as latency_module
     import orchestration.stages.distill as stage_module
 
     calls = []  # (predictor, ms, grad enabled) of every latency measurement, in order
@@ -119,8 +120,8 @@ def test_online_targets_and_data_free_row(run_copy, capsys, monkeypatch):
         calls.append((predict, ms, torch.is_grad_enabled()))
         return ms
 
-    measure = stage_module.measure_latency_ms
-    monkeypatch.setattr(stage_module, "measure_latency_ms", spy)
+    measure = latency_module.measure_latency_ms
+    monkeypatch.setattr(latency_module, "measure_latency_ms", spy)
     args = run_copy["args"]("distill.targets=online", "distill.baselines=false", "distill.register_model=false",
                             "distill.data_free.enabled=true", "distill.data_free.generator_steps=3",
                             "distill.data_free.steps_per_epoch=3")

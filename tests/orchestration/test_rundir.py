@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from orchestration.files import RunDirError, atomic_write_text, read_json
@@ -51,14 +53,39 @@ def test_unwritable_run_dir_is_a_clear_error(tmp_path):
         RunDir(blocker / "run").ensure_writable()
 
 
-def test_a_run_directory_as_working_directory_does_not_shadow_the_packages(tmp_path):
-    """Ray workers inherit the driver's working directory on sys.path; a run directory's stage
-    folders (clustering/, specialists/, ...) must not shadow the packages of the same names."""
+STAGES = ("generalist", "clustering", "specialists", "distill")
+DRIVER = f"""
+from orchestration.parallel import TaskResources, connect, run_tasks
+
+def probe(item, shared):  # where a worker would import each package from (None: a namespace)
+    from importlib.util import find_spec
+    return [find_spec(name).origin for name in {STAGES!r}]
+
+results = []
+connect(local_num_cpus=1)
+failures = run_tasks(probe, [0], shared=None, resources=TaskResources(cpus=1),
+                     on_result=lambda item, result: results.append(result))
+print("origins", results, "failures", [repr(f.error) for f in failures])
+"""
+
+
+def test_ray_workers_of_a_driver_started_in_a_run_directory_import_the_real_packages(tmp_path):
+    """A driver whose working directory is a run directory: Ray would put that directory on its
+    workers' sys.path, where the stage folders (clustering/, specialists/, ...) shadow the
+    packages of the same names as empty namespace packages."""
+    import os
     import subprocess
     import sys
 
-    for stage in ("generalist", "clustering", "specialists", "distill"):
-        (tmp_path / stage).mkdir()
-    code = "import orchestration, clustering, specialists.ensemble; print(clustering.ConfusableGroups.__name__)"
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.strip() == "ConfusableGroups", done.stderr[-2000:]
+    run = tmp_path / "run"
+    for stage in STAGES:
+        (run / stage).mkdir(parents=True)
+    (tmp_path / "driver.py").write_text(DRIVER)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a private local Ray
+    done = subprocess.run([sys.executable, str(tmp_path / "driver.py")], cwd=run, env=env,
+                          capture_output=True, text=True, timeout=300)
+    import clustering
+
+    packages = Path(clustering.__file__).parents[1]  # where the real packages are
+    expected = [str(packages / stage / "__init__.py") for stage in STAGES]
+    assert f"origins [{expected!r}] failures []" in done.stdout, done.stdout + done.stderr[-3000:]

@@ -197,16 +197,18 @@ def test_missing_generalist_checkpoint_says_to_train_it(copy_of, capsys):
     (copy_of / "run" / "generalist" / "model.safetensors").unlink()
     assert main(["specialists", *_args(copy_of)]) == 1
     err = capsys.readouterr().err
-    assert "model.safetensors is missing" in err and "train it first" in err
+    assert "model.safetensors is missing" in err and "the generalist stage of run" in err
+    assert "specdistill run CONFIG" in err
 
 
 def test_more_gpus_than_the_cluster_has_fails_fast(copy_of, local_ray, capsys):
-    started = time.perf_counter()
+    """Fails before any specialist is set up or submitted (Ray would keep such a task pending
+    forever): no group folder, no child MLflow run."""
     assert main(["specialists", *_args(copy_of, "specialists.gpus_per_specialist=1")]) == 2
     err = capsys.readouterr().err
     assert "no GPUs" in err and "specialists.gpus_per_specialist" in err
-    assert time.perf_counter() - started < 30
     assert not list((copy_of / "run" / "specialists").glob("group_*"))
+    assert _specialist_runs(copy_of)[2] == []
 
 
 def test_corrupt_snapshot_is_reported_and_the_specialist_restarts(upstream, tmp_path):

@@ -37,10 +37,9 @@ def test_unreachable_at_start_fails_before_any_training(tiny_args, workdir, caps
     assert not (workdir / "run" / "generalist").exists()
 
 
-def test_server_lost_mid_run_then_back(pipeline_args, tmp_path, free_port, mlflow_server_factory):
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = mlflow_server_factory(tmp_path, port, new_session=True)
+def test_server_lost_mid_run_then_back(pipeline_args, tmp_path, mlflow_server_factory):
+    server = mlflow_server_factory(tmp_path, new_session=True)
+    port, uri = server.port, server.url
     run = tmp_path / "run"
     args = ["run", *pipeline_args(run, uri, "generalist.epochs=3")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
@@ -53,7 +52,7 @@ def test_server_lost_mid_run_then_back(pipeline_args, tmp_path, free_port, mlflo
         while not (run / "generalist" / "checkpoints" / "latest.json").exists() and time.time() < deadline:
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.05)
-        _stop(server)  # the server dies during the generalist's training
+        _stop(server.proc)  # the server dies during the generalist's training
         out, err = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
@@ -82,7 +81,7 @@ def test_server_lost_mid_run_then_back(pipeline_args, tmp_path, free_port, mlflo
         distill = next(r for r in stage_runs if r.data.tags["specdistill.stage"] == "distill")
         assert distill.data.metrics, "the distill stage's metrics (logged while the server was away) are missing"
     finally:
-        _stop(server)
+        _stop(server.proc)
 
 
 @pytest.fixture(autouse=True)
