@@ -34,6 +34,9 @@ from orchestration.tracking import (
 
 @dataclass(frozen=True)
 class StageResult:
+    """What a stage returns: its output files (checksummed into the manifest; a re-run is skipped
+    only while they are intact), metrics (into the manifest and MLflow) and details (manifest)."""
+
     outputs: list[str]                         # files relative to the stage dir
     metrics: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
@@ -41,6 +44,10 @@ class StageResult:
 
 @dataclass
 class StageContext:
+    """Everything a stage's ``run`` gets: the validated config, the run directory and its own
+    folder, its MLflow child run (``logger``), the console, the device, the data (loaded once per
+    pipeline, lazily), the manifests of its upstream stages and the pipeline's tracker."""
+
     config: Config
     run_dir: RunDir
     stage_dir: Path
@@ -57,6 +64,9 @@ class StageContext:
 
 @dataclass(frozen=True)
 class Stage:
+    """One pipeline stage: its name (also its folder in the run directory), the dotted config keys
+    its result depends on, the upstream stages whose outputs it reads, and its ``run``."""
+
     name: str
     config_keys: tuple[str, ...]
     upstream: tuple[str, ...]
@@ -65,6 +75,9 @@ class Stage:
 
 @dataclass(frozen=True)
 class PipelineOutcome:
+    """What :func:`run_pipeline` did: the run directory, the MLflow parent run, every stage's
+    manifest, and which stages ran and which were skipped."""
+
     run_dir: Path
     parent_run_id: str
     manifests: dict[str, Manifest]
