@@ -23,6 +23,7 @@ from distill.features import FeatureExtractor
 from distill.losses import check_alpha, kd_loss_terms
 from distill.registry import CombinedLoss, list_losses
 from distill.targets import check_temperature
+from generalist.data.augment import AugmentSpec, augmented_batches
 from generalist.train import iterate_batches, train_one_epoch
 
 __all__ = [
@@ -86,6 +87,15 @@ def iterate_indexed_batches(
     for x, ids in batches:
         ids = ids.cpu()
         yield IndexedBatch(x, labels[ids].to(x.device).long(), ids)
+
+
+def augmented_indexed(batches: Iterable[IndexedBatch], spec: AugmentSpec | None, *, seed: int,
+                      epoch: int) -> Iterator[IndexedBatch]:
+    """The batches with ``x`` augmented (:func:`generalist.data.augment.augmented_batches`) before
+    anything sees it, so an online teacher scores the same view as the student (consistent
+    teaching); cached targets are looked up by ``ids`` and stay those of the unaugmented image."""
+    for x, batch in augmented_batches(((b.x, b) for b in batches), spec, seed=seed, epoch=epoch):
+        yield IndexedBatch(x, batch.y, batch.ids)
 
 
 # ----------------------------------------------------------------------------- teachers

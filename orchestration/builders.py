@@ -6,8 +6,9 @@ import math
 
 import torch
 
+from generalist.data.augment import AugmentSpec, default_augment
 from generalist.train import build_optimizer, build_scheduler
-from orchestration.config import OptimizerConfig
+from orchestration.config import AugmentConfig, OptimizerConfig
 
 
 def optimizer_and_schedule(
@@ -20,3 +21,14 @@ def optimizer_and_schedule(
     total = steps_per_epoch * epochs
     warmup = min(int(math.floor(cfg.warmup_epochs * steps_per_epoch)), total)
     return optimizer, build_scheduler(optimizer, total_steps=total, warmup_steps=warmup)
+
+
+def augment_spec(cfg: AugmentConfig, channels: int, enabled: bool = True) -> AugmentSpec:
+    """The training augmentation ``cfg`` describes for images with ``channels`` channels
+    (``kind: auto`` resolved by :func:`generalist.data.augment.default_augment`); "none" when
+    the training section switched it off."""
+    if not enabled:
+        return AugmentSpec(kind="none")
+    kind = default_augment(channels).kind if cfg.kind == "auto" else cfg.kind
+    return AugmentSpec(kind=kind, rotate=cfg.rotate, scale=cfg.scale, shift=cfg.shift,
+                       padding=cfg.padding, flip=cfg.flip)

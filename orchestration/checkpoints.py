@@ -125,6 +125,11 @@ class Checkpointer:
     def latest_dir(self) -> Path | None:
         return self._pointed(LATEST)
 
+    def latest_epoch(self) -> int:
+        """The epoch of the latest snapshot (0 when there is none)."""
+        pointer = self.folder / LATEST
+        return int(read_json(pointer)["epoch"]) if pointer.exists() else 0
+
     def best_dir(self) -> Path | None:
         return self._pointed(BEST)
 

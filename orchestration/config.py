@@ -119,8 +119,22 @@ class RayConfig(Section):
     )
 
 
+class AugmentConfig(Section):
+    """On-the-fly augmentation of training batches (never of evaluation), seeded by run.seed and
+    the epoch; each training section switches it on or off with its own ``augment`` key."""
+
+    kind: Literal["auto", "none", "affine", "crop_flip"] = Field(
+        "auto", description="auto = affine jitter for grey-scale images, crops + flips for colour ones."
+    )
+    rotate: float = Field(10.0, ge=0, le=180, description="affine: largest rotation (degrees).")
+    scale: float = Field(0.1, ge=0, lt=1, description="affine: largest relative scale change.")
+    shift: float = Field(0.1, ge=0, lt=1, description="affine: largest shift (fraction of the side).")
+    padding: int = Field(4, ge=0, description="crop_flip: reflection padding (pixels) before the crop.")
+    flip: bool = Field(True, description="crop_flip: horizontal flips with probability 1/2.")
+
+
 class DataConfig(Section):
-    """The data set: a built-in one or data on disk, and its options."""
+    """The data set: a built-in one or data on disk, its options and its augmentation."""
 
     name: str = Field("glyphs", description="Data set: glyphs, hierarchy, cifar100, mnist, image_folder, ...")
     root: str | None = Field(None, description="Folder holding the data for external data sets.")
@@ -133,6 +147,7 @@ class DataConfig(Section):
         },
         description="Data-set specific options (validated by the data set; see README).",
     )
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Training augmentation.")
 
 
 class GeneralistConfig(Section):
@@ -148,6 +163,7 @@ class GeneralistConfig(Section):
         default_factory=lambda: OptimizerConfig(lr=0.003, warmup_epochs=0.5),
         description="Optimiser and schedule.",
     )
+    augment: bool = Field(True, description="Augment training batches as data.augment says.")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy.")
     amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")
     patience: int = Field(3, ge=1, description="Early stopping patience on holdout loss (epochs).")
@@ -185,6 +201,7 @@ class SpecialistsConfig(Section):
         default_factory=lambda: OptimizerConfig(lr=0.001),
         description="Optimiser and schedule of the trainable parameters.",
     )
+    augment: bool = Field(True, description="Augment training batches as data.augment says.")
     finetune: Literal["all", "head", "last_n"] = Field(
         "all", description="What trains: everything, the head only, or the last_n blocks + head."
     )
@@ -253,6 +270,8 @@ class DistillConfig(Section):
         default_factory=list, description="[student module path, teacher module path] for hint/attention losses."
     )
     epochs: int = Field(6, ge=1, description="Training epochs of every student.")
+    augment: bool = Field(True, description="Augment training batches as data.augment says (an online "
+                                            "teacher scores the same augmented view).")
     batch_size: int = Field(128, ge=1, description="Training batch size.")
     eval_batch_size: int = Field(512, ge=1, description="Batch size for test evaluation.")
     optimizer: OptimizerConfig = Field(

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from generalist.data.augment import AugmentSpec, augmented_batches
 from generalist.train import EarlyStopping, set_seed, train_one_epoch
 from orchestration.artifacts import CHECKPOINTS, MODEL, PID_FILE, PROGRESS, load_generalist
 from orchestration.builders import optimizer_and_schedule
@@ -55,6 +56,7 @@ class SpecialistJob:
     run_dir: str
     seed: int
     settings: SpecialistsConfig
+    augment: AugmentSpec = AugmentSpec()
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
 
@@ -112,7 +114,8 @@ def train_specialist(job: SpecialistJob, data: dict[str, torch.Tensor]) -> dict[
         if stopper.should_stop:
             break
         sampler.set_epoch(epoch)
-        batches = sampled_batches(data["train_images"], train_targets, sampler, device=device)
+        batches = augmented_batches(sampled_batches(data["train_images"], train_targets, sampler, device=device),
+                                    job.augment, seed=job.seed, epoch=epoch)
         result = train_one_epoch(model, batches, optimizer, scheduler, epoch=epoch, device=device)
         scores = _evaluate(job, model, holdout, device)
         improved = stopper.improves(scores["loss"])

@@ -28,6 +28,7 @@ from distill.latency import latencies_side_by_side
 from distill.train import (
     DistillObjective,
     TeacherFn,
+    augmented_indexed,
     build_objective,
     distill_one_epoch,
     evaluate_predictor,
@@ -49,7 +50,7 @@ from orchestration.artifacts import (
     load_evaluation,
     stage_dir,
 )
-from orchestration.builders import optimizer_and_schedule
+from orchestration.builders import augment_spec, optimizer_and_schedule
 from orchestration.checkpoints import Checkpointer, CheckpointError, build_model, save_model
 from orchestration.files import read_json, write_json
 from orchestration.pipeline import Stage, StageContext, StageResult, step_progress
@@ -192,10 +193,13 @@ def _train_row(ctx: StageContext, row: Row, spec: dict[str, Any], pairs: dict, s
     start = _resume(ctx, row, checkpoints, trained, stateful)
     for epoch in range(start, cfg.epochs):
         with step_progress(ctx, epoch, steps) as advance:
+            batches = augmented_indexed(
+                iterate_indexed_batches(data.train.images, data.train.labels, batch_size=cfg.batch_size,
+                                        shuffle=True, seed=ctx.config.run.seed, epoch=epoch, device=ctx.device),
+                augment_spec(ctx.config.data.augment, data.image_shape[0], cfg.augment),
+                seed=ctx.config.run.seed, epoch=epoch)
             result = distill_one_epoch(
-                student, iterate_indexed_batches(data.train.images, data.train.labels,
-                                                 batch_size=cfg.batch_size, shuffle=True,
-                                                 seed=ctx.config.run.seed, epoch=epoch, device=ctx.device),
+                student, batches,
                 optimizer, scheduler, objective=objective, teacher=row.teach, epoch=epoch,
                 device=ctx.device, amp=ctx.device.type == "cuda", on_step=advance)
         _end_epoch(ctx, row, trained, optimizer, result)
@@ -443,7 +447,7 @@ def _metrics(rows: list[dict[str, Any]], registered: dict[str, Any] | None) -> d
 
 STAGE = Stage(
     name=NAME,
-    config_keys=("distill", "run.seed"),
+    config_keys=("distill", "data.augment", "run.seed"),
     upstream=("generalist", "ensemble"),
     run=run,
 )

@@ -11,10 +11,11 @@ import math
 from typing import Any
 
 from generalist.data import DataError
+from generalist.data.augment import augmented_batches
 from generalist.models import summarize_model
 from generalist.train import EarlyStopping, evaluate, iterate_batches, set_seed, train_one_epoch
 from orchestration.artifacts import CHECKPOINTS, METRICS, MODEL
-from orchestration.builders import optimizer_and_schedule
+from orchestration.builders import augment_spec, optimizer_and_schedule
 from orchestration.checkpoints import (
     Checkpointer,
     CheckpointError,
@@ -79,15 +80,35 @@ def run(ctx: StageContext) -> StageResult:
             ctx.console.print(f"  early stop after epoch {epoch + 1}: holdout loss did not improve")
             break
 
-    return _finish(ctx, checkpoints, spec, summary)
+    convergence = _convergence(ctx, stopper, checkpoints.latest_epoch())
+    return _finish(ctx, checkpoints, spec, summary, convergence)
+
+
+def _convergence(ctx, stopper: EarlyStopping, epochs_trained: int) -> dict[str, Any]:
+    """Whether training ended by early stopping or at the epoch limit with the holdout loss
+    still falling (the best epoch was the last): an under-trained generalist makes any
+    ensemble look good, so the report says so in words."""
+    cfg = ctx.config.generalist
+    early = stopper.should_stop
+    still_falling = not early and stopper.best_epoch >= epochs_trained
+    record = {"early_stopped": early, "epochs_trained": epochs_trained,
+              "still_improving": still_falling,
+              "train_examples_seen": epochs_trained * len(ctx.data().train)}
+    if still_falling:
+        ctx.console.print(
+            f"  [yellow]not converged[/]: the generalist stopped at the epoch limit "
+            f"(generalist.epochs={cfg.epochs}) while its holdout loss was still falling; raise "
+            "generalist.epochs, or every gain the specialists show may be extra training")
+    return record
 
 
 def _train_epoch(ctx, model, optimizer, scheduler, stopper, epoch, steps_per_epoch) -> bool:
     cfg, data, device = ctx.config.generalist, ctx.data(), ctx.device
-    batches = iterate_batches(
+    batches = augmented_batches(iterate_batches(
         data.train.images, data.train.labels, batch_size=cfg.batch_size, shuffle=True,
         seed=ctx.config.run.seed, epoch=epoch, device=device,
-    )
+    ), augment_spec(ctx.config.data.augment, data.image_shape[0], cfg.augment),
+        seed=ctx.config.run.seed, epoch=epoch)
     with step_progress(ctx, epoch, steps_per_epoch) as advance:
         result = train_one_epoch(
             model, batches, optimizer, scheduler, epoch=epoch, device=device,
@@ -143,7 +164,7 @@ def _fresh_state(ctx, model) -> dict[str, Any]:
             "early_stopping": EarlyStopping(patience=cfg.patience)}
 
 
-def _finish(ctx, checkpoints: Checkpointer, spec, summary) -> StageResult:
+def _finish(ctx, checkpoints: Checkpointer, spec, summary, convergence: dict[str, Any]) -> StageResult:
     data, device = ctx.data(), ctx.device
     model = build_model(spec)
     try:
@@ -159,6 +180,7 @@ def _finish(ctx, checkpoints: Checkpointer, spec, summary) -> StageResult:
         "params": summary.params,
         "latency_ms": summary.latency_ms,
         "best_epoch": best_epoch,
+        **convergence,
     }
     metadata = {
         "model": spec,
@@ -169,7 +191,7 @@ def _finish(ctx, checkpoints: Checkpointer, spec, summary) -> StageResult:
     }
     save_model(ctx.stage_dir / MODEL, model, metadata)
     write_json(ctx.stage_dir / METRICS, metrics)
-    ctx.logger.log_metrics({k: v for k, v in metrics.items() if k != "best_epoch"})
+    ctx.logger.log_metrics({k: float(v) for k, v in metrics.items() if k != "best_epoch"})
     ctx.logger.log_artifact(ctx.stage_dir / METRICS)
     ctx.logger.log_artifact(ctx.stage_dir / f"{MODEL}.json")
     ctx.console.print(

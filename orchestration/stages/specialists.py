@@ -29,6 +29,7 @@ from orchestration.artifacts import (
     generalist_metadata,
     load_groups,
 )
+from orchestration.builders import augment_spec
 from orchestration.checkpoints import read_metadata
 from orchestration.config import ConfigError, SpecialistsConfig, flatten, leaf_keys
 from orchestration.files import read_json, write_json
@@ -76,6 +77,8 @@ def _plan(ctx: StageContext, group: dict[str, Any]) -> SpecialistJob:
         run_dir=str(ctx.run_dir.path.resolve()),
         seed=ctx.config.run.seed * 100_003 + int(group["id"]),
         settings=ctx.config.specialists,
+        augment=augment_spec(ctx.config.data.augment, ctx.data().image_shape[0],
+                             ctx.config.specialists.augment),
         tracking_uri=_absolute_uri(tracker.uri) if tracker else None,
     )
 
@@ -274,7 +277,7 @@ class ProgressPrinter:
 
 STAGE = Stage(
     name=NAME,
-    config_keys=("run.seed", *leaf_keys(SpecialistsConfig, NAME, exclude=EXECUTION_KEYS)),
+    config_keys=("run.seed", "data.augment", *leaf_keys(SpecialistsConfig, NAME, exclude=EXECUTION_KEYS)),
     upstream=("generalist", "clustering"),
     run=run,
 )
