@@ -108,7 +108,8 @@ def _cmd_groups(ns: argparse.Namespace, console: Console) -> int:
     m = record["metrics"]
     console.print(
         f"{len(record['groups'])} groups of {record['num_classes']} classes "
-        f"({record['method']}, {record['normalize']}), {len(record['unassigned'])} unassigned, "
+        f"({record['method']}{', ' + record['normalize'] if record.get('normalize') else ''}), "
+        f"{len(record['unassigned'])} unassigned, "
         f"stability ARI {m['stability_ari']:.3f}"
     )
     console.print(groups_table(rows).rich())

@@ -170,9 +170,17 @@ class GeneralistConfig(Section):
 
 
 class ClusteringConfig(Section):
-    """Stage 2: confusable groups from the covariance of the generalist's holdout predictions."""
+    """Stage 2: confusable groups from the generalist's holdout predictions."""
 
-    n_groups: int | None = Field(None, ge=1, description="Number of groups; None = chosen by rule.")
+    affinity: Literal["confusion", "copred", "offdiag", "covariance"] = Field(
+        "confusion", description="What is clustered: the holdout soft confusion (labels), the co-prediction "
+        "E[p_i p_j], the covariance without its diagonal, or the normalised covariance columns.",
+    )
+    n_groups: int | None = Field(None, ge=1, description="Number of groups; None = chosen on held-out confusions.")
+    overlap: float = Field(
+        0.0, ge=0, le=1, description="A class joins another group when this share of its confusion mass is "
+        "with that group's classes (0 = disjoint; confusion/copred/offdiag affinities).",
+    )
     method: Literal["auto", "kmeans", "minibatch_kmeans", "spectral", "agglomerative", "faiss"] = Field(
         "auto", description="auto = spectral for K < 2000, else faiss k-means on a PCA projection."
     )

@@ -1,18 +1,24 @@
-"""Stage 2, clustering: confusable class groups from the generalist's prediction covariance.
+"""Stage 2, clustering: confusable class groups from the generalist's holdout predictions.
 
-Reads top to bottom: run the generalist over the holdout split (labels unused), accumulate
-the covariance of its softmax outputs batch by batch, cluster the normalised columns into
-groups, measure the grouping's stability across seeds, and write ``groups.json`` (what the
-specialists stage reads) plus the review artifacts: a table with class names and captured
-confusion mass, a reordered covariance heatmap, and a group-size histogram.
+Reads top to bottom: run the generalist over the holdout split once, accumulating the covariance
+of its softmax outputs and (for the default ``clustering.affinity: confusion``) the soft
+confusion of two halves of the holdout examples; group the classes (:class:`AffinityGroups`:
+spectral clustering of the confusion affinity, the number of groups chosen by the excess
+confusion it captures on the other half, unrelated groups dissolved, optional overlap; or the
+covariance columns with :class:`ConfusableGroups`); judge the grouping by the share of holdout
+confusion mass it keeps inside groups against random groups of the same sizes; measure its
+stability across seeds; write ``groups.json`` (what the specialists stage reads) plus the review
+artifacts: a table with class names, a reordered covariance heatmap, a group-size histogram.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from sklearn.metrics import adjusted_rand_score
 
 from clustering import (
     ConfusableGroups,
@@ -23,14 +29,45 @@ from clustering import (
     group_table,
     stability_score,
 )
+from clustering.affinity_groups import AffinityGroups
+from clustering.confusion import ConfusionAccumulator, grouping_quality
 from generalist.data import DataError
+from generalist.data.splits import derive_seed
 from generalist.train import iterate_batches
 from orchestration.artifacts import COVARIANCE, GROUPS, GROUPS_TABLE, load_generalist
+from orchestration.config import ConfigError
 from orchestration.files import write_json
 from orchestration.pipeline import Stage, StageContext, StageResult
 from orchestration.tables import groups_table, table_cell
 
 NAME = "clustering"
+
+
+@dataclass
+class HoldoutStats:
+    """What one pass of the generalist over the holdout split gives."""
+
+    cov: Any                                  # (K, K) covariance, or sparse top-k co-prediction
+    confusion: list[np.ndarray] = field(default_factory=list)   # soft confusion of 2 halves
+    copred: list[np.ndarray] = field(default_factory=list)      # E[p p^T] of the 2 halves
+
+    @property
+    def total_confusion(self) -> np.ndarray | None:
+        return self.confusion[0] + self.confusion[1] if self.confusion else None
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """The groups, however they were found."""
+
+    groups: list[np.ndarray]
+    unassigned: np.ndarray
+    n_groups: int
+    method: str
+    normalize: str | None
+    overlapping: bool
+    stability: float
+    scores: dict[int, float] = field(default_factory=dict)
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -40,37 +77,25 @@ def run(ctx: StageContext) -> StageResult:
             "the holdout split is empty: clustering needs held-out examples; "
             "raise data.options.holdout_per_class (built-in sets) or holdout_fraction"
         )
+    _check_affinity(cfg)
     model, meta = load_generalist(ctx.run_dir.path)
     class_names = meta["class_names"]
-    cov = _covariance(ctx, model.to(ctx.device), data.holdout.images, len(class_names))
-
-    estimator = ConfusableGroups(
-        n_groups=cfg.n_groups,
-        method=cfg.method,
-        normalize=cfg.normalize,
-        group_size=cfg.group_size,
-        min_group_size=cfg.min_group_size,
-        random_state=ctx.config.run.seed,
-    ).fit(cov)
-    stability = _stability(cfg, cov, estimator)
-    rows = group_table(cov, estimator.groups_, class_names) if _dense(cov) else []
-    metrics = {
-        "n_groups": estimator.n_groups_,
-        "n_specialist_groups": len(estimator.groups_),
-        "n_unassigned": int(len(estimator.unassigned_)),
-        "stability_ari": stability,
-        "mass_captured": float(sum(r["mass_share"] for r in rows)),
-        "holdout_examples": len(data.holdout),
-    }
-    outputs = _write_outputs(ctx, cov, estimator, rows, class_names, metrics)
-    _log_review(ctx, cov, estimator, rows, class_names, metrics)
-    ctx.console.print(
-        f"  {len(estimator.groups_)} groups ({estimator.method_}, {estimator.normalize_} columns), "
-        f"{len(estimator.unassigned_)} classes unassigned, stability ARI {stability:.3f}, "
-        f"confusion mass captured {metrics['mass_captured']:.1%}"
-    )
-    print_groups(ctx.console, rows, limit=12)
+    stats = _holdout_pass(ctx, model.to(ctx.device), data.holdout, len(class_names))
+    grouping = _group(ctx, stats)
+    rows = group_table(stats.cov, grouping.groups, class_names) if _dense(stats.cov) else []
+    metrics = _metrics(grouping, stats, rows, len(data.holdout))
+    outputs = _write_outputs(ctx, stats.cov, grouping, rows, class_names, metrics)
+    _log_review(ctx, stats.cov, grouping, rows, class_names, metrics)
+    _print_summary(ctx, grouping, metrics, rows)
     return StageResult(outputs=outputs, metrics=metrics)
+
+
+def _check_affinity(cfg) -> None:
+    if cfg.affinity != "covariance" and cfg.sparse_top_k is not None:
+        raise ConfigError(
+            f"clustering.affinity={cfg.affinity} needs the dense K x K statistics, but "
+            "clustering.sparse_top_k asks for the sparse large-K path; set clustering.affinity=covariance "
+            "with sparse_top_k, or sparse_top_k=null")
 
 
 def _dense(cov: Any) -> bool:
@@ -78,20 +103,104 @@ def _dense(cov: Any) -> bool:
 
 
 @torch.no_grad()
-def _covariance(ctx: StageContext, model: torch.nn.Module, images: torch.Tensor, num_classes: int):
-    """Dense K x K covariance, or the sparse top-k co-prediction matrix for very large K."""
+def _holdout_pass(ctx: StageContext, model: torch.nn.Module, split, num_classes: int) -> HoldoutStats:
+    """Covariance of the holdout predictions (dense, or sparse top-k for very large K), and the
+    soft confusion and co-prediction of two random halves of the holdout examples."""
     cfg = ctx.config.clustering
     sparse = cfg.sparse_top_k is not None
-    acc = (
-        SparseCoPredictionAccumulator(num_classes, top_k=cfg.sparse_top_k)
-        if sparse
-        else CovarianceAccumulator(num_classes)
-    )
-    dummy = torch.zeros(len(images), dtype=torch.long)
-    for x, _ in iterate_batches(images, dummy, batch_size=cfg.batch_size, shuffle=False, device=ctx.device):
+    acc = (SparseCoPredictionAccumulator(num_classes, top_k=cfg.sparse_top_k) if sparse
+           else CovarianceAccumulator(num_classes))
+    halves = [] if sparse else [(ConfusionAccumulator(num_classes), CovarianceAccumulator(num_classes))
+                                for _ in range(2)]
+    gen = torch.Generator().manual_seed(derive_seed(ctx.config.run.seed, 0xC1))
+    half_of = torch.randperm(len(split), generator=gen) % 2  # (N,) 0 or 1
+    start = 0
+    for x, y in iterate_batches(split.images, split.labels, batch_size=cfg.batch_size, shuffle=False,
+                                device=ctx.device):
         probs = torch.softmax(model(x).double(), dim=1).cpu()  # (B, K) at T = 1
         acc.update(probs.numpy())
-    return acc.matrix() if sparse else acc.covariance()
+        which = half_of[start:start + len(y)]
+        for h, (confusion, copred) in enumerate(halves):
+            rows = which == h
+            if rows.any():
+                confusion.update(probs[rows].numpy(), y[rows].cpu().numpy())
+                copred.update(probs[rows].numpy())
+        start += len(y)
+    cov = acc.matrix() if sparse else acc.covariance()
+    return HoldoutStats(cov, [c.confusion() for c, _ in halves],
+                        [p.covariance() + np.outer(p.mean(), p.mean()) for _, p in halves])
+
+
+def _group(ctx: StageContext, stats: HoldoutStats) -> Grouping:
+    cfg = ctx.config.clustering
+    if cfg.affinity == "covariance":
+        return _covariance_groups(ctx, stats.cov)
+    if cfg.affinity == "confusion":
+        chosen = stats.confusion
+    elif cfg.affinity == "copred":
+        chosen = stats.copred
+    else:  # offdiag: the covariance of each half, negative entries clipped by the normalisation
+        chosen = [_centred(c, conf) for c, conf in zip(stats.copred, stats.confusion, strict=True)]
+
+    def fit(seed: int, n_groups: int | None) -> AffinityGroups:
+        return AffinityGroups(n_groups=n_groups, overlap=cfg.overlap, min_group_size=cfg.min_group_size,
+                              random_state=seed).fit(*stats.confusion, *chosen)
+
+    est = fit(ctx.config.run.seed, cfg.n_groups)
+    stability = _affinity_stability(cfg, est, fit, ctx.config.run.seed)
+    return Grouping(est.groups_, est.unassigned_, int(est.n_groups_), f"spectral on {cfg.affinity}", None,
+                    cfg.overlap > 0, stability, {int(k): float(v) for k, v in est.scores_.items()})
+
+
+def _centred(copred: np.ndarray, confusion: np.ndarray) -> np.ndarray:
+    """Covariance of one half from its co-prediction: E[p p^T] - mean mean^T (clipped later)."""
+    mean = confusion.sum(axis=0) / confusion.sum()
+    return copred - np.outer(mean, mean)
+
+
+def _affinity_stability(cfg, est: AffinityGroups, fit, seed: int) -> float:
+    """Mean pairwise ARI of the disjoint clusters over ``stability_seeds`` seeds (same k)."""
+    if cfg.stability_seeds < 2:
+        return float("nan")
+    labels = [est.labels_] + [fit(seed + s, est.n_groups_).labels_ for s in range(1, cfg.stability_seeds)]
+    pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]
+    return float(np.mean([adjusted_rand_score(a, b) for a, b in pairs]))
+
+
+def _covariance_groups(ctx: StageContext, cov: Any) -> Grouping:
+    cfg = ctx.config.clustering
+    est = ConfusableGroups(n_groups=cfg.n_groups, method=cfg.method, normalize=cfg.normalize,
+                           group_size=cfg.group_size, min_group_size=cfg.min_group_size,
+                           random_state=ctx.config.run.seed).fit(cov)
+    return Grouping(est.groups_, est.unassigned_, int(est.n_groups_), est.method_, est.normalize_,
+                    cfg.group_size is not None, _stability(cfg, cov, est))
+
+
+def _metrics(grouping: Grouping, stats: HoldoutStats, rows: list[dict[str, Any]], n_holdout: int) -> dict[str, Any]:
+    metrics = {
+        "n_groups": grouping.n_groups,
+        "n_specialist_groups": len(grouping.groups),
+        "n_unassigned": int(len(grouping.unassigned)),
+        "stability_ari": grouping.stability,
+        "mass_captured": float(sum(r["mass_share"] for r in rows)),
+        "holdout_examples": n_holdout,
+        "mean_group_size": float(np.mean([len(g) for g in grouping.groups])),
+        "class_coverage": float(sum(len(g) for g in grouping.groups) / stats.cov.shape[0]),
+    }
+    if stats.total_confusion is not None:
+        metrics.update(grouping_quality(stats.total_confusion, grouping.groups))
+    return metrics
+
+
+def _print_summary(ctx: StageContext, grouping: Grouping, metrics: dict[str, Any], rows) -> None:
+    quality = ""
+    if "captured_share" in metrics:
+        quality = (f"; they hold {metrics['captured_share']:.1%} of the holdout confusion mass, random groups "
+                   f"of the same sizes {metrics['random_share']:.1%} ({metrics['ratio_to_random']:.1f}x)")
+    ctx.console.print(
+        f"  {len(grouping.groups)} groups ({grouping.method}), {len(grouping.unassigned)} classes "
+        f"unassigned, stability ARI {grouping.stability:.3f}{quality}")
+    print_groups(ctx.console, rows, limit=12)
 
 
 def _stability(cfg, cov, estimator) -> float:
@@ -103,25 +212,26 @@ def _stability(cfg, cov, estimator) -> float:
                                  normalize=estimator.normalize_, seeds=seeds))
 
 
-def _groups_record(estimator, class_names, metrics) -> dict[str, Any]:
+def _groups_record(grouping: Grouping, class_names, metrics) -> dict[str, Any]:
     return {
         "num_classes": len(class_names),
         "class_names": list(class_names),
-        "method": estimator.method_,
-        "normalize": estimator.normalize_,
-        "n_groups": int(estimator.n_groups_),
-        "overlapping": estimator.group_size is not None,
+        "method": grouping.method,
+        "normalize": grouping.normalize,
+        "n_groups": grouping.n_groups,
+        "overlapping": grouping.overlapping,
+        "selection_scores": {str(k): v for k, v in grouping.scores.items()},
         "groups": [
             {"id": i, "classes": [int(c) for c in g], "names": [class_names[c] for c in g]}
-            for i, g in enumerate(estimator.groups_)
+            for i, g in enumerate(grouping.groups)
         ],
-        "unassigned": [int(c) for c in estimator.unassigned_],
+        "unassigned": [int(c) for c in grouping.unassigned],
         "metrics": metrics,
     }
 
 
-def _write_outputs(ctx, cov, estimator, rows, class_names, metrics) -> list[str]:
-    write_json(ctx.stage_dir / GROUPS, _groups_record(estimator, class_names, metrics))
+def _write_outputs(ctx, cov, grouping: Grouping, rows, class_names, metrics) -> list[str]:
+    write_json(ctx.stage_dir / GROUPS, _groups_record(grouping, class_names, metrics))
     write_json(ctx.stage_dir / GROUPS_TABLE, rows)
     outputs = [GROUPS, GROUPS_TABLE]
     if _dense(cov):
@@ -130,18 +240,18 @@ def _write_outputs(ctx, cov, estimator, rows, class_names, metrics) -> list[str]
     return outputs
 
 
-def _log_review(ctx, cov, estimator, rows, class_names, metrics) -> None:
+def _log_review(ctx, cov, grouping: Grouping, rows, class_names, metrics) -> None:
     log = ctx.logger
     log.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
-    log.set_tags({"specdistill.method": estimator.method_, "specdistill.normalize": estimator.normalize_})
+    log.set_tags({"specdistill.method": grouping.method, "specdistill.normalize": str(grouping.normalize)})
     log.log_artifact(ctx.stage_dir / GROUPS)
     if rows:
         table = {key: [table_cell(r[key]) for r in rows] for key in rows[0]}
         log.log_table(table, GROUPS_TABLE)
         log.log_text(groups_table(rows).markdown(), "groups.md")
     if _dense(cov):
-        log.log_figure(covariance_heatmap(cov, estimator.groups_, class_names), "covariance_heatmap.png")
-    log.log_figure(group_size_histogram(estimator.groups_), "group_sizes.png")
+        log.log_figure(covariance_heatmap(cov, grouping.groups, class_names), "covariance_heatmap.png")
+    log.log_figure(group_size_histogram(grouping.groups), "group_sizes.png")
 
 
 def print_groups(console, rows: list[dict[str, Any]], limit: int | None = None) -> None:
