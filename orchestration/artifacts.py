@@ -18,6 +18,8 @@ Layout (``RUN`` = ``run.dir``, or ``run.root/run.name``)::
     RUN/specialists/specialists.json         the index: one entry per trained specialist
     RUN/specialists/group_NNN/model.*        a prior-corrected specialist (+ mlflow.json,
                                              progress.json, worker.pid while it trains)
+    RUN/specialists/same_compute/model.*     the generalist fine-tuned for what the specialists
+                                             saw (the same-compute baseline)
     RUN/ensemble/evaluation.json, table4.json, table4.md     the ensemble's evaluation
     RUN/ensemble/cache/                      the soft-target cache (specialists.ensemble)
     RUN/distill/student.safetensors|.json    the student; baselines/<row>/ the other rows,
@@ -51,7 +53,7 @@ MODEL, CHECKPOINTS, METRICS = "model", "checkpoints", "metrics.json"  # MODEL: .
 # RUN/clustering/
 GROUPS, GROUPS_TABLE, COVARIANCE = "groups.json", "groups_table.json", "covariance.npy"
 # RUN/specialists/
-SPECIALISTS_INDEX, GROUP_DIR = "specialists.json", "group_{:03d}"
+SPECIALISTS_INDEX, GROUP_DIR, SAME_COMPUTE_DIR = "specialists.json", "group_{:03d}", "same_compute"
 PROGRESS, PID_FILE = "progress.json", "worker.pid"
 # RUN/ensemble/
 EVALUATION, TABLE4, TABLE4_MD, CACHE_DIR = "evaluation.json", "table4.json", "table4.md", "cache"
@@ -158,6 +160,15 @@ def specialists_index(run: str | Path) -> list[dict[str, Any]]:
     path = stage_dir(run, "specialists") / SPECIALISTS_INDEX
     require_stage_output(path, "specialists")
     return read_json(path)["specialists"]
+
+
+def load_same_compute(run: str | Path) -> tuple[torch.nn.Module, dict[str, Any]] | None:
+    """The same-compute baseline of the run (eval mode) and its metadata; None when the
+    specialists stage ran without it (``specialists.same_compute: false``)."""
+    stem = stage_dir(run, "specialists") / SAME_COMPUTE_DIR / MODEL
+    if not stem.with_suffix(".safetensors").exists():
+        return None
+    return load_model(stem)
 
 
 # ----------------------------------------------------------------------------- ensemble

@@ -210,6 +210,11 @@ class SpecialistsConfig(Section):
         description="Optimiser and schedule of the trainable parameters.",
     )
     augment: bool = Field(True, description="Augment training batches as data.augment says.")
+    soft_targets: float = Field(
+        0.0, ge=0, le=1, description="Weight of the generalist's soft targets (collapsed onto the group + "
+        "dustbin) against the hard labels: (1 - w) CE + w T^2 KL; 0 = hard labels only.",
+    )
+    temperature: float = Field(2.0, gt=0, description="Temperature of those soft targets.")
     finetune: Literal["all", "head", "last_n"] = Field(
         "all", description="What trains: everything, the head only, or the last_n blocks + head."
     )
@@ -221,6 +226,10 @@ class SpecialistsConfig(Section):
         None, ge=1, description="Specialists training at once; None = as many as the cluster fits."
     )
     max_retries: int = Field(3, ge=0, description="Retries of a specialist whose worker or node died (resumes from its checkpoint).")
+    same_compute: bool = Field(
+        True, description="Also fine-tune the generalist for as many examples as all specialists saw, with "
+        "their recipe: the baseline that tells specialisation from extra training.",
+    )
 
 
 class CacheConfig(Section):

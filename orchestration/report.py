@@ -77,13 +77,55 @@ def build_report(run: Path) -> dict[str, Any]:
             "mean_size": sum(sizes) / len(sizes) if sizes else 0.0,
             "names": [g.get("names") or [str(c) for c in g["classes"]] for g in groups["groups"]],
         }
+    report["baselines"] = _baselines(run, rows, groups)
     if evaluation is not None:
         report["ensemble"] = {k: evaluation.get(k) for k in (
-            "generalist_top1", "ensemble_top1", "n_examples", "n_covered", "covered_generalist_top1",
-            "covered_ensemble_top1", "mean_active_specialists", "n_specialists")}
+            "generalist_top1", "ensemble_top1", "same_compute_top1", "n_examples", "n_covered",
+            "covered_generalist_top1", "covered_ensemble_top1", "mean_active_specialists",
+            "mean_covering_specialists", "n_specialists")}
         report["table4"] = evaluation["table4"]
         report["per_group"] = evaluation.get("per_group") or []
     return report
+
+
+def _baselines(run: Path, rows: list[dict[str, Any]], groups: dict[str, Any] | None) -> dict[str, Any]:
+    """How honest the comparison is: did the generalist converge, and how much of the ensemble's
+    gain over the hard-label student the distilled student keeps."""
+    metrics = _read(stage_dir(run, "generalist") / METRICS) or {}
+    by_name = {r["name"]: r for r in rows}
+    out: dict[str, Any] = {k: metrics.get(k) for k in ("early_stopped", "still_improving", "epochs_trained",
+                                                          "best_epoch")}
+    if groups is not None:
+        out.update({k: groups["metrics"].get(k) for k in ("captured_share", "random_share", "ratio_to_random")})
+    student, hard, ensemble = (by_name.get(n, {}).get("top1") for n in ("student", "hard_labels", "ensemble"))
+    if None not in (student, hard, ensemble) and ensemble > hard:
+        out["student_gain_kept"] = (student - hard) / (ensemble - hard)
+    return out
+
+
+def baseline_lines(report: dict[str, Any]) -> list[str]:
+    """The honest-baseline sentences of the report (terminal and Markdown)."""
+    b, lines = report.get("baselines", {}), []
+    if b.get("still_improving"):
+        lines.append(f"The generalist is NOT converged: it stopped at the epoch limit ({b['epochs_trained']} "
+                     "epochs) with its holdout loss still falling; gains shown here may be extra training "
+                     "(raise generalist.epochs).")
+    elif b.get("early_stopped") is not None:
+        lines.append(f"The generalist converged: early stopping after {b['epochs_trained']} epochs "
+                     f"(best epoch {b['best_epoch']}).")
+    e = report.get("ensemble", {})
+    if e.get("same_compute_top1") is not None:
+        lines.append(f"Same-compute generalist (fine-tuned for as many examples as the specialists saw): "
+                     f"top-1 {format_number(e['same_compute_top1'])}; ensemble minus same-compute "
+                     f"{e['ensemble_top1'] - e['same_compute_top1']:+.4f}.")
+    if b.get("captured_share") is not None:
+        lines.append(f"The groups hold {b['captured_share']:.1%} of the generalist's holdout confusion mass; "
+                     f"random groups of the same sizes {b['random_share']:.1%} "
+                     f"({format_number(b['ratio_to_random'], '.1f')}x).")
+    if b.get("student_gain_kept") is not None:
+        lines.append(f"The student keeps {b['student_gain_kept']:.0%} of the ensemble's gain over the "
+                     "hard-label student.")
+    return lines
 
 
 # ------------------------------------------------------------------------------ formatting
@@ -104,6 +146,9 @@ def markdown(report: dict[str, Any]) -> str:
              models_table(report["models"]).markdown().rstrip("\n")]
     lines += ["", "Latency: per example at batch 1 on the run's device, all models measured side by side "
               "(median of round-robin rounds) at the end of the distill stage."]
+    honest = baseline_lines(report)
+    if honest:
+        lines += ["", "## Baselines", ""] + honest
     if "groups" in report:
         g = report["groups"]
         lines += ["", "## Specialist groups", "",
@@ -137,6 +182,8 @@ def print_report(console, report: dict[str, Any]) -> None:
     # Wide enough that no cell wraps, also when stdout is a file or a job log (rich's 80 columns).
     console = Console(width=max(console.width, 132), soft_wrap=True, file=console.file)
     console.print(models_table(report["models"], f"specdistill results: {report['run_dir']}").rich())
+    for line in baseline_lines(report):
+        console.print(line, markup=False, highlight=False)
     if "groups" in report:
         g = report["groups"]
         console.print(f"groups: {g['n_groups']} of {g['num_classes']} classes ({g['method']}), sizes "

@@ -33,9 +33,15 @@ from orchestration.checkpoints import Checkpointer, CheckpointError, read_metada
 from orchestration.config import SpecialistsConfig
 from orchestration.files import read_json, write_json
 from specialists.model import build_specialist
-from specialists.prior import apply_prior_correction, group_prior, shift_to_training_mix
+from specialists.prior import (
+    apply_prior_correction,
+    dustbin_log_correction,
+    group_prior,
+    shift_to_training_mix,
+)
 from specialists.sampler import HalfAndHalfBatchSampler, specialist_targets
 from specialists.train import (
+    SoftTargetLoss,
     balanced_holdout,
     evaluate_specialist,
     init_invariant_maxdiff,
@@ -110,23 +116,43 @@ def train_specialist(job: SpecialistJob, data: dict[str, torch.Tensor]) -> dict[
         write_json(job.dir / PROGRESS, progress)
         _log(job, {f"holdout_{k}": v for k, v in progress["init"].items()}, step=0)
 
+    soft = _soft_loss(job, generalist.to(device), sampler, data["train_labels"])
     for epoch in range(len(progress["epochs"]) + 1, cfg.epochs + 1):
         if stopper.should_stop:
             break
         sampler.set_epoch(epoch)
         batches = augmented_batches(sampled_batches(data["train_images"], train_targets, sampler, device=device),
                                     job.augment, seed=job.seed, epoch=epoch)
-        result = train_one_epoch(model, batches, optimizer, scheduler, epoch=epoch, device=device)
+        result = train_one_epoch(model, _teach(batches, soft), optimizer, scheduler, epoch=epoch,
+                                 device=device, loss_fn=soft)
         scores = _evaluate(job, model, holdout, device)
         improved = stopper.improves(scores["loss"])
         stopper.step(scores["loss"], epoch)
         record = {"epoch": epoch, "train_loss": result.loss, "train_top1": result.accuracy,
-                  "examples_per_s": result.examples_per_s, "seconds": result.seconds,
+                  "examples": result.examples, "examples_per_s": result.examples_per_s, "seconds": result.seconds,
                   **{f"holdout_{k}": v for k, v in scores.items()}}
         _log(job, {k: v for k, v in record.items() if k != "epoch"}, step=epoch)  # at least once
         progress["epochs"].append(record)
         _checkpoint(job, model, stateful, progress, improved)
     return _finish(job, model, gen_meta, data["train_labels"], sampler, progress, invariant)
+
+
+def _soft_loss(job: SpecialistJob, generalist, sampler, train_labels) -> SoftTargetLoss | None:
+    """The hard + soft target loss (``specialists.soft_targets`` > 0), else None (cross-entropy)."""
+    cfg = job.settings
+    if cfg.soft_targets <= 0:
+        return None
+    shift = -dustbin_log_correction(group_prior(train_labels, job.classes), sampler.in_group_fraction)
+    return SoftTargetLoss(generalist, job.classes, weight=cfg.soft_targets, temperature=cfg.temperature,
+                          dustbin_shift=shift)
+
+
+def _teach(batches, soft: SoftTargetLoss | None):
+    """The batches, each first shown to the generalist when soft targets are on."""
+    for x, y in batches:
+        if soft is not None:
+            soft.set_batch(x)
+        yield x, y
 
 
 def _evaluate(job: SpecialistJob, model, holdout, device) -> dict[str, float]:
@@ -200,6 +226,7 @@ def _finish(job, model, gen_meta, train_labels, sampler, progress, invariant) ->
         "best_group_top1": best["holdout_group_top1"],
         "init_holdout_loss": progress["init"]["loss"], "init_group_top1": progress["init"]["group_top1"],
         "best_epoch": best_epoch, "epochs_trained": len(progress["epochs"]),
+        "examples_seen": sum(r.get("examples", 0) for r in progress["epochs"]),
         "init_invariant_maxdiff": invariant,
     }
     cfg = job.settings

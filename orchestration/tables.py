@@ -17,6 +17,7 @@ from typing import Any
 MODEL_COLUMNS = ("model", "teacher", "test top-1", "test top-5", "parameters", "latency ms/example")
 TABLE4_COLUMNS = ("# specialists covering", "# test examples", "delta top-1 correct",
                   "relative accuracy change")
+SAME_COMPUTE_COLUMNS = ("delta vs same-compute", "relative vs same-compute")
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,14 @@ def _percent(value: float | None) -> str:
 
 
 def table4_table(rows: Sequence[Mapping[str, Any]]) -> Table:
-    """The paper's Table 4 from the ensemble stage's ``table4`` rows."""
+    """The paper's Table 4 from the ensemble stage's ``table4`` rows (with the columns against the
+    same-compute generalist when the rows have them)."""
+    against = bool(rows) and "delta_vs_same_compute" in rows[0]
     cells = tuple(
         (str(r["specialists_covering"]), f"{r['n_examples']:,}", f"{r['delta_correct']:+d}",
          _percent(r["relative_accuracy_change"]))
+        + ((f"{r['delta_vs_same_compute']:+d}", _percent(r["relative_vs_same_compute"])) if against else ())
         for r in rows)
-    return Table("Table 4: accuracy change by specialists covering the true class", TABLE4_COLUMNS,
-                 (True, True, True, True), cells)
+    columns = TABLE4_COLUMNS + (SAME_COMPUTE_COLUMNS if against else ())
+    return Table("Table 4: accuracy change by specialists covering the true class", columns,
+                 (True,) * len(columns), cells)

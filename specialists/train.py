@@ -26,6 +26,7 @@ from specialists.model import Specialist, collapse_probs, validate_group
 from specialists.sampler import HalfAndHalfBatchSampler, in_group_mask
 
 __all__ = [
+    "SoftTargetLoss",
     "balanced_holdout",
     "evaluate_specialist",
     "init_invariant_maxdiff",
@@ -113,6 +114,48 @@ def evaluate_specialist(model: nn.Module, images: Tensor, targets: Tensor, *,
         "group_top1": group_hits / group_count if group_count else float("nan"),
         "examples": float(n),
     }
+
+
+def generalist_targets(generalist_logits: Tensor, group: Sequence[int], *, temperature: float,
+                       dustbin_shift: float) -> Tensor:
+    """The generalist's distribution at ``temperature`` collapsed onto (group classes, dustbin),
+    in the specialist's training mix: ``(B, |S_m| + 1)``, rows summing to 1.
+
+    ``dustbin_shift`` is minus :func:`specialists.prior.dustbin_log_correction`: the log-odds by
+    which the half-and-half batches under-represent the dustbin relative to the data, so the
+    targets agree with the hard labels' mix (the specialist is prior-corrected after training).
+    """
+    collapsed = collapse_probs(torch.softmax(generalist_logits.float() / temperature, dim=1), group)
+    logits = collapsed.clamp_min(torch.finfo(torch.float32).tiny).log()  # (B, |S_m| + 1)
+    logits[:, -1] += dustbin_shift
+    return torch.softmax(logits, dim=1)
+
+
+class SoftTargetLoss:
+    """``(1 - w) * CE(z, y) + w * T^2 * KL(targets || softmax(z / T))`` for a specialist, the soft
+    targets those of its frozen generalist on the same batch (paper section 6: soft targets keep a
+    specialist trained on few examples from overfitting). Call ``set_batch(x)`` before each step
+    (``train_one_epoch``'s ``loss_fn`` receives logits and labels only)."""
+
+    def __init__(self, generalist: nn.Module, group: Sequence[int], *, weight: float, temperature: float,
+                 dustbin_shift: float) -> None:
+        if not 0 < weight <= 1:
+            raise ValueError(f"the soft-target weight must lie in (0, 1], got {weight}")
+        self.generalist, self.group = generalist.eval(), tuple(group)
+        self.weight, self.temperature, self.dustbin_shift = weight, temperature, dustbin_shift
+        self._targets: Tensor | None = None
+
+    @torch.no_grad()
+    def set_batch(self, x: Tensor) -> None:
+        self._targets = generalist_targets(self.generalist(x), self.group, temperature=self.temperature,
+                                           dustbin_shift=self.dustbin_shift)
+
+    def __call__(self, logits: Tensor, y: Tensor) -> Tensor:
+        if self._targets is None:
+            raise RuntimeError("call set_batch(x) with the batch before computing the loss")
+        t = self.temperature
+        soft = F.kl_div(F.log_softmax(logits / t, dim=1), self._targets, reduction="batchmean") * t * t
+        return (1 - self.weight) * F.cross_entropy(logits, y) + self.weight * soft
 
 
 @torch.no_grad()

@@ -48,6 +48,7 @@ from orchestration.artifacts import (
     ROW,
     STUDENT,
     load_evaluation,
+    load_same_compute,
     stage_dir,
 )
 from orchestration.builders import augment_spec, optimizer_and_schedule
@@ -356,8 +357,14 @@ def reference_rows(ctx: StageContext, teachers: Teachers) -> list[dict[str, Any]
         count_parameters(s.head) if heads_only else count_parameters(s) for s in ensemble.specialists)
     ensemble_row = {"name": "ensemble", "teacher": f"generalist + {len(ensemble.specialists)} specialists",
                     **evaluate_model(ctx, lambda x: ensemble_forward(ensemble, x).q, params)}
-    ensemble_row["top1"] = load_evaluation(run_path)["ensemble_top1"]
-    return [general_row, ensemble_row]
+    evaluation = load_evaluation(run_path)
+    ensemble_row["top1"] = evaluation["ensemble_top1"]
+    rows = [general_row, ensemble_row]
+    same = load_same_compute(run_path)
+    if same is not None:  # the generalist's architecture: its size and latency
+        rows.insert(1, {"name": "same_compute", "teacher": "generalist fine-tuned for the specialists' examples",
+                        **evaluate_model(ctx, same[0].to(ctx.device)), "same_latency_as": "generalist"})
+    return rows
 
 
 def measure_latencies_together(ctx: StageContext, teachers: Teachers, rows: list[dict[str, Any]]) -> None:
@@ -383,7 +390,7 @@ def measure_latencies_together(ctx: StageContext, teachers: Teachers, rows: list
     one = ctx.data().test.images[:1].to(ctx.device).float() / 255.0
     latency = latencies_side_by_side(predictors, one, rounds=LATENCY_ROUNDS, repeats=LATENCY_REPEATS)
     for row in rows:
-        row["latency_ms"] = latency[row["name"]]
+        row["latency_ms"] = latency[row.pop("same_latency_as", row["name"])]
     ctx.logger.log_metrics({f"{row['name']}/test_latency_ms": row["latency_ms"] for row in rows})
 
 

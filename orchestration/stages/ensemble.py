@@ -28,6 +28,7 @@ from orchestration.artifacts import (
     TABLE4,
     TABLE4_MD,
     load_ensemble,
+    load_same_compute,
 )
 from orchestration.config import EnsembleConfig, leaf_keys
 from orchestration.files import write_json
@@ -55,7 +56,9 @@ def run(ctx: StageContext) -> StageResult:
     started = time.perf_counter()
     general_pred, ensemble_pred, n_active = _predict(ctx, ensemble, data.test)
     seconds = time.perf_counter() - started
-    report = evaluate_predictions(data.test.labels, general_pred, ensemble_pred, ensemble.membership)
+    baseline_pred = _same_compute_predictions(ctx, data.test)
+    report = evaluate_predictions(data.test.labels, general_pred, ensemble_pred, ensemble.membership,
+                                  baseline_pred)
     report.update(_routing_stats(n_active, seconds, ensemble))
     outputs = _write_outputs(ctx, report)
     _log(ctx, report)
@@ -82,6 +85,18 @@ def _predict(ctx: StageContext, ensemble: RoutedEnsemble, split) -> tuple[torch.
             ctx.console.print(f"  [yellow]warning[/] fixed point not converged in {ensemble.max_iter} "
                               f"iterations (max change {out.info['max_change']:.2e}); raise ensemble.max_iter")
     return torch.cat(general), torch.cat(combined), torch.cat(n_active)
+
+
+@torch.no_grad()
+def _same_compute_predictions(ctx: StageContext, split) -> torch.Tensor | None:
+    """Top-1 ``(N,)`` of the same-compute generalist, if the specialists stage trained one."""
+    loaded = load_same_compute(ctx.run_dir.path)
+    if loaded is None:
+        return None
+    model = loaded[0].to(ctx.device)
+    batches = iterate_batches(split.images, split.labels, batch_size=ctx.config.ensemble.batch_size,
+                              shuffle=False, device=ctx.device)
+    return torch.cat([model(x).argmax(dim=1).cpu() for x, _ in batches])
 
 
 def _build_cache(ctx: StageContext, data) -> tuple[list[str], dict[str, Any]]:
@@ -135,10 +150,11 @@ def _write_outputs(ctx: StageContext, report: dict[str, Any]) -> list[str]:
 
 
 def _metrics(report: dict[str, Any]) -> dict[str, Any]:
-    keys = ("generalist_top1", "ensemble_top1", "n_covered", "covered_generalist_top1",
-            "covered_ensemble_top1", "n_examples", "n_specialists", "mean_active_specialists",
-            "fraction_routed", "examples_per_s")
-    return {k: report[k] for k in keys if isinstance(report[k], int) or math.isfinite(report[k])}
+    keys = ("generalist_top1", "ensemble_top1", "same_compute_top1", "n_covered", "covered_generalist_top1",
+            "covered_ensemble_top1", "covered_same_compute_top1", "n_examples", "n_specialists",
+            "mean_active_specialists", "mean_covering_specialists", "fraction_routed", "examples_per_s")
+    return {k: report[k] for k in keys
+            if k in report and (isinstance(report[k], int) or math.isfinite(report[k]))}
 
 
 def _log(ctx: StageContext, report: dict[str, Any]) -> None:
@@ -159,6 +175,10 @@ def print_report(console, report: dict[str, Any]) -> None:
         f"-> {format_number(report['covered_ensemble_top1'])}; {report['mean_active_specialists']:.2f} active "
         f"specialists per example"
     )
+    if "same_compute_top1" in report:
+        console.print(f"  same-compute generalist (fine-tuned for what the specialists saw): test top1 "
+                      f"{format_number(report['same_compute_top1'])}; ensemble minus same-compute "
+                      f"{report['ensemble_top1'] - report['same_compute_top1']:+.4f}")
     console.print(table4_table(report["table4"]).rich())
 
 

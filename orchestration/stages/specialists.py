@@ -24,6 +24,7 @@ from orchestration.artifacts import (
     MLFLOW_RECORD,
     MODEL,
     PROGRESS,
+    SAME_COMPUTE_DIR,
     SPECIALISTS_INDEX,
     check_groups,
     generalist_metadata,
@@ -42,6 +43,8 @@ from orchestration.parallel import (
     unmet_request,
 )
 from orchestration.pipeline import Stage, StageContext, StageResult
+from orchestration.same_compute_job import SameComputeJob, train_same_compute
+from orchestration.same_compute_job import is_finished as same_compute_finished
 from orchestration.specialist_job import SpecialistJob, is_finished, train_specialist
 from orchestration.tracking import RunLogger
 
@@ -64,7 +67,8 @@ def run(ctx: StageContext) -> StageResult:
     if todo:
         _train_in_parallel(ctx, todo)
     summaries = [read_metadata(job.dir / MODEL) for job in jobs]
-    return _finish(ctx, jobs, summaries)
+    same = _same_compute(ctx, summaries) if cfg.same_compute else None
+    return _finish(ctx, jobs, summaries, same)
 
 
 def _plan(ctx: StageContext, group: dict[str, Any]) -> SpecialistJob:
@@ -121,6 +125,35 @@ def _train_in_parallel(ctx: StageContext, jobs: list[SpecialistJob]) -> None:
                 "run the same command again to resume, or raise specialists.max_retries"
             )
         raise first.error
+
+
+def _same_compute(ctx: StageContext, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The generalist fine-tuned for what all specialists saw, with their recipe (one Ray task)."""
+    cfg = ctx.config.specialists
+    budget = int(sum(s["metrics"].get("examples_seen", 0) for s in summaries))
+    threads = max(1, min(int(_cpus_available()), int(cfg.cpus_per_specialist * 2)))
+    job = SameComputeJob(
+        run_dir=str(ctx.run_dir.path.resolve()), out_dir=str((ctx.stage_dir / SAME_COMPUTE_DIR).resolve()),
+        budget=budget, seed=ctx.config.run.seed * 100_003 + 99_991, settings=cfg,
+        augment=augment_spec(ctx.config.data.augment, ctx.data().image_shape[0], cfg.augment), threads=threads)
+    if not same_compute_finished(job):
+        ctx.console.print(f"  same-compute baseline: the generalist fine-tuned for up to {budget:,} examples "
+                          f"(what the {len(summaries)} specialists saw) with their recipe")
+        failures = run_tasks(train_same_compute, [job], shared=_shared_data(ctx),
+                             resources=TaskResources(cpus=threads, gpus=cfg.gpus_per_specialist),
+                             max_retries=cfg.max_retries)
+        if failures:
+            raise failures[0].error
+    summary = read_metadata(job.dir / MODEL)["same_compute"]
+    ctx.console.print(f"  same-compute baseline: {summary['examples_seen']:,} examples, best epoch "
+                      f"{summary['best_epoch']} of {summary['epochs_trained']}")
+    return summary
+
+
+def _cpus_available() -> float:
+    import ray
+
+    return ray.cluster_resources().get("CPU", 1.0)
 
 
 def _require(resources: TaskResources) -> None:
@@ -193,7 +226,8 @@ def _log_summary(logger: RunLogger, job: SpecialistJob, summary: dict[str, Any])
 
 
 # ----------------------------------------------------------------------------- output
-def _finish(ctx: StageContext, jobs: list[SpecialistJob], summaries: list[dict[str, Any]]) -> StageResult:
+def _finish(ctx: StageContext, jobs: list[SpecialistJob], summaries: list[dict[str, Any]],
+            same: dict[str, Any] | None) -> StageResult:
     entries = [_index_entry(job, s) for job, s in zip(jobs, summaries, strict=True)]
     write_json(ctx.stage_dir / SPECIALISTS_INDEX, {"finetune": ctx.config.specialists.finetune, "specialists": entries})
     ms = [s["metrics"] for s in summaries]
@@ -204,7 +238,12 @@ def _finish(ctx: StageContext, jobs: list[SpecialistJob], summaries: list[dict[s
         "mean_holdout_loss": statistics.fmean(m["best_holdout_loss"] for m in ms),
         "init_invariant_maxdiff": max(m["init_invariant_maxdiff"] for m in ms),
         "n_resumed": sum(bool(s["resumed_from_epochs"]) for s in summaries),
+        "examples_seen": sum(m.get("examples_seen", 0) for m in ms),
     }
+    outputs = [SPECIALISTS_INDEX] + [f"{job.dir.name}/{MODEL}{ext}" for job in jobs for ext in (".safetensors", ".json")]
+    if same is not None:
+        metrics.update(same_compute_examples=same["examples_seen"], same_compute_best_epoch=same["best_epoch"])
+        outputs += [f"{SAME_COMPUTE_DIR}/{MODEL}{ext}" for ext in (".safetensors", ".json")]
     ctx.logger.log_metrics(metrics)
     ctx.logger.log_artifact(ctx.stage_dir / SPECIALISTS_INDEX)
     ctx.console.print(
@@ -212,7 +251,6 @@ def _finish(ctx: StageContext, jobs: list[SpecialistJob], summaries: list[dict[s
         f"(generalist {metrics['mean_init_group_top1']:.3f}) on their balanced holdouts; "
         f"init invariant max diff {metrics['init_invariant_maxdiff']:.1e}"
     )
-    outputs = [SPECIALISTS_INDEX] + [f"{job.dir.name}/{MODEL}{ext}" for job in jobs for ext in (".safetensors", ".json")]
     return StageResult(outputs=outputs, metrics=metrics)
 
 

@@ -93,3 +93,39 @@ def test_untrained_specialist_reproduces_the_collapsed_generalist():
     with torch.no_grad():
         specialist.head.bias[0] += 1.0
     assert init_invariant_maxdiff(generalist, specialist, images) > 1e-3
+
+
+def test_generalist_targets_collapse_soften_and_shift_to_the_training_mix():
+    import math
+
+    from specialists.train import generalist_targets
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))  # p over K = 3
+    # group (0,), T = 1: collapsed (0.5, 0.5); a dustbin shift of log(1/4) -> (0.5, 0.125) / 0.625
+    out = generalist_targets(logits, [0], temperature=1.0, dustbin_shift=math.log(0.25))
+    assert torch.allclose(out, torch.tensor([[0.8, 0.2]]), atol=1e-6)
+    # T = 2 softens before collapsing: p^(1/2) normalised
+    soft = torch.tensor([0.5, 0.3, 0.2]).sqrt()
+    soft = soft / soft.sum()
+    out = generalist_targets(logits, [1, 2], temperature=2.0, dustbin_shift=0.0)
+    assert torch.allclose(out, torch.stack([soft[1], soft[2], soft[0]])[None], atol=1e-6)
+
+
+def test_soft_target_loss_mixes_hard_and_soft_terms():
+    import torch.nn.functional as F
+
+    from specialists.train import SoftTargetLoss
+
+    gen = torch.nn.Linear(4, 3)
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 1, 0, 1])
+    loss = SoftTargetLoss(gen, [0], weight=0.25, temperature=2.0, dustbin_shift=0.0)
+    with pytest.raises(RuntimeError, match="set_batch"):
+        loss(torch.zeros(5, 2), y)
+    loss.set_batch(x)
+    z = torch.randn(5, 2)
+    targets = loss._targets
+    expected = 0.75 * F.cross_entropy(z, y) + 0.25 * 4 * F.kl_div(F.log_softmax(z / 2, 1), targets,
+                                                                  reduction="batchmean")
+    assert torch.allclose(loss(z, y), expected)
+    with pytest.raises(ValueError, match="weight"):
+        SoftTargetLoss(gen, [0], weight=0.0, temperature=2.0, dustbin_shift=0.0)

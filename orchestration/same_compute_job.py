@@ -1,0 +1,126 @@
+"""The same-compute baseline: the generalist fine-tuned for as many extra training examples as all
+specialists together saw, with the specialists' recipe (optimizer, augmentation, batch size,
+early stopping on the holdout loss). A gain of the ensemble over the generalist that this model
+also makes is extra training, not specialisation. What one Ray task does (no Ray in here)::
+
+    RUN/specialists/same_compute/checkpoints/     epoch snapshots (resumable)
+    RUN/specialists/same_compute/model.*          the fine-tuned generalist (best holdout epoch)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from generalist.data.augment import AugmentSpec, augmented_batches
+from generalist.train import EarlyStopping, evaluate, iterate_batches, set_seed, train_one_epoch
+from orchestration.artifacts import CHECKPOINTS, MODEL, load_generalist
+from orchestration.builders import optimizer_and_schedule
+from orchestration.checkpoints import Checkpointer, CheckpointError, read_metadata, save_model
+from orchestration.config import SpecialistsConfig
+
+
+@dataclass(frozen=True)
+class SameComputeJob:
+    """Everything the worker needs besides the data (picklable; paths on shared storage)."""
+
+    run_dir: str
+    out_dir: str
+    budget: int                  # training examples: what all specialists together saw
+    seed: int
+    settings: SpecialistsConfig
+    augment: AugmentSpec = AugmentSpec()
+    threads: int = 1
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.out_dir)
+
+
+def is_finished(job: SameComputeJob) -> bool:
+    """True when the fine-tuned model was written for exactly this budget."""
+    try:
+        meta = read_metadata(job.dir / MODEL)
+    except CheckpointError:
+        return False
+    return (job.dir / f"{MODEL}.safetensors").exists() and meta.get("same_compute", {}).get("budget") == job.budget
+
+
+def train_same_compute(job: SameComputeJob, data: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Fine-tune the run's generalist on all classes for at most ``job.budget`` examples; returns
+    the summary written to ``model.json``. ``data`` as for the specialists."""
+    cfg = job.settings
+    torch.set_num_threads(max(1, job.threads))
+    device = torch.device("cuda" if cfg.gpus_per_specialist > 0 and torch.cuda.is_available() else "cpu")
+    model, meta = load_generalist(job.run_dir)
+    set_seed(job.seed)
+    model = model.to(device)
+    n_train = len(data["train_labels"])
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    epochs = max(1, math.ceil(job.budget / (steps_per_epoch * cfg.batch_size)))
+    optimizer, scheduler = optimizer_and_schedule(model, cfg.optimizer, steps_per_epoch=steps_per_epoch,
+                                                  epochs=epochs)
+    stopper = EarlyStopping(patience=cfg.patience)
+    stateful = {"optimizer": optimizer, "scheduler": scheduler, "early_stopping": stopper}
+    checkpoints = Checkpointer(job.dir / CHECKPOINTS)
+    start = _resume(checkpoints, model, stateful)
+    if start == 0:
+        stopper.step(_holdout_loss(model, data, cfg, device), 0)
+        checkpoints.save(0, model, stateful, best=True)
+    for epoch in range(start, epochs):
+        if stopper.should_stop:
+            break
+        batches = augmented_batches(_limited(data, cfg, job, epoch, device), job.augment,
+                                    seed=job.seed, epoch=epoch)
+        train_one_epoch(model, batches, optimizer, scheduler, epoch=epoch, device=device)
+        loss = _holdout_loss(model, data, cfg, device)
+        improved = stopper.improves(loss)
+        stopper.step(loss, epoch + 1)
+        checkpoints.save(epoch + 1, model, stateful, best=improved)
+    return _finish(job, checkpoints, model, meta, stopper, epochs, n_train)
+
+
+def _limited(data, cfg: SpecialistsConfig, job: SameComputeJob, epoch: int, device) -> Any:
+    """One shuffled pass over the training split, cut where the budget runs out."""
+    left = job.budget - epoch * math.ceil(len(data["train_labels"]) / cfg.batch_size) * cfg.batch_size
+    batches = iterate_batches(data["train_images"], data["train_labels"], batch_size=cfg.batch_size,
+                              shuffle=True, seed=job.seed, epoch=epoch, device=device)
+    for i, batch in enumerate(batches):
+        if i * cfg.batch_size >= left:
+            return
+        yield batch
+
+
+@torch.no_grad()
+def _holdout_loss(model, data, cfg: SpecialistsConfig, device) -> float:
+    batches = iterate_batches(data["holdout_images"], data["holdout_labels"], batch_size=cfg.eval_batch_size,
+                              shuffle=False, device=device)
+    return float(evaluate(model, batches, device=device)["loss"])
+
+
+def _resume(checkpoints: Checkpointer, model, stateful) -> int:
+    try:
+        snapshot = checkpoints.resume(model, stateful)
+    except CheckpointError:
+        checkpoints.clear()
+        return 0
+    return 0 if snapshot is None else snapshot.epoch
+
+
+def _finish(job, checkpoints: Checkpointer, model, meta, stopper, epochs: int, n_train: int) -> dict[str, Any]:
+    best_epoch = checkpoints.load_best(model)
+    trained = checkpoints.latest_epoch()
+    seen = min(job.budget, trained * math.ceil(n_train / job.settings.batch_size) * job.settings.batch_size)
+    summary = {
+        "model": meta["model"], "class_names": meta["class_names"],
+        "same_compute": {"budget": job.budget, "examples_seen": seen, "best_epoch": best_epoch,
+                         "epochs_trained": trained, "epochs_planned": epochs,
+                         "best_holdout_loss": stopper.best, "early_stopped": stopper.should_stop},
+    }
+    save_model(job.dir / MODEL, model.cpu(), summary)
+    checkpoints.clear()
+    return summary
