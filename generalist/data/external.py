@@ -153,12 +153,15 @@ def read_mnist(folder: Path, files: tuple[str, str]) -> Split:
 
 
 def finish(name: str, class_names: list[str], train: Split, test: Split, seed: int,
-           holdout_fraction: float, num_classes: int | None, info: dict) -> DataBundle:
-    """Check num_classes, carve the stratified holdout from train, build the bundle."""
+           holdout_fraction: float, num_classes: int | None, info: dict,
+           holdout: Split | None = None) -> DataBundle:
+    """Check num_classes, carve the stratified holdout from train (unless one is given), build
+    the bundle."""
     check_num_classes(name, num_classes, len(class_names))
     fraction = check_float("holdout_fraction", holdout_fraction, minimum=0.0, maximum=1.0,
                            max_inclusive=False)
-    train, holdout = carve(train, fraction, derive_seed(seed, SPLIT_STREAM["holdout"]))
+    if holdout is None:
+        train, holdout = carve(train, fraction, derive_seed(seed, SPLIT_STREAM["holdout"]))
     info = {**info, "holdout_fraction": fraction}
     return DataBundle(name, tuple(class_names), train, holdout, test, info)
 

@@ -12,6 +12,7 @@ names.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -86,8 +87,16 @@ def read_tree(root: Path) -> tuple[dict[str, list[Path]], dict[str, list[Path]] 
 @register_dataset("image_folder")
 def build_image_folder(*, root: str | None = None, seed: int = 0, image_size: int = 32,
                        channels: int = 3, holdout_fraction: float = 0.1,
-                       test_fraction: float = 0.1, num_classes: int | None = None) -> DataBundle:
-    """Images of a folder-per-class tree at `root` (see module doc), splits by seed."""
+                       test_fraction: float = 0.1, num_classes: int | None = None,
+                       source_pattern: str | None = None) -> DataBundle:
+    """Images of a folder-per-class tree at `root` (see module doc), splits by seed.
+
+    `source_pattern`: a regular expression whose first group, searched in each training file's
+    name, is the image's *source* (its writer, session, product, camera...). The holdout split
+    is then a random `holdout_fraction` of the sources with all their images, so the holdout
+    shares no source with training, as a test split of new sources does: a holdout that shares
+    sources with training overstates gains and biases the choices made on it.
+    """
     base = _check_root(root)
     size = check_int("image_size", image_size, minimum=4, maximum=1024)
     if channels not in (1, 3) or isinstance(channels, bool):
@@ -101,6 +110,9 @@ def build_image_folder(*, root: str | None = None, seed: int = 0, image_size: in
     check_num_classes("image_folder", num_classes, len(train_files))
     class_ids = {name: k for k, name in enumerate(train_files)}
     train = load_split(train_files, class_ids, size, channels)
+    holdout = None
+    if source_pattern is not None:
+        train, holdout, held = carve_by_source(train, train_files, source_pattern, holdout_fraction, seed)
     if test_files is None:
         fraction = check_float("test_fraction", test_fraction, minimum=0.0, maximum=1.0,
                                max_inclusive=False)
@@ -110,8 +122,38 @@ def build_image_folder(*, root: str | None = None, seed: int = 0, image_size: in
     train = shuffled(train, seed, SPLIT_STREAM["train"], 0)
     info = {"root": str(base), "test_source": "test/" if test_files else "carved",
             "image_size": size, "channels": channels}
+    if holdout is not None:
+        info.update(source_pattern=source_pattern, holdout_sources=held)
     return finish("image_folder", list(train_files), train, test, seed, holdout_fraction,
-                  num_classes, info)
+                  num_classes, info, holdout=holdout)
+
+
+def carve_by_source(train: Split, files: dict[str, list[Path]], pattern: str, fraction: float,
+                    seed: int) -> tuple[Split, Split, list[str]]:
+    """(train, holdout, holdout sources): every image of a random `fraction` of the sources."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise DataError(f"source_pattern {pattern!r} is not a regular expression ({err})") from None
+    sources = [_source(regex, path) for paths in files.values() for path in paths]  # load_split's order
+    names = sorted(set(sources))
+    if len(names) < 2:
+        raise DataError(f"source_pattern {pattern!r} finds {len(names)} source(s) ({names}); a holdout "
+                        "by source needs at least 2: check the pattern against the file names")
+    rng = np.random.default_rng(derive_seed(seed, SPLIT_STREAM["holdout"]))
+    take = min(len(names) - 1, max(1, round(fraction * len(names))))
+    held = sorted(rng.choice(names, size=take, replace=False).tolist())
+    mask = torch.tensor([s in held for s in sources])
+    return train.subset(~mask), train.subset(mask), held
+
+
+def _source(regex: re.Pattern, path: Path) -> str:
+    match = regex.search(path.name)
+    if match is None or not match.groups():
+        raise DataError(f"source_pattern {regex.pattern!r} does not match the file name {path.name!r} "
+                        "(or has no group); give a pattern whose first group is the source, e.g. "
+                        r"'_(\d+)\.png$'")
+    return match.group(1)
 
 
 def _check_root(root: str | None) -> Path:

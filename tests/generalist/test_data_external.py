@@ -178,3 +178,27 @@ def test_image_folder_errors(tmp_path):
         create_dataset("image_folder", root=str(tmp_path), num_classes=5)
     with pytest.raises(DataError, match="channels=1 or 3"):
         create_dataset("image_folder", root=str(tmp_path), channels=2)
+
+
+def test_image_folder_holdout_by_source_shares_no_source_with_training(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        for writer in range(1, 11):
+            (tmp_path / "train" / name).mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, (6, 6), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "train" / name / f"{name}{writer}_{writer:02d}.png")
+        (tmp_path / "test" / name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (6, 6), dtype=np.uint8)).save(tmp_path / "test" / name / "t_99.png")
+    bundle = create_dataset("image_folder", root=str(tmp_path), image_size=6, channels=1,
+                            holdout_fraction=0.2, source_pattern=r"_(\d+)\.png$")
+    held = bundle.info["holdout_sources"]
+    assert len(held) == 2 and [len(bundle.train), len(bundle.holdout)] == [24, 6]
+    assert torch.bincount(bundle.holdout.labels).tolist() == [2, 2, 2]   # every class, held-out writers
+    again = create_dataset("image_folder", root=str(tmp_path), image_size=6, channels=1,
+                           holdout_fraction=0.2, source_pattern=r"_(\d+)\.png$")
+    assert again.info["holdout_sources"] == held
+    with pytest.raises(DataError, match="does not match the file name"):
+        create_dataset("image_folder", root=str(tmp_path), image_size=6, channels=1,
+                       source_pattern=r"_writer(\d+)")
+    with pytest.raises(DataError, match="not a regular expression"):
+        create_dataset("image_folder", root=str(tmp_path), image_size=6, channels=1, source_pattern="(")
