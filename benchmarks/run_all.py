@@ -32,9 +32,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from benchmarks.quality_report import markdown as quality_markdown
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 COMPONENTS = ("clustering", "specialists", "combine", "distill")
+QUALITY_OUT = HERE / "results" / "quality.json"
 STAGES = ("generalist", "clustering", "specialists", "ensemble", "distill")
 PACKAGES = ("torch", "torchvision", "ray", "mlflow", "scikit-learn", "faiss-gpu", "faiss-cpu", "numpy")
 
@@ -208,7 +211,19 @@ def markdown(results: dict[str, Any]) -> str:
         if r.get("returncode") != 0:
             lines += ["", f"Pipeline seed {r['seed']} FAILED (exit {r['returncode']}):", "", "```",
                       r.get("error", "")[-1500:], "```"]
+    if results.get("quality"):
+        lines += quality_markdown(results["quality"])
     return "\n".join(lines + CIFAR_LINES)
+
+
+def run_quality(reuse: bool, extra: list[str]) -> dict[str, Any]:
+    """``python -m benchmarks.quality`` (its own process), and what it wrote."""
+    cmd = [sys.executable, "-m", "benchmarks.quality", *(["--reuse"] if reuse else []), *extra]
+    print(f"== python -m benchmarks.quality {' '.join(cmd[3:])}".rstrip(), flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT)
+    if proc.returncode != 0 or not QUALITY_OUT.exists():
+        return {"returncode": proc.returncode, "base": {}}
+    return json.loads(QUALITY_OUT.read_text())
 
 
 def _machine_lines(results: dict[str, Any]) -> list[str]:
@@ -336,13 +351,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", action="store_true",
                         help="keep what an earlier results.json has for the parts not re-run now "
                              "(e.g. re-run one benchmark: --only specialists --seeds --merge)")
+    parser.add_argument("--quality", action="store_true",
+                        help="also run the quality benchmark (python -m benchmarks.quality: 4 data sets x 3 seeds "
+                             "and the ablation; hours on 2 cores)")
+    parser.add_argument("--quality-args", nargs="*", default=[],
+                        help="arguments for benchmarks.quality, e.g. --datasets omniglot-5 --seeds 0")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for the pipeline runs (after --)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     command = "python -m benchmarks.run_all" + (" --quick" if args.quick else "") + \
         (f" --only {' '.join(args.only)}" if args.only != list(COMPONENTS) else "") + \
         (f" --seeds {' '.join(map(str, args.seeds))}".rstrip() if args.seeds != [0, 1, 2] else "") + \
-        (" --merge" if args.merge else "") + (" --reuse" if args.reuse else "")
+        (" --merge" if args.merge else "") + (" --reuse" if args.reuse else "") + \
+        (" --quality" if args.quality else "")
     results: dict[str, Any] = {"command": command, "date": dt.date.today().isoformat(), "machine": machine(),
                                "components": {}, "pipeline_runs": []}
     for name in args.only:
@@ -354,12 +375,16 @@ def main(argv: list[str] | None = None) -> int:
         results["pipeline_runs"].append(run_pipeline(args.config, seed, runs_dir, uri, args.overrides,
                                                      reuse=args.reuse))
     results["pipeline_command"] = f"specdistill run {args.config} run.seed=S"
+    if args.quality:
+        results["quality"] = run_quality(args.reuse, args.quality_args)
     if args.merge and args.out.exists():
         previous = json.loads(args.out.read_text())
         results["components"] = {**previous.get("components", {}), **results["components"]}
         if not args.seeds:
             results["pipeline_runs"] = previous.get("pipeline_runs", [])
             results["pipeline_command"] = previous.get("pipeline_command", results["pipeline_command"])
+        if not args.quality and previous.get("quality"):
+            results["quality"] = previous["quality"]
         results["command"] = f"{previous['command']}`, then `{command}" if previous.get("command") else command
     results["pipeline"] = aggregate(results["pipeline_runs"])
     results["wall_seconds"] = time.perf_counter() - started

@@ -120,6 +120,40 @@ def warmup_cosine_factor(step: int, *, total_steps: int, warmup_steps: int) -> f
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class WarmupPlateau:
+    """LR multiplier for a train-to-convergence schedule: linear warm-up over ``warmup_steps``
+    batches, then constant, multiplied by ``factor`` whenever the monitored holdout loss has not
+    improved for ``patience`` epochs (reduce on plateau). Use it as ``LambdaLR``'s lambda (its
+    state travels in the scheduler's ``state_dict``) and call :meth:`epoch_end` after each
+    epoch's holdout evaluation; early stopping with a longer patience ends training once lower
+    rates no longer help."""
+
+    def __init__(self, warmup_steps: int = 0, factor: float = 0.3, patience: int = 2) -> None:
+        if not 0 < factor < 1 or patience < 1:
+            raise ValueError(f"need 0 < factor < 1 and patience >= 1, got {factor} and {patience}")
+        self.warmup_steps, self.factor, self.patience = warmup_steps, factor, patience
+        self.scale, self.best, self.bad_epochs, self.reductions = 1.0, math.inf, 0, 0
+
+    def __call__(self, step: int) -> float:
+        warm = (step + 1) / self.warmup_steps if step < self.warmup_steps else 1.0
+        return warm * self.scale
+
+    def epoch_end(self, loss: float) -> None:
+        if loss < self.best:
+            self.best, self.bad_epochs = float(loss), 0
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs >= self.patience:
+            self.scale, self.bad_epochs, self.reductions = self.scale * self.factor, 0, self.reductions + 1
+
+
+def plateau_epoch_end(scheduler: torch.optim.lr_scheduler.LRScheduler | None, loss: float) -> None:
+    """Tell a :class:`WarmupPlateau` schedule the epoch's holdout loss (other schedules: no-op)."""
+    for fn in getattr(scheduler, "lr_lambdas", ()):
+        if isinstance(fn, WarmupPlateau):
+            fn.epoch_end(loss)
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     *,

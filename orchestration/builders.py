@@ -7,19 +7,23 @@ import math
 import torch
 
 from generalist.data.augment import AugmentSpec, default_augment
-from generalist.train import build_optimizer, build_scheduler
+from generalist.train import WarmupPlateau, build_optimizer, build_scheduler
 from orchestration.config import AugmentConfig, OptimizerConfig
 
 
 def optimizer_and_schedule(
     module: torch.nn.Module, cfg: OptimizerConfig, *, steps_per_epoch: int, epochs: int,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """The optimiser of ``module``'s parameters and its per-step warm-up + cosine schedule over
-    ``epochs * steps_per_epoch`` steps, as ``cfg`` describes them."""
+    """The optimiser of ``module``'s parameters and its per-step schedule, as ``cfg`` describes
+    them: warm-up + cosine over ``epochs * steps_per_epoch`` steps, or warm-up + reduce on plateau
+    (the loop then calls :func:`generalist.train.plateau_epoch_end` with each holdout loss)."""
     optimizer = build_optimizer(module, cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 momentum=cfg.momentum)
     total = steps_per_epoch * epochs
     warmup = min(int(math.floor(cfg.warmup_epochs * steps_per_epoch)), total)
+    if cfg.schedule == "plateau":
+        plateau = WarmupPlateau(warmup, factor=cfg.plateau_factor, patience=cfg.plateau_patience)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, plateau)
     return optimizer, build_scheduler(optimizer, total_steps=total, warmup_steps=warmup)
 
 

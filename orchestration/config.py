@@ -82,6 +82,12 @@ class OptimizerConfig(Section):
     weight_decay: float = Field(5e-4, ge=0, description="Weight decay (not on biases and norms).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum / AdamW beta1.")
     warmup_epochs: float = Field(0.0, ge=0, description="Linear warm-up length in epochs.")
+    schedule: Literal["cosine", "plateau"] = Field(
+        "cosine", description="cosine: decay to 0 over the epochs; plateau: constant, times plateau_factor "
+        "whenever the holdout loss stalls for plateau_patience epochs (train to convergence).",
+    )
+    plateau_factor: float = Field(0.3, gt=0, lt=1, description="plateau: LR multiplier at each plateau.")
+    plateau_patience: int = Field(2, ge=1, description="plateau: epochs without improvement before it.")
 
 
 class RunConfig(Section):

@@ -17,7 +17,14 @@ from typing import Any
 import torch
 
 from generalist.data.augment import AugmentSpec, augmented_batches
-from generalist.train import EarlyStopping, evaluate, iterate_batches, set_seed, train_one_epoch
+from generalist.train import (
+    EarlyStopping,
+    evaluate,
+    iterate_batches,
+    plateau_epoch_end,
+    set_seed,
+    train_one_epoch,
+)
 from orchestration.artifacts import CHECKPOINTS, MODEL, load_generalist
 from orchestration.builders import optimizer_and_schedule
 from orchestration.checkpoints import Checkpointer, CheckpointError, read_metadata, save_model
@@ -78,6 +85,7 @@ def train_same_compute(job: SameComputeJob, data: dict[str, torch.Tensor]) -> di
                                     seed=job.seed, epoch=epoch)
         train_one_epoch(model, batches, optimizer, scheduler, epoch=epoch, device=device)
         loss = _holdout_loss(model, data, cfg, device)
+        plateau_epoch_end(scheduler, loss)
         improved = stopper.improves(loss)
         stopper.step(loss, epoch + 1)
         checkpoints.save(epoch + 1, model, stateful, best=improved)

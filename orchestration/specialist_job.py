@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from generalist.data.augment import AugmentSpec, augmented_batches
-from generalist.train import EarlyStopping, set_seed, train_one_epoch
+from generalist.train import EarlyStopping, plateau_epoch_end, set_seed, train_one_epoch
 from orchestration.artifacts import CHECKPOINTS, MODEL, PID_FILE, PROGRESS, load_generalist
 from orchestration.builders import optimizer_and_schedule
 from orchestration.checkpoints import Checkpointer, CheckpointError, read_metadata, save_model
@@ -126,6 +126,7 @@ def train_specialist(job: SpecialistJob, data: dict[str, torch.Tensor]) -> dict[
         result = train_one_epoch(model, _teach(batches, soft), optimizer, scheduler, epoch=epoch,
                                  device=device, loss_fn=soft)
         scores = _evaluate(job, model, holdout, device)
+        plateau_epoch_end(scheduler, scores["loss"])
         improved = stopper.improves(scores["loss"])
         stopper.step(scores["loss"], epoch)
         record = {"epoch": epoch, "train_loss": result.loss, "train_top1": result.accuracy,

@@ -13,7 +13,14 @@ from typing import Any
 from generalist.data import DataError
 from generalist.data.augment import augmented_batches
 from generalist.models import summarize_model
-from generalist.train import EarlyStopping, evaluate, iterate_batches, set_seed, train_one_epoch
+from generalist.train import (
+    EarlyStopping,
+    evaluate,
+    iterate_batches,
+    plateau_epoch_end,
+    set_seed,
+    train_one_epoch,
+)
 from orchestration.artifacts import CHECKPOINTS, METRICS, MODEL
 from orchestration.builders import augment_spec, optimizer_and_schedule
 from orchestration.checkpoints import (
@@ -116,6 +123,7 @@ def _train_epoch(ctx, model, optimizer, scheduler, stopper, epoch, steps_per_epo
             on_step=advance,
         )
     holdout = evaluate(model, _eval_batches(ctx, data.holdout), device=device)
+    plateau_epoch_end(scheduler, holdout["loss"])
     stop = stopper.step(holdout["loss"], epoch + 1)
     metrics = {
         "train_loss": result.loss,
