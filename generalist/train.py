@@ -149,8 +149,10 @@ class WarmupPlateau:
 
 def plateau_epoch_end(scheduler: torch.optim.lr_scheduler.LRScheduler | None, loss: float) -> None:
     """Tell a :class:`WarmupPlateau` schedule the epoch's holdout loss (other schedules: no-op)."""
-    for fn in getattr(scheduler, "lr_lambdas", ()):
-        if isinstance(fn, WarmupPlateau):
+    seen = set()
+    for fn in getattr(scheduler, "lr_lambdas", ()):  # one entry per parameter group, often the same object
+        if isinstance(fn, WarmupPlateau) and id(fn) not in seen:
+            seen.add(id(fn))
             fn.epoch_end(loss)
 
 

@@ -334,8 +334,8 @@ def test_set_seed_reproducible() -> None:
 def test_warmup_plateau_reduces_on_stalls_and_its_state_travels_with_the_scheduler():
     from generalist.train import WarmupPlateau, plateau_epoch_end
 
-    param = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([param], lr=1.0)
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:]}], lr=1.0)  # two groups, one lambda
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupPlateau(warmup_steps=2, factor=0.5, patience=2))
     lrs = []
     for _ in range(3):
@@ -343,13 +343,17 @@ def test_warmup_plateau_reduces_on_stalls_and_its_state_travels_with_the_schedul
         sched.step()
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs == [1.0, 1.0, 1.0]                       # warm-up of 2 steps: 0.5, then 1.0 onwards
-    for loss in (1.0, 0.9, 0.95, 0.97):                 # two epochs without improving on 0.9
-        plateau_epoch_end(sched, loss)
+    plateau_epoch_end(sched, 1.0)
+    plateau_epoch_end(sched, 0.9)
+    plateau_epoch_end(sched, 0.95)                      # one epoch without improving: no change yet
+    assert sched.lr_lambdas[0].scale == 1.0
+    plateau_epoch_end(sched, 0.97)                      # the second one
     opt.step()
     sched.step()
     assert opt.param_groups[0]["lr"] == 0.5
     state = sched.state_dict()
-    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    opt2 = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))]},
+                            {"params": [torch.nn.Parameter(torch.zeros(1))]}], lr=1.0)
     sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, WarmupPlateau(warmup_steps=2, factor=0.5, patience=2))
     sched2.load_state_dict(state)
     assert sched2.lr_lambdas[0].scale == 0.5 and sched2.lr_lambdas[0].best == 0.9
