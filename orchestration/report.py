@@ -161,7 +161,9 @@ def markdown(report: dict[str, Any]) -> str:
                   f"Generalist top-1 {format_number(e['generalist_top1'], '.4f')} -> ensemble "
                   f"{format_number(e['ensemble_top1'], '.4f')} on {e['n_examples']:,} test examples; "
                   f"{e['n_covered']:,} covered by a specialist, conditional top-1 "
-                  f"{format_number(e['covered_generalist_top1'], '.4f')} -> {format_number(e['covered_ensemble_top1'], '.4f')}.",
+                  f"{format_number(e['covered_generalist_top1'], '.4f')} -> {format_number(e['covered_ensemble_top1'], '.4f')}; "
+                  f"{format_number(e.get('mean_covering_specialists'), '.2f')} specialists cover a test example's "
+                  f"class on average, {format_number(e.get('mean_active_specialists'), '.2f')} are active per example.",
                   "", table4_table(report["table4"]).markdown().rstrip("\n")]
         gains = _group_gains(report)
         if gains:
@@ -193,7 +195,9 @@ def print_report(console, report: dict[str, Any]) -> None:
         console.print(f"ensemble: test top1 generalist {format_number(e['generalist_top1'], '.4f')} -> ensemble "
                       f"{format_number(e['ensemble_top1'], '.4f')}; covered by a specialist {e['n_covered']:,} of "
                       f"{e['n_examples']:,}, conditional top1 {format_number(e['covered_generalist_top1'], '.4f')} -> "
-                      f"{format_number(e['covered_ensemble_top1'], '.4f')}")
+                      f"{format_number(e['covered_ensemble_top1'], '.4f')}; specialists covering a test example's "
+                      f"class {format_number(e.get('mean_covering_specialists'), '.2f')} on average, active "
+                      f"{format_number(e.get('mean_active_specialists'), '.2f')}")
         console.print(table4_table(report["table4"]).rich())
 
 
