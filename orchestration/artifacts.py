@@ -37,7 +37,14 @@ from typing import Any
 import torch
 
 from generalist.data import DataError
-from orchestration.checkpoints import build_model, load_model, load_weights, read_metadata
+from orchestration.checkpoints import (
+    CheckpointError,
+    build_model,
+    load_model,
+    load_weights,
+    read_metadata,
+    verify_model_files,
+)
 from orchestration.files import read_json
 from specialists.ensemble import RoutedEnsemble, build_ensemble
 from specialists.model import Specialist, build_specialist, validate_group
@@ -185,3 +192,22 @@ def load_evaluation(run: str | Path) -> dict[str, Any]:
     path = stage_dir(run, "ensemble") / EVALUATION
     require_stage_output(path, "ensemble")
     return read_json(path)
+
+
+# ----------------------------------------------------------------------------- distill
+def finished_row(row_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(row.json's result, None)`` when the distill row in ``row_dir`` finished and its student
+    files are whole; else ``(None, why)``: ``why`` is None for a row that never finished and names
+    the damage (a missing, truncated or corrupt file) for one whose outputs are unusable."""
+    path = row_dir / ROW
+    if not path.exists():
+        return None, None
+    try:
+        result = read_json(path)
+    except ValueError as exc:
+        return None, f"{path} is corrupt ({exc})"
+    try:
+        verify_model_files(row_dir / STUDENT)
+    except CheckpointError as exc:
+        return None, str(exc)
+    return result, None
