@@ -23,6 +23,8 @@ Layout (``RUN`` = ``run.dir``, or ``run.root/run.name``)::
     RUN/distill/student.safetensors|.json    the student; baselines/<row>/ the other rows,
                                              each with row.json once finished
     RUN/distill/results.json, results.md, registry.json
+    RUN/history/<stage>/<fingerprint>/       a finished stage folder a config or data change
+                                             replaced (orchestration.history), + archived.json
 
 The loaders raise ``FileNotFoundError`` naming the unfinished stage and the command that runs it.
 This module imports no stage script, MLflow or plotting, so Ray workers can use it cheaply.
@@ -52,6 +54,7 @@ from specialists.model import Specialist, build_specialist, validate_group
 # RUN/
 CONFIG, RUN_RECORD, TRACKING_BUFFER = "config.yaml", "run.json", "mlflow_buffer.jsonl"
 REPORT_MD, PLOT_PARAMS, PLOT_GROUPS = "report.md", "accuracy_vs_params.png", "per_group_gain.png"
+HISTORY, ARCHIVED = "history", "archived.json"
 # RUN/<stage>/ (and RUN/specialists/group_NNN/)
 MANIFEST, ATTEMPT, MLFLOW_RECORD = "manifest.json", "attempt.json", "mlflow.json"
 MODEL, CHECKPOINTS, METRICS = "model", "checkpoints", "metrics.json"  # MODEL: .safetensors + .json

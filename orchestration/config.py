@@ -93,6 +93,10 @@ class RunConfig(Section):
     seed: int = Field(0, description="Seed for data generation, splits, init and batch order.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if available.")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch default.")
+    keep_history: int = Field(
+        3, ge=0, description="Finished results of a stage that a config or data change replaces, kept "
+        "in RUN/history/<stage>/ (oldest dropped); 0 keeps none. Not part of any fingerprint."
+    )
 
     @property
     def path(self) -> Path:
@@ -132,6 +136,10 @@ class DataConfig(Section):
             "test_per_class": 15,
         },
         description="Data-set specific options (validated by the data set; see README).",
+    )
+    verify_content: bool = Field(
+        False, description="Data on disk: decide whether it changed by the files' sha256 (reads every "
+        "file) instead of their names, sizes and modification times. Not part of any fingerprint."
     )
 
 
@@ -282,14 +290,46 @@ class Config(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def section_hash(self, keys: Sequence[str]) -> str:
-        """sha256 of the named dotted config keys, e.g. ("data", "generalist", "run.seed")."""
-        values = {key: _get_dotted(self.model_dump(mode="json"), key) for key in keys}
+        """sha256 of the named dotted config keys, e.g. ("data", "generalist", "run.seed"), without
+        the :data:`UNHASHED_KEYS` (how a run is kept and checked, not what it computes)."""
+        dump = self.model_dump(mode="json", exclude=_nested(UNHASHED_KEYS))
+        values = {key: _get_dotted(dump, key) for key in keys}
         blob = json.dumps(values, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def flat(self) -> dict[str, Any]:
         """Flattened dotted keys -> values (for MLflow params)."""
         return flatten(self.model_dump(mode="json"))
+
+
+# Keys that never change a fingerprint: how a run directory keeps old results and checks its data.
+UNHASHED_KEYS = ("run.keep_history", "data.verify_content")
+
+
+def _nested(keys: Sequence[str]) -> dict[str, set[str]]:
+    """("a.b", "c.d") -> {"a": {"b"}, "c": {"d"}}: pydantic's ``exclude`` for section fields."""
+    nested: dict[str, set[str]] = {}
+    for key in keys:
+        section, _, name = key.partition(".")
+        nested.setdefault(section, set()).add(name)
+    return nested
+
+
+def check_data_options(config: Config) -> None:
+    """ConfigError unless ``data.name`` is a registered data set and every ``data.options`` key is
+    one of its options (read from its builder; the data is not built)."""
+    from generalist.data import DataError, dataset_options
+
+    try:
+        valid = dataset_options(config.data.name)
+    except DataError as exc:
+        raise ConfigError(f"data.name: {exc}") from None
+    unknown = sorted(set(config.data.options) - set(valid))
+    if unknown:
+        close = {k: difflib.get_close_matches(k, valid, n=1) for k in unknown}
+        hints = "".join(f"; did you mean 'data.options.{c[0]}' for '{k}'?" for k, c in close.items() if c)
+        raise ConfigError(f"unknown data.options key(s) {', '.join(unknown)} for data set "
+                          f"{config.data.name!r}{hints} (valid: {', '.join(valid)})")
 
 
 def leaf_keys(section: type[BaseModel], prefix: str, exclude: Sequence[str] = ()) -> tuple[str, ...]:
@@ -381,7 +421,13 @@ def _parse_override(item: str) -> tuple[str, Any]:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} is not of the form key=value (e.g. generalist.epochs=3)")
-    return key.strip(), yaml.safe_load(text) if text.strip() else None
+    try:
+        return key.strip(), yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        problem = str(getattr(exc, "problem", None) or exc).strip()
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); close every "
+                          "bracket and quote, e.g. 'data.options={num_classes: 3}', and quote the "
+                          "whole key=value for the shell") from None
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:

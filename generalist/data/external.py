@@ -83,6 +83,15 @@ def locate(source: Source, root: str | None, download: bool) -> Path:
     return folder
 
 
+def source_files(name: str, root: str | None) -> list[Path]:
+    """The files data set `name` (a key of CIFAR or MNIST_LIKE) is read from under `root`, as they
+    are on disk (``.gz`` where gzipped); DataError naming what is missing when they are not there."""
+    source = {**CIFAR, **MNIST_LIKE}[name]
+    folder = locate(source, root, download=False)
+    return [path if path.is_file() else path.with_name(path.name + ".gz")
+            for path in (folder / f for f in source.files)]
+
+
 def _exists(path: Path) -> bool:
     return path.is_file() or path.with_name(path.name + ".gz").is_file()
 

@@ -50,6 +50,17 @@ def class_images(folder: Path) -> dict[str, list[Path]]:
     return found
 
 
+def tree_files(root: str | None) -> list[Path]:
+    """Every image file of the tree at `root` (train/ and test/ included, hidden entries skipped),
+    sorted; found without decoding them. DataError when `root` is not a folder."""
+    base = _check_root(root)
+    return sorted(
+        p for p in base.rglob("*")
+        if p.suffix.lower() in EXTENSIONS and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(base).parts)
+    )
+
+
 def load_image(path: Path, size: int, channels: int) -> np.ndarray:
     """One image as (channels, size, size) uint8, resized."""
     try:
