@@ -19,7 +19,7 @@ import torch
 
 from generalist.data.core import DataBundle, DataError, Split
 from generalist.data.external import finish
-from generalist.data.images import decode_image
+from generalist.data.images import ImageModeError, decode_image
 from generalist.data.registry import (
     check_float,
     check_int,
@@ -65,7 +65,7 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
     """One image as (channels, size, size) uint8, resized."""
     try:
         return decode_image(path, (channels, size, size), resize=True)
-    except OSError as err:  # PIL.UnidentifiedImageError is an OSError too
+    except (OSError, ImageModeError) as err:  # PIL.UnidentifiedImageError is an OSError too
         raise DataError(f"cannot read image {path} ({err}); fix or delete the file.") from err
 
 
