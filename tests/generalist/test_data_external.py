@@ -178,3 +178,19 @@ def test_image_folder_errors(tmp_path):
         create_dataset("image_folder", root=str(tmp_path), num_classes=5)
     with pytest.raises(DataError, match="channels=1 or 3"):
         create_dataset("image_folder", root=str(tmp_path), channels=2)
+
+
+class _Evaluates:
+    def __reduce__(self):
+        return eval, ("__import__('pathlib').Path('evaluated').touch()",)
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_a_cifar_pickle_that_calls_anything_else_is_refused(tmp_path, monkeypatch, protocol):
+    monkeypatch.chdir(tmp_path)
+    _cifar100(tmp_path)
+    (tmp_path / "cifar-100-python" / "meta").write_bytes(pickle.dumps({b"fine_label_names": _Evaluates()},
+                                                                      protocol=protocol))
+    with pytest.raises(DataError, match=r"refused to read .*cifar-100-python/meta: it refers to (builtins|__builtin__)\.eval"):
+        create_dataset("cifar100", root=str(tmp_path))
+    assert not (tmp_path / "evaluated").exists()

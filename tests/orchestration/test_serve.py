@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from ray.exceptions import RayTaskError
 
 from generalist.data import create_dataset
 from orchestration.ensemble_api import Ensemble
@@ -253,6 +254,32 @@ def test_parsing_without_a_server():
         assert err.value.status == status, err.value.message
     with pytest.raises(ServeError, match="--max-inputs must be an integer >= 1"):
         ServeOptions(max_inputs=0)
+
+
+def test_port_zero_takes_another_free_port_when_the_first_is_taken_before_the_proxy_binds(monkeypatch):
+    """The race of picking a free port and then binding it: the proxy's bind failure (as Ray Serve
+    reports it) makes start() shut Serve down and try a fresh port; an explicit port is not retried."""
+    from ray import serve
+
+    from orchestration.serve import _start_proxy
+
+    calls: list = []
+
+    def start(proxy_location: str, http_options: dict) -> None:
+        calls.append(http_options["port"])
+        if len(calls) == 1:
+            raise RayTaskError("ProxyActor.ready", "RuntimeError: Failed to bind to address "
+                               f"'127.0.0.1:{http_options['port']}'.", RuntimeError("Failed to bind"))
+
+    monkeypatch.setattr(serve, "start", start)
+    monkeypatch.setattr(serve, "shutdown", lambda: calls.append("shutdown"))
+    assert _start_proxy("127.0.0.1", 0, owns_ray=True) == calls[2]
+    assert calls[1] == "shutdown" and 0 < calls[0] != calls[2] > 0
+    calls.clear()
+    with pytest.raises(ServeError, match="cannot listen on 127.0.0.1:8123: the port was taken just before"):
+        _start_proxy("127.0.0.1", 8123, owns_ray=True)
+    with pytest.raises(ServeError, match="--port 0 .* needs the private local Ray"):
+        _start_proxy("127.0.0.1", 0, owns_ray=False)
 
 
 def test_health_and_classes(server, run_dir, ensemble):
