@@ -271,6 +271,16 @@ class PipelineTracker:
         same_parent = parent_id is None or run.data.tags.get(PARENT_TAG) == parent_id
         return run.info.experiment_id == self.experiment_id and same_parent
 
+    def _linkable(self, run_id: str | None) -> bool:
+        """An earlier parent run of this experiment that can still be tagged (not deleted)."""
+        if not run_id or run_id.startswith(OFFLINE_PREFIX):
+            return False
+        try:
+            run = self.client.get_run(run_id)
+        except TRACKING_ERRORS:
+            return False
+        return run.info.experiment_id == self.experiment_id and run.info.lifecycle_stage == "active"
+
     def start_parent(self, run_name: str, config_hash: str) -> RunLogger:
         """Reuse the parent run recorded for this run dir and config, else start a new one. A new
         parent that follows another config's parent in the same run directory (and store) is
@@ -282,7 +292,7 @@ class PipelineTracker:
         run_id = record.get("mlflow_run_id") if record.get("config_hash") == config_hash else None
         if not self._reusable(run_id) or record.get("tracking_uri") != self.uri:
             previous = record.get("mlflow_run_id") if record.get("tracking_uri") == self.uri else None
-            previous = previous if self._reusable(previous) and not previous.startswith(OFFLINE_PREFIX) else None
+            previous = previous if self._linkable(previous) else None
             tags = {"specdistill.run_dir": str(self.run_dir), **({PREVIOUS_PARENT_TAG: previous} if previous else {})}
             run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
             if previous:
