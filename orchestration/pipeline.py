@@ -2,8 +2,15 @@
 
 A stage is a name, the config keys its result depends on, the upstream stages whose outputs
 it reads, and a function ``run(ctx) -> StageResult``. Its fingerprint is the hash of those
-config keys plus the digests of the upstream manifests, so changing a key re-runs exactly the
-stages that depend on it (and everything downstream of them).
+config keys plus its inputs: the digests of the upstream manifests (what their outputs say,
+:attr:`orchestration.rundir.Manifest.digest`) and, for data on disk, the data's identity
+(:mod:`orchestration.data_identity`). Changing a key or the data re-runs exactly the stages that
+depend on it (and those downstream whose inputs then change); the finished results they replace
+are set aside in ``RUN/history/`` (:mod:`orchestration.history`).
+
+Input errors (an unknown data set or option, ``run.device=cuda`` without CUDA, missing data
+files, an unreachable tracking server) stop a run before it writes a run directory or starts an
+MLflow run.
 """
 
 from __future__ import annotations
@@ -150,7 +157,6 @@ class _Pass:
     """One invocation walking the stages: what it needs and what it found so far."""
 
     config: Config
-    stages: Sequence[Stage]
     selected: set[str]
     start: str | None
     run_dir: RunDir
@@ -194,7 +200,7 @@ def run_pipeline(
     parent.log_params(config.flat())
     parent.log_artifact(run_dir.path / CONFIG)
     console.print(f"[bold]specdistill[/] run dir {run_dir.path}  mlflow {uri}  parent run {parent.run_id}")
-    run = _Pass(config, stages, selected, start, run_dir, tracker, console, device, load_data, data,
+    run = _Pass(config, selected, start, run_dir, tracker, console, device, load_data, data,
                 previous, previous_parent)
     last = max(i for i, s in enumerate(stages) if s.name in selected)
     try:
