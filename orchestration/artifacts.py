@@ -25,6 +25,8 @@ Layout (``RUN`` = ``run.dir``, or ``run.root/run.name``)::
     RUN/distill/student.safetensors|.json    the student; baselines/<row>/ the other rows,
                                              each with row.json once finished
     RUN/distill/results.json, results.md, registry.json
+    RUN/history/<stage>/<fingerprint>/       a finished stage folder a config or data change
+                                             replaced (orchestration.history), + archived.json
 
 The loaders raise ``FileNotFoundError`` naming the unfinished stage and the command that runs it.
 This module imports no stage script, MLflow or plotting, so Ray workers can use it cheaply.
@@ -39,7 +41,14 @@ from typing import Any
 import torch
 
 from generalist.data import DataError
-from orchestration.checkpoints import build_model, load_model, load_weights, read_metadata
+from orchestration.checkpoints import (
+    CheckpointError,
+    build_model,
+    load_model,
+    load_weights,
+    read_metadata,
+    verify_model_files,
+)
 from orchestration.files import read_json
 from specialists.ensemble import RoutedEnsemble, build_ensemble
 from specialists.model import Specialist, build_specialist, validate_group
@@ -47,6 +56,7 @@ from specialists.model import Specialist, build_specialist, validate_group
 # RUN/
 CONFIG, RUN_RECORD, TRACKING_BUFFER = "config.yaml", "run.json", "mlflow_buffer.jsonl"
 REPORT_MD, PLOT_PARAMS, PLOT_GROUPS = "report.md", "accuracy_vs_params.png", "per_group_gain.png"
+HISTORY, ARCHIVED = "history", "archived.json"
 # RUN/<stage>/ (and RUN/specialists/group_NNN/)
 MANIFEST, ATTEMPT, MLFLOW_RECORD = "manifest.json", "attempt.json", "mlflow.json"
 MODEL, CHECKPOINTS, METRICS = "model", "checkpoints", "metrics.json"  # MODEL: .safetensors + .json
@@ -196,3 +206,22 @@ def load_evaluation(run: str | Path) -> dict[str, Any]:
     path = stage_dir(run, "ensemble") / EVALUATION
     require_stage_output(path, "ensemble")
     return read_json(path)
+
+
+# ----------------------------------------------------------------------------- distill
+def finished_row(row_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(row.json's result, None)`` when the distill row in ``row_dir`` finished and its student
+    files are whole; else ``(None, why)``: ``why`` is None for a row that never finished and names
+    the damage (a missing, truncated or corrupt file) for one whose outputs are unusable."""
+    path = row_dir / ROW
+    if not path.exists():
+        return None, None
+    try:
+        result = read_json(path)
+    except ValueError as exc:
+        return None, f"{path} is corrupt ({exc})"
+    try:
+        verify_model_files(row_dir / STUDENT)
+    except CheckpointError as exc:
+        return None, str(exc)
+    return result, None

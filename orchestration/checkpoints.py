@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -46,7 +46,7 @@ def read_metadata(path_stem: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint metadata {meta} is missing")
     try:
         return json.loads(meta.read_text())
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # not JSON, or not text at all
         raise CheckpointError(f"checkpoint metadata {meta} is corrupt ({exc})") from None
 
 
@@ -57,6 +57,21 @@ def load_state(path_stem: Path) -> dict[str, torch.Tensor]:
     try:
         return st_load(weights.read_bytes())
     except (SafetensorError, ValueError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {weights} is corrupt or truncated ({exc})") from None
+
+
+def verify_model_files(path_stem: Path) -> None:
+    """CheckpointError unless ``NAME.json`` parses and ``NAME.safetensors`` is whole: its header
+    reads and its tensors cover the file exactly (a truncated or padded file fails). Reads the
+    header only, not the weights: what a stage checks before it calls its outputs finished."""
+    read_metadata(path_stem)
+    weights = path_stem.with_suffix(".safetensors")
+    if not weights.exists():
+        raise CheckpointError(f"checkpoint {weights} is missing")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"checkpoint {weights} is corrupt or truncated ({exc})") from None
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 
 from orchestration.artifacts import CONFIG
-from orchestration.config import ConfigError, load_config
+from orchestration.config import ConfigError, check_data_options, load_config
 from orchestration.stages import STAGES, stage_names
 
 EXIT_BAD_INPUT = 2
@@ -65,13 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     query = sub.add_parser("query", help="the ensemble's class probabilities for image files")
     query.add_argument("run", metavar="RUN", help="run directory (or a run name under runs/)")
     query.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (PNG, JPEG, ...)")
-    query.add_argument("--top-k", type=int, default=5, help="classes to print per image (default 5)")
+    query.add_argument("--top-k", type=int, default=None,
+                       help="classes to print per image, 1..K (default 5, or K when fewer)")
     query.add_argument("--temperature", type=float, default=1.0, help="soft-target temperature T")
     query.add_argument("--json", action="store_true", help="print machine-readable JSON")
     serve_cmd = sub.add_parser("serve", help="serve the ensemble's soft targets over HTTP (Ray Serve)")
     serve_cmd.add_argument("run", metavar="RUN", help="run directory (or a run name under runs/)")
     serve_cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve_cmd.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    serve_cmd.add_argument("--port", type=int, default=8000,
+                           help="HTTP port (default 8000; 0 = a free one, printed once serving)")
     serve_cmd.add_argument("--max-batch-size", type=int, default=64,
                            help="images computed together across requests (default 64)")
     serve_cmd.add_argument("--batch-wait-ms", type=float, default=5.0,
@@ -151,9 +153,10 @@ def _cmd_query(ns: argparse.Namespace, console: Console) -> int:
     import json
 
     from orchestration.ensemble_api import Ensemble
+    from orchestration.serve_protocol import default_top_k
 
     ensemble = Ensemble.load(resolve_run_dir(ns.run))
-    top_k = min(ns.top_k, len(ensemble.class_names)) if ns.top_k >= 1 else ns.top_k
+    top_k = default_top_k(len(ensemble.class_names)) if ns.top_k is None else ns.top_k
     results = ensemble.soft_targets(ns.inputs, temperature=ns.temperature, top_k=top_k)
     if ns.json:
         data = [{"input": path, "top_k": [{"class": name, "probability": p} for name, p in pairs]}
@@ -279,7 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors = Console(stderr=True, soft_wrap=True)
     try:
         if ns.command == "config":
-            console.print(_load(ns.args).to_yaml(), end="", markup=False, highlight=False)
+            config = _load(ns.args)
+            check_data_options(config)
+            console.print(config.to_yaml(), end="", markup=False, highlight=False)
             return 0
         if ns.command == "groups":
             return _cmd_groups(ns, console)

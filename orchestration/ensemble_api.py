@@ -17,9 +17,10 @@ from PIL import UnidentifiedImageError
 from torch import Tensor
 
 from distill.targets import check_temperature
-from generalist.data.images import ImageSizeError, decode_image
+from generalist.data.images import ImageModeError, ImageSizeError, decode_image
 from orchestration.artifacts import CONFIG, LoadedEnsemble, load_ensemble
 from orchestration.config import load_config
+from orchestration.serve_protocol import top_k_problem
 from specialists.ensemble import ensemble_soft_targets
 
 
@@ -65,9 +66,9 @@ class Ensemble:
             top_k: None for the dense ``(N, K)`` float64 tensor, else per example the ``top_k``
                 ``(class name, probability)`` pairs, most probable first.
         """
-        num_classes = len(self.class_names)
-        if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= num_classes):
-            raise EnsembleInputError(f"top_k must be an int in [1, {num_classes}], got {top_k!r}")
+        problem = None if top_k is None else top_k_problem(top_k, len(self.class_names))
+        if problem:
+            raise EnsembleInputError(problem)
         x = self._as_batch(images)
         try:
             check_temperature(temperature)
@@ -107,7 +108,12 @@ class Ensemble:
             return torch.from_numpy(decode_image(path, self.image_shape))
         except FileNotFoundError:
             raise FileNotFoundError(f"image {path} does not exist") from None
+        except IsADirectoryError:
+            raise EnsembleInputError(f"{path} is a folder, not an image file; pass the image files "
+                                     f"in it (e.g. {Path(path) / '*.png'})") from None
         except UnidentifiedImageError:
             raise EnsembleInputError(f"{path} is not an image file PIL can read") from None
-        except ImageSizeError as exc:
+        except (ImageSizeError, ImageModeError) as exc:
             raise EnsembleInputError(str(exc)) from None
+        except OSError as exc:  # truncated or unreadable file
+            raise EnsembleInputError(f"cannot read image {path} ({exc}); pass a complete image file") from None

@@ -22,29 +22,36 @@ class RunDirError(RuntimeError):
 _FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+RUN_DIR_FIX = ("Free disk space or point run.dir at another disk, then re-run the same command "
+               "to resume")
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, fix: str = RUN_DIR_FIX) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one; a full or
+    read-only disk (also when the folder or the temporary file cannot be made) is a RunDirError
+    ending with ``fix``."""
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno in _FULL_OR_READ_ONLY:
             raise RunDirError(
                 f"cannot write {path}: {exc.strerror or exc}; nothing was half-written (the previous "
-                "version, if any, is intact). Free disk space or point run.dir at another disk, then "
-                "re-run the same command to resume"
+                f"version, if any, is intact). {fix}"
             ) from None
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: Path, text: str, *, fix: str = RUN_DIR_FIX) -> None:
+    atomic_write_bytes(path, text.encode(), fix=fix)
 
 
 def write_json(path: Path, data: Any) -> None:

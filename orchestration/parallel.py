@@ -10,7 +10,9 @@ Where Ray runs (``connect``):
 
 - an explicit address (``ray://...``, ``HOST:PORT``, ``auto``): attach to that cluster;
 - no address under ``ray job submit`` (``RAY_ADDRESS`` is set): attach to the job's cluster;
-- otherwise: start a private local Ray (``address="local"``, never someone else's cluster).
+- otherwise: start a private local Ray (``address="local"``, never someone else's cluster),
+  listening on 127.0.0.1 only, after stopping what a killed earlier one left running
+  (:mod:`orchestration.local_ray`).
 
 A Ray already initialised in this process is used as is.
 
@@ -35,6 +37,8 @@ from typing import Any
 
 import ray
 from ray.exceptions import RayTaskError
+
+from orchestration.local_ray import loopback_only, reap_leftovers, record_started
 
 POLL_SECONDS = 1.0
 
@@ -71,10 +75,14 @@ def connect(address: str | None = None, *, local_num_cpus: int | None = None) ->
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, logging_level=logging.WARNING)
         return f"Ray cluster at {address or os.environ['RAY_ADDRESS']}"
-    with tempfile.TemporaryDirectory(prefix="specdistill-ray-") as empty:  # uploaded by init
+    stopped = reap_leftovers()
+    with tempfile.TemporaryDirectory(prefix="specdistill-ray-") as empty, loopback_only():
         ray.init(address="local", num_cpus=local_num_cpus, include_dashboard=False,
-                 logging_level=logging.WARNING, runtime_env={"working_dir": empty})
-    return f"local Ray ({_cpus()} CPUs)"
+                 dashboard_host="127.0.0.1", logging_level=logging.WARNING,
+                 runtime_env={"working_dir": empty})  # the folder is uploaded by init
+    record_started()
+    note = f"; stopped {stopped} processes an earlier local Ray left running" if stopped else ""
+    return f"local Ray on 127.0.0.1 ({_cpus()} CPUs{note})"
 
 
 def _cpus() -> int:

@@ -13,6 +13,7 @@ test top-1 against parameters for every model, and the ensemble's top-1 gain per
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from orchestration.artifacts import (
     RESULTS,
     stage_dir,
 )
-from orchestration.files import atomic_write_text, read_json
+from orchestration.files import atomic_write_bytes, atomic_write_text, read_json
 from orchestration.tables import format_number, models_table, table4_table
 
 
@@ -244,6 +245,11 @@ def plot_group_gains(report: dict[str, Any]):
     return fig
 
 
+_SAVE_FIX = ("The report itself is complete (printed above); to save report.md and the plots, make "
+             "{run} writable or copy the run directory to a writable place and run `specdistill "
+             "report` on the copy")
+
+
 def write_report(report: dict[str, Any], run: Path) -> list[Path]:
     """``report.md`` and the plots in the run directory; returns the files written."""
     import matplotlib.pyplot as plt
@@ -256,12 +262,14 @@ def write_report(report: dict[str, Any], run: Path) -> list[Path]:
         figures.append((PLOT_GROUPS, plot_group_gains))
     for name, draw in figures:
         fig = draw(report)
-        fig.savefig(run / name, dpi=120)
+        image = io.BytesIO()
+        fig.savefig(image, format="png", dpi=120)
         plt.close(fig)
+        atomic_write_bytes(run / name, image.getvalue(), fix=_SAVE_FIX.format(run=run))
         written.append(run / name)
         plots.append(name)
     report["plots"] = plots
-    atomic_write_text(run / REPORT_MD, markdown(report))
+    atomic_write_text(run / REPORT_MD, markdown(report), fix=_SAVE_FIX.format(run=run))
     return [run / REPORT_MD, *written]
 
 

@@ -50,6 +50,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayTaskError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import Tensor
 
@@ -151,7 +152,9 @@ def _count_images(chunks: list[Tensor]) -> int:
 class EnsembleServer:
     """One replica: the run's ensemble, the routes, and the cross-request batch queue."""
 
-    def __init__(self, run_dir: str, options: ServeOptions) -> None:
+    def __init__(self, run_dir: str, options: ServeOptions, loopback: bool = False) -> None:
+        if loopback:
+            replica_grpc_on_loopback()
         self.run_dir = run_dir
         self.options = options
         self.ensemble = Ensemble.load(run_dir)
@@ -237,15 +240,36 @@ class EnsembleServer:
 ensemble_deployment = serve.deployment(name="EnsembleServer")(serve.ingress(api)(EnsembleServer))
 
 
-def build_app(run_dir: str | Path, options: ServeOptions | None = None) -> serve.Application:
-    """The Serve application answering for run directory ``run_dir`` (not deployed yet)."""
+def replica_grpc_on_loopback() -> None:
+    """In a replica's process: the inter-deployment gRPC server Serve starts once the replica is
+    constructed binds 127.0.0.1 instead of every interface. Ray Serve 2.60 hard-codes "[::]:0" for
+    it (``ray/serve/_private/replica.py``) with no option; on the private local Ray, where every
+    other component listens on 127.0.0.1 (:mod:`orchestration.local_ray`), peers reach it there.
+    A Serve without that hook is left as it is."""
+    from ray.serve._private import replica
+
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if bind is None or getattr(bind, "on_loopback", False):
+        return
+
+    def on_loopback(server: Any, address: str) -> int:
+        return bind(server, "127.0.0.1:0" if address == "[::]:0" else address)
+
+    on_loopback.on_loopback = True
+    replica.add_port_to_grpc_server = on_loopback
+
+
+def build_app(run_dir: str | Path, options: ServeOptions | None = None, *,
+              loopback: bool = False) -> serve.Application:
+    """The Serve application answering for run directory ``run_dir`` (not deployed yet);
+    ``loopback``: its replicas' internal gRPC server on 127.0.0.1 (the private local Ray)."""
     options = options or ServeOptions()
     return ensemble_deployment.options(
         num_replicas=options.replicas,
         max_ongoing_requests=options.max_ongoing_requests,
         graceful_shutdown_wait_loop_s=0.5,   # on stop: let in-flight requests finish, then go
         ray_actor_options={"num_cpus": options.replica_cpus},
-    ).bind(str(Path(run_dir).resolve()), options)
+    ).bind(str(Path(run_dir).resolve()), options, loopback)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,20 +300,50 @@ class RunningServer:
                 serve.delete(APP_NAME)
 
 
-def check_port_free(host: str, port: int) -> None:
-    """ServeError when ``host:port`` cannot be bound here (in use, or not a local address)."""
+def check_port_free(host: str, port: int) -> int:
+    """``port`` (for 0: a port free now) when ``host:port`` can be bound here, else ServeError (in
+    use, or not a local address)."""
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
             sock.bind((host, port))
+            return sock.getsockname()[1]
     except OSError as exc:
         raise ServeError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); the port is in "
                          f"use or the host is not an address of this machine: pass another "
                          f"--port (or --host)") from None
 
 
+PORT_ATTEMPTS = 5
+
+
+def _start_proxy(host: str, port: int, owns_ray: bool) -> int:
+    """Start Serve with its HTTP proxy on ``host:port``; returns the port it listens on. Port 0
+    (private local Ray only) takes a free port, and another one when something else took it
+    before the proxy bound it."""
+    if port == 0 and not owns_ray:
+        raise ServeError("--port 0 (a free port) needs the private local Ray; on a cluster "
+                         "(--address or RAY_ADDRESS) pass the port to listen on")
+    for _ in range(PORT_ATTEMPTS if port == 0 else 1):
+        chosen = check_port_free(host, port) if port == 0 else port
+        try:
+            serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": chosen})
+            return chosen
+        except RayTaskError as exc:
+            if "Failed to bind" not in str(exc):
+                raise
+            if port != 0:
+                raise ServeError(f"cannot listen on {host}:{port}: the port was taken just before the "
+                                 f"server bound it; pass another --port (or --port 0)") from None
+            serve.shutdown()
+    raise ServeError(f"the free ports picked on {host} were taken {PORT_ATTEMPTS} times in a row before "
+                     "the server bound them; pass a --port")
+
+
 def start(run_dir: str | Path, options: ServeOptions | None = None, *, host: str = "127.0.0.1",
           port: int = 8000, address: str | None = None, ready_timeout_s: float = 120.0) -> RunningServer:
     """Deploy the ensemble of ``run_dir`` on Ray Serve at ``http://host:port``; returns once it answers.
+    ``port=0`` listens on a free port (retried when it is taken before the proxy binds it); the
+    returned server's ``url`` names the port bound.
 
     The ensemble is loaded here first, so a broken run directory fails before Ray starts. With
     no ``address`` (and no ``RAY_ADDRESS``) a private local Ray is started and shut down by
@@ -302,7 +356,7 @@ def start(run_dir: str | Path, options: ServeOptions | None = None, *, host: str
     image_shape, class_names = tuple(ensemble.image_shape), list(ensemble.class_names)
     del ensemble
     owns_ray = not address and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
-    if owns_ray:
+    if owns_ray and port != 0:
         check_port_free(host, port)
     where = connect(address)
     server = RunningServer(_url(host, port), run_path, image_shape, class_names, where, owns_ray)
@@ -315,8 +369,8 @@ def start(run_dir: str | Path, options: ServeOptions | None = None, *, host: str
                     f"{options.replicas} replica(s) x {options.replica_cpus:g} CPU need {needed:g} "
                     f"CPUs but the local Ray has {have:g}; lower --replicas or --replica-cpus "
                     f"(fractions like 0.5 share a core)")
-        serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
-        serve.run(build_app(run_path, options), name=APP_NAME, route_prefix="/")
+        server.url = _url(host, _start_proxy(host, port, owns_ray))
+        serve.run(build_app(run_path, options, loopback=owns_ray), name=APP_NAME, route_prefix="/")
         if owns_ray:
             _wait_ready(server.url + "/healthz", ready_timeout_s)
     except BaseException:

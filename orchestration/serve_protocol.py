@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from distill.targets import soft_targets as soften
-from generalist.data.images import ImageSizeError, decode_image
+from generalist.data.images import ImageModeError, ImageSizeError, decode_image
 
 DEFAULT_TOP_K = 5
 JSON_FIELDS = ("inputs", "top_k", "temperature")
@@ -62,12 +62,26 @@ def _shape_text(image_shape: tuple[int, int, int]) -> str:
     return f"(N, {', '.join(map(str, image_shape))})"
 
 
+def default_top_k(num_classes: int) -> int:
+    """How many classes an answer lists when the request does not say: 5, or all when fewer."""
+    return min(DEFAULT_TOP_K, num_classes)
+
+
+def top_k_problem(top_k: Any, num_classes: int) -> str | None:
+    """Why ``top_k`` is not a number of classes to answer with (None when it is): an integer in
+    [1, K]. The one rule of the HTTP API, ``specdistill query`` and ``Ensemble.soft_targets``."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_classes:
+        return (f"top_k must be an integer in [1, {num_classes}] (this run has {num_classes} classes), "
+                f"got {top_k!r}")
+    return None
+
+
 def parse_options(top_k: Any, temperature: Any, num_classes: int) -> tuple[int, float]:
     """``top_k`` (int in [1, K], default ``min(5, K)``) and ``temperature`` (> 0, default 1).
 
     Values may be JSON numbers or query-string text; None means the default.
     """
-    k = min(DEFAULT_TOP_K, num_classes) if top_k is None else _parse_top_k(top_k, num_classes)
+    k = default_top_k(num_classes) if top_k is None else _parse_top_k(top_k, num_classes)
     t = 1.0 if temperature is None else _parse_temperature(temperature)
     return k, t
 
@@ -80,9 +94,9 @@ def _parse_top_k(top_k: Any, num_classes: int) -> int:
             raise RequestError(422, f"top_k must be an integer in [1, {num_classes}], got {top_k!r}") from None
     if isinstance(top_k, float) and top_k.is_integer():
         top_k = int(top_k)
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_classes:
-        raise RequestError(422, f"top_k must be an integer in [1, {num_classes}] (this run has "
-                                f"{num_classes} classes), got {top_k!r}")
+    problem = top_k_problem(top_k, num_classes)
+    if problem:
+        raise RequestError(422, problem)
     return top_k
 
 
@@ -207,7 +221,7 @@ def parse_image_request(body: bytes, params: Mapping[str, str], image_shape: tup
         raise RequestError(400, "empty body; send the bytes of one PNG image")
     try:
         array = decode_image(body, image_shape)  # (C, H, W) uint8
-    except ImageSizeError as exc:
+    except (ImageSizeError, ImageModeError) as exc:
         raise RequestError(422, str(exc)) from None
     except UnidentifiedImageError:
         raise RequestError(400, "body is not an image Pillow can read; send the bytes of one PNG file") from None

@@ -29,7 +29,13 @@ from generalist.data.augment import AugmentSpec, augmented_batches
 from generalist.train import EarlyStopping, plateau_epoch_end, set_seed, train_one_epoch
 from orchestration.artifacts import CHECKPOINTS, MODEL, PID_FILE, PROGRESS, load_generalist
 from orchestration.builders import optimizer_and_schedule
-from orchestration.checkpoints import Checkpointer, CheckpointError, read_metadata, save_model
+from orchestration.checkpoints import (
+    Checkpointer,
+    CheckpointError,
+    read_metadata,
+    save_model,
+    verify_model_files,
+)
 from orchestration.config import SpecialistsConfig
 from orchestration.files import read_json, write_json
 from specialists.model import build_specialist
@@ -78,6 +84,7 @@ def is_finished(job: SpecialistJob) -> bool:
         return False
     try:
         meta = read_metadata(job.dir / MODEL)
+        verify_model_files(job.dir / MODEL)  # a truncated model is retrained, not trusted
     except CheckpointError:
         return False
     return meta.get("specialist", {}).get("classes") == list(job.classes)

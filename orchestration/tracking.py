@@ -36,6 +36,8 @@ from orchestration.files import read_json, write_json
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
+# Parent runs of successive configs in one run directory point at each other.
+PREVIOUS_PARENT_TAG, NEXT_PARENT_TAG = "specdistill.previous_parent_run_id", "specdistill.next_parent_run_id"
 MAX_PARAM_LEN = 6000
 RETRY_SECONDS = 30.0
 OFFLINE_PREFIX = "offline-"
@@ -269,20 +271,34 @@ class PipelineTracker:
         same_parent = parent_id is None or run.data.tags.get(PARENT_TAG) == parent_id
         return run.info.experiment_id == self.experiment_id and same_parent
 
+    def _linkable(self, run_id: str | None) -> bool:
+        """An earlier parent run of this experiment that can still be tagged (not deleted)."""
+        if not run_id or run_id.startswith(OFFLINE_PREFIX):
+            return False
+        try:
+            run = self.client.get_run(run_id)
+        except TRACKING_ERRORS:
+            return False
+        return run.info.experiment_id == self.experiment_id and run.info.lifecycle_stage == "active"
+
     def start_parent(self, run_name: str, config_hash: str) -> RunLogger:
-        """Reuse the parent run recorded for this run dir and config, else start a new one."""
+        """Reuse the parent run recorded for this run dir and config, else start a new one. A new
+        parent that follows another config's parent in the same run directory (and store) is
+        linked both ways: tag ``specdistill.previous_parent_run_id`` on the new one,
+        ``specdistill.next_parent_run_id`` on the previous one."""
         self.connection.replay()  # calls buffered while the server was away in an earlier run
         record_path = self.run_dir / RUN_RECORD
         record = read_json(record_path) if record_path.exists() else {}
         run_id = record.get("mlflow_run_id") if record.get("config_hash") == config_hash else None
         if not self._reusable(run_id) or record.get("tracking_uri") != self.uri:
-            run_id = self.client.create_run(
-                self.experiment_id, run_name=run_name, tags={"specdistill.run_dir": str(self.run_dir)}
-            ).info.run_id
-            write_json(
-                record_path,
-                {"mlflow_run_id": run_id, "config_hash": config_hash, "tracking_uri": self.uri},
-            )
+            previous = record.get("mlflow_run_id") if record.get("tracking_uri") == self.uri else None
+            previous = previous if self._linkable(previous) else None
+            tags = {"specdistill.run_dir": str(self.run_dir), **({PREVIOUS_PARENT_TAG: previous} if previous else {})}
+            run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+            if previous:
+                self.client.set_tag(previous, NEXT_PARENT_TAG, run_id)
+            write_json(record_path, {"mlflow_run_id": run_id, "config_hash": config_hash,
+                                     "tracking_uri": self.uri, "previous_mlflow_run_id": previous})
         else:
             self.client.update_run(run_id, status="RUNNING")
         self.parent = RunLogger(self.client, run_id, self.connection)

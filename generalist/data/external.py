@@ -14,6 +14,7 @@ official one. Images: (N, 3, 32, 32) uint8 for CIFAR, (N, 1, 28, 28) uint8 for M
 from __future__ import annotations
 
 import gzip
+import importlib
 import os
 import pickle
 from dataclasses import dataclass
@@ -83,6 +84,15 @@ def locate(source: Source, root: str | None, download: bool) -> Path:
     return folder
 
 
+def source_files(name: str, root: str | None) -> list[Path]:
+    """The files data set `name` (a key of CIFAR or MNIST_LIKE) is read from under `root`, as they
+    are on disk (``.gz`` where gzipped); DataError naming what is missing when they are not there."""
+    source = {**CIFAR, **MNIST_LIKE}[name]
+    folder = locate(source, root, download=False)
+    return [path if path.is_file() else path.with_name(path.name + ".gz")
+            for path in (folder / f for f in source.files)]
+
+
 def _exists(path: Path) -> bool:
     return path.is_file() or path.with_name(path.name + ".gz").is_file()
 
@@ -102,13 +112,43 @@ def _download(source: Source, base: Path) -> None:
         ) from err
 
 
+# The only globals a CIFAR batch or meta pickle refers to: numpy array and dtype reconstruction
+# (numpy 1 and 2 spell the module differently; protocol 5 pickles use _frombuffer) and, in
+# pickles Python 3 wrote at protocol 2, bytes rebuilt with _codecs.encode. Anything else (a
+# reduce to os.system, builtins.eval, ...) is refused before it is called.
+CIFAR_PICKLE_GLOBALS = frozenset({
+    (module, name)
+    for prefix in ("numpy.core", "numpy._core")
+    for module, name in ((f"{prefix}.multiarray", "_reconstruct"), (f"{prefix}.multiarray", "scalar"),
+                         (f"{prefix}.numeric", "_frombuffer"))
+} | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")})
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles plain data (dicts, lists, bytes, str, numbers) and numpy arrays, nothing else."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which the CIFAR format never needs")
+        if module.startswith("numpy.core") and hasattr(np, "_core"):  # numpy 2 moved numpy.core
+            module = "numpy._core" + module[len("numpy.core"):]
+        return getattr(importlib.import_module(module), name)
+
+
 def read_pickle(path: Path) -> dict:
-    """A CIFAR batch / meta pickle with str keys (files are Python 2 pickles)."""
+    """A CIFAR batch / meta pickle with str keys (files are Python 2 pickles), read by an unpickler
+    that admits only what the CIFAR format holds (:data:`CIFAR_PICKLE_GLOBALS`)."""
     try:
         with open(path, "rb") as handle:
-            raw = pickle.load(handle, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError) as err:
+            raw = _CifarUnpickler(handle, encoding="latin1").load()
+    except pickle.UnpicklingError as err:
+        raise DataError(f"refused to read {path}: {err}; it is not a CIFAR python batch file (and was "
+                        "not run). Delete it and download the data set again.") from None
+    except (OSError, EOFError, ValueError) as err:
         raise DataError(f"cannot read {path} ({err}); delete it and download again.") from err
+    if not isinstance(raw, dict):
+        raise DataError(f"{path} holds a {type(raw).__name__}, not a CIFAR batch (a dict); delete it "
+                        "and download again.")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
 
 

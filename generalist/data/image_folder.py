@@ -20,7 +20,7 @@ import torch
 
 from generalist.data.core import DataBundle, DataError, Split
 from generalist.data.external import finish
-from generalist.data.images import decode_image
+from generalist.data.images import ImageModeError, decode_image
 from generalist.data.registry import (
     check_float,
     check_int,
@@ -51,11 +51,22 @@ def class_images(folder: Path) -> dict[str, list[Path]]:
     return found
 
 
+def tree_files(root: str | None) -> list[Path]:
+    """Every image file of the tree at `root` (train/ and test/ included, hidden entries skipped),
+    sorted; found without decoding them. DataError when `root` is not a folder."""
+    base = _check_root(root)
+    return sorted(
+        p for p in base.rglob("*")
+        if p.suffix.lower() in EXTENSIONS and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(base).parts)
+    )
+
+
 def load_image(path: Path, size: int, channels: int) -> np.ndarray:
     """One image as (channels, size, size) uint8, resized."""
     try:
         return decode_image(path, (channels, size, size), resize=True)
-    except OSError as err:  # PIL.UnidentifiedImageError is an OSError too
+    except (OSError, ImageModeError) as err:  # PIL.UnidentifiedImageError is an OSError too
         raise DataError(f"cannot read image {path} ({err}); fix or delete the file.") from err
 
 

@@ -47,6 +47,7 @@ from orchestration.artifacts import (
     RESULTS_MD,
     ROW,
     STUDENT,
+    finished_row,
     load_evaluation,
     load_same_compute,
     stage_dir,
@@ -179,9 +180,8 @@ def _objective(ctx: StageContext, row: Row, pairs: dict, shapes: tuple) -> Disti
 
 def _train_row(ctx: StageContext, row: Row, spec: dict[str, Any], pairs: dict, shapes: tuple) -> dict[str, Any]:
     cfg, data, row_dir = ctx.config.distill, ctx.data(), ctx.stage_dir / row.folder
-    if (row_dir / ROW).exists():
-        ctx.console.print(f"  {row.name}: finished earlier, kept ({row_dir / STUDENT}.safetensors)")
-        return read_json(row_dir / ROW)
+    if (kept := _finished_earlier(ctx, row.name, row_dir)) is not None:
+        return kept
     set_seed(ctx.config.run.seed)       # every row starts from the same weights and batch order
     student = build_model(spec).to(ctx.device)
     objective = _objective(ctx, row, pairs, shapes).to(ctx.device)
@@ -206,6 +206,17 @@ def _train_row(ctx: StageContext, row: Row, spec: dict[str, Any], pairs: dict, s
         _end_epoch(ctx, row, trained, optimizer, result)
         checkpoints.save(result.epoch + 1, trained, stateful, metadata={"model": spec, "row": row.name})
     return _finish_row(ctx, row, row_dir, student, spec)
+
+
+def _finished_earlier(ctx: StageContext, name: str, row_dir: Path) -> dict[str, Any] | None:
+    """The row's result when it finished earlier and its student files are whole; a damaged or
+    missing student is reported and the row trains again from its last checkpoint."""
+    kept, damage = finished_row(row_dir)
+    if kept is not None:
+        ctx.console.print(f"  {name}: finished earlier, kept ({row_dir / STUDENT}.safetensors)")
+    elif damage is not None:
+        ctx.console.print(f"  [yellow]warning[/] {name}: {damage}; training it again from its last checkpoint")
+    return kept
 
 
 def _end_epoch(ctx, row, trained, optimizer, result) -> None:
@@ -282,8 +293,8 @@ def _data_free_row(ctx: StageContext, teachers: Teachers, spec: dict[str, Any]) 
     cfg, data, row_dir = ctx.config.distill, ctx.data(), ctx.stage_dir / BASELINES / "data_free"
     row = Row("data_free", f"{cfg.teacher} on generated images (DAFL)", 1.0, None, False,
               f"{BASELINES}/data_free")
-    if (row_dir / ROW).exists():
-        return read_json(row_dir / ROW)
+    if (kept := _finished_earlier(ctx, row.name, row_dir)) is not None:
+        return kept
     set_seed(ctx.config.run.seed)
     student = build_model(spec).to(ctx.device)
     ensemble = teachers.ensemble

@@ -202,3 +202,19 @@ def test_image_folder_holdout_by_source_shares_no_source_with_training(tmp_path)
                        source_pattern=r"_writer(\d+)")
     with pytest.raises(DataError, match="not a regular expression"):
         create_dataset("image_folder", root=str(tmp_path), image_size=6, channels=1, source_pattern="(")
+
+
+class _Evaluates:
+    def __reduce__(self):
+        return eval, ("__import__('pathlib').Path('evaluated').touch()",)
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_a_cifar_pickle_that_calls_anything_else_is_refused(tmp_path, monkeypatch, protocol):
+    monkeypatch.chdir(tmp_path)
+    _cifar100(tmp_path)
+    (tmp_path / "cifar-100-python" / "meta").write_bytes(pickle.dumps({b"fine_label_names": _Evaluates()},
+                                                                      protocol=protocol))
+    with pytest.raises(DataError, match=r"refused to read .*cifar-100-python/meta: it refers to (builtins|__builtin__)\.eval"):
+        create_dataset("cifar100", root=str(tmp_path))
+    assert not (tmp_path / "evaluated").exists()

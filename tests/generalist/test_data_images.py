@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from generalist.data.images import ImageSizeError, decode_image
+from generalist.data.images import ImageModeError, ImageSizeError, decode_image
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -46,3 +46,34 @@ def test_wrong_size_is_an_error_unless_resizing(tmp_path):
     assert resized.shape == (1, 4, 4) and bool((resized == 77).all())
     with pytest.raises(ValueError, match="1 \\(L\\) or 3 \\(RGB\\) channels, not 2"):
         decode_image(_png(RGB), (2, 2, 3))
+
+
+def _encoded(array: np.ndarray, fmt: str) -> tuple[bytes, str]:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue(), Image.open(io.BytesIO(buffer.getvalue())).mode
+
+
+LEVELS = np.array([[0, 1, 127, 128], [200, 254, 255, 255]], dtype=np.uint16)  # (H=2, W=4) 8-bit values
+
+
+@pytest.mark.parametrize(("array", "fmt", "mode"), [
+    (LEVELS * 257, "PNG", "I;16"),                            # 16-bit PNG
+    ((LEVELS * 257).astype(">u2"), "TIFF", "I;16B"),          # big-endian 16-bit
+    ((LEVELS * 257).astype(np.int32), "TIFF", "I"),           # 32-bit integers holding 16 bits
+    ((LEVELS / 255).astype(np.float32), "TIFF", "F"),         # floats in [0, 1]
+])
+def test_high_bit_depth_greyscale_is_scaled_to_8_bits(array, fmt, mode):
+    data, opened = _encoded(array, fmt)
+    assert opened == mode
+    assert decode_image(data, (1, 2, 4))[0].tolist() == LEVELS.tolist()
+    assert decode_image(data, (3, 2, 4))[2].tolist() == LEVELS.tolist()    # as RGB: grey on every channel
+
+
+def test_high_bit_depth_values_of_unknown_range_are_refused():
+    data, _ = _encoded(np.array([[0, 70000]], dtype=np.int32), "TIFF")
+    with pytest.raises(ImageModeError, match=r"32-bit integer image \(mode I\) with values from 0 to 70000"):
+        decode_image(data, (1, 1, 2))
+    data, _ = _encoded(np.array([[-0.5, 0.5]], dtype=np.float32), "TIFF")
+    with pytest.raises(ImageModeError, match=r"floating-point image \(mode F\) with values from -0.5 to 0.5"):
+        decode_image(data, (1, 1, 2))

@@ -111,7 +111,7 @@ def _check_bad_inputs(run_dir, workdir, test, capsys):
         ens.soft_targets(test.images[:2].expand(2, 3, 16, 16))  # wrong channel count
     with pytest.raises(EnsembleInputError, match=r"got shape \(2, 1, 8, 8\)"):
         ens.soft_targets(test.images[:2, :, :8, :8])  # wrong size
-    with pytest.raises(EnsembleInputError, match="top_k must be an int in \\[1, 9\\]"):
+    with pytest.raises(EnsembleInputError, match=r"top_k must be an integer in \[1, 9\] \(this run has 9 classes\), got 10"):
         ens.soft_targets(test.images[:2], top_k=10)
     with pytest.raises(EnsembleInputError, match="temperature must be a positive"):
         ens.soft_targets(test.images[:2], temperature=0.0)

@@ -1,9 +1,11 @@
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
 
 from orchestration.files import RunDirError, atomic_write_text, read_json
-from orchestration.rundir import RunDir
+from orchestration.rundir import Manifest, ManifestError, RunDir
 
 
 def test_manifest_round_trip_and_completeness(tmp_path):
@@ -33,9 +35,42 @@ def test_digest_ignores_time_and_metrics(tmp_path):
 def test_missing_or_garbled_manifest(tmp_path):
     run = RunDir(tmp_path)
     assert run.is_complete("a", "h", {}) == "no manifest"
-    run.manifest_path("a").parent.mkdir(parents=True)
-    run.manifest_path("a").write_text("{not json")
-    assert run.read_manifest("a") is None
+    path = run.manifest_path("a")
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    with pytest.raises(ManifestError, match=f"manifest {path} is corrupt: not valid JSON"):
+        run.read_manifest("a")
+    assert run.is_complete("a", "h", {}).startswith(f"manifest {path} is corrupt: not valid JSON")
+    good = {"stage": "a", "config_hash": "h", "inputs": {}, "outputs": {}}
+    for bad, problem in (({**good, "outputs": ["f"]}, "field 'outputs' must be a JSON object"),
+                         ({**good, "inputs": {"g": 1}}, "field 'inputs' must map names to checksum strings"),
+                         ({**good, "created": "now"}, "field 'created' must be a number"),
+                         ({"stage": "a"}, "it lacks config_hash, inputs, outputs"),
+                         ({**good, "extra": 1}, "it has unknown fields extra"),
+                         ([1], "it holds a JSON list, not an object")):
+        path.write_text(json.dumps(bad))
+        assert run.is_complete("a", "h", {}).startswith(f"manifest {path} is corrupt: {problem}")
+
+
+def test_digest_follows_what_the_outputs_say_not_their_timings(tmp_path):
+    """Two runs of a stage that make the same model differ in timings and metrics only: the same
+    digest, so downstream stages stay finished; a different model is a different digest."""
+    run = RunDir(tmp_path)
+    stage = run.stage_dir("a")
+    (stage / "w.bin").write_bytes(b"weights")
+    digests = []
+    for latency, weights in ((0.1, b"weights"), (0.2, b"weights"), (0.2, b"other")):
+        (stage / "w.bin").write_bytes(weights)
+        (stage / "m.json").write_text(json.dumps({"classes": ["x"], "metrics": {"latency_ms": latency},
+                                                  "history": [{"seconds": latency}], "latency_ms": latency}))
+        m = run.write_manifest("a", config_hash="h", inputs={}, outputs=["w.bin", "m.json"], metrics={})
+        digests.append(m.digest)
+    assert digests[0] == digests[1] != digests[2]
+    assert m.identity["w.bin"] == m.outputs["w.bin"]            # not JSON: byte for byte
+    assert m.identity["m.json"] == hashlib.sha256(b'{"classes":["x"]}').hexdigest()
+    legacy = Manifest(**{**m.to_dict(), "identity": {}})      # written before identities existed
+    blob = json.dumps(["a", "h", {}, m.outputs], sort_keys=True).encode()
+    assert legacy.digest == hashlib.sha256(blob).hexdigest()
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):

@@ -11,8 +11,10 @@ with a clear message before Ray starts.
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,6 +29,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from ray.exceptions import RayTaskError
 
 from generalist.data import create_dataset
 from orchestration.ensemble_api import Ensemble
@@ -120,44 +123,85 @@ def images() -> torch.Tensor:
     return data.test.images  # (72, 1, 16, 16) uint8
 
 
-@pytest.fixture(scope="module")
-def server(run_dir, tmp_path_factory, free_port):
-    """`specdistill serve RUN` on a free port, small limits so the 413s need small bodies."""
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    port = free_port()
+def _start_server(run_dir: Path, log: Path, *options: str) -> Server:
+    """`specdistill serve RUN --port 0` in a subprocess; returns once the banner (printed after
+    /healthz answers) names the URL it bound."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestration.cli", "serve", str(run_dir), "--port", str(port),
-             "--max-inputs", str(MAX_INPUTS), "--max-payload-mb", str(MAX_PAYLOAD_MB),
-             "--max-batch-size", "16", "--batch-wait-ms", "20"],
+            [sys.executable, "-m", "orchestration.cli", "serve", str(run_dir), "--port", "0", *options],
             stdout=out, stderr=subprocess.STDOUT, env=_private_ray_env(),
         )
-    srv = Server(proc, f"http://127.0.0.1:{port}", log)
     deadline = time.time() + START_TIMEOUT_S
-    while True:  # up = /healthz answers and the banner (printed once it does) is out
-        try:
-            with urllib.request.urlopen(srv.url + "/healthz", timeout=5):
-                if "Ctrl-C" in srv.output():
-                    break
-        except OSError:
-            pass
+    while True:
+        text = log.read_text(errors="replace")
+        if "Ctrl-C" in text:
+            url = re.search(r"serving \S+ at (http://\S+) on ", text).group(1)
+            return Server(proc, url, log)
         if proc.poll() is not None:
-            pytest.fail(f"the server exited with {proc.returncode}:\n{srv.output()[-4000:]}")
+            pytest.fail(f"the server exited with {proc.returncode}:\n{text[-4000:]}")
         if time.time() > deadline:
             proc.kill()
-            pytest.fail(f"the server was not up in {START_TIMEOUT_S} s:\n{srv.output()[-4000:]}")
+            pytest.fail(f"the server was not up in {START_TIMEOUT_S} s:\n{text[-4000:]}")
         time.sleep(0.5)
-    yield srv
-    if proc.poll() is None:  # the shutdown test did not run (e.g. -k): stop it anyway
-        family = _descendants(proc.pid)
-        proc.send_signal(signal.SIGTERM)
+
+
+def _stop(server: Server) -> None:
+    """SIGTERM the server (SIGKILL if it hangs) and SIGKILL whatever of it is left."""
+    if server.proc.poll() is None:
+        family = _descendants(server.proc.pid)
+        server.proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
+            server.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            server.proc.kill()
+            server.proc.wait()
         for pid in _alive(family):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(run_dir, tmp_path_factory):
+    """`specdistill serve RUN --port 0`, small limits so the 413s need small bodies."""
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    srv = _start_server(run_dir, log, "--max-inputs", str(MAX_INPUTS), "--max-payload-mb",
+                        str(MAX_PAYLOAD_MB), "--max-batch-size", "16", "--batch-wait-ms", "20")
+    yield srv
+    _stop(srv)  # the shutdown test did not run (e.g. -k): stop it anyway
+
+
+def _address(hex_address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """``/proc/net/tcp*`` ``ADDR:PORT`` hex (host byte order per 32-bit word) -> the address."""
+    raw = bytes.fromhex(hex_address.split(":")[0])
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    return ipaddress.ip_address(words)
+
+
+def _listening(pids: set[int]) -> list[tuple]:
+    """``(pid, protocol, "address:port", address)`` of every listening TCP / bound UDP socket of
+    ``pids``."""
+    sockets = {}
+    for protocol, wanted in (("tcp", "0A"), ("tcp6", "0A"), ("udp", "07"), ("udp6", "07")):
+        for line in Path(f"/proc/net/{protocol}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == wanted:
+                port = int(fields[1].split(":")[1], 16)
+                sockets[fields[9]] = (protocol, _address(fields[1]), port)
+    found = []
+    for pid in pids:
+        try:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:  # gone, or a file descriptor closed while listed
+            continue
+        for link in links:
+            if link.startswith("socket:[") and link[8:-1] in sockets:
+                protocol, address, port = sockets[link[8:-1]]
+                found.append((pid, protocol, f"{address}:{port}", address))
+    return found
+
+
+def _loopback(address) -> bool:
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _check_results(results: list[dict], expected: torch.Tensor, top_k: int, class_names: list[str]) -> None:
@@ -212,6 +256,32 @@ def test_parsing_without_a_server():
         ServeOptions(max_inputs=0)
 
 
+def test_port_zero_takes_another_free_port_when_the_first_is_taken_before_the_proxy_binds(monkeypatch):
+    """The race of picking a free port and then binding it: the proxy's bind failure (as Ray Serve
+    reports it) makes start() shut Serve down and try a fresh port; an explicit port is not retried."""
+    from ray import serve
+
+    from orchestration.serve import _start_proxy
+
+    calls: list = []
+
+    def start(proxy_location: str, http_options: dict) -> None:
+        calls.append(http_options["port"])
+        if len(calls) == 1:
+            raise RayTaskError("ProxyActor.ready", "RuntimeError: Failed to bind to address "
+                               f"'127.0.0.1:{http_options['port']}'.", RuntimeError("Failed to bind"))
+
+    monkeypatch.setattr(serve, "start", start)
+    monkeypatch.setattr(serve, "shutdown", lambda: calls.append("shutdown"))
+    assert _start_proxy("127.0.0.1", 0, owns_ray=True) == calls[2]
+    assert calls[1] == "shutdown" and 0 < calls[0] != calls[2] > 0
+    calls.clear()
+    with pytest.raises(ServeError, match="cannot listen on 127.0.0.1:8123: the port was taken just before"):
+        _start_proxy("127.0.0.1", 8123, owns_ray=True)
+    with pytest.raises(ServeError, match="--port 0 .* needs the private local Ray"):
+        _start_proxy("127.0.0.1", 0, owns_ray=False)
+
+
 def test_health_and_classes(server, run_dir, ensemble):
     status, health = server.request("/healthz")
     assert status == 200 and health["status"] == "ok"
@@ -222,6 +292,18 @@ def test_health_and_classes(server, run_dir, ensemble):
     assert status == 200 and classes["classes"] == ensemble.class_names
     out = server.output()
     assert server.url in out and "curl" in out
+
+
+def test_the_private_ray_listens_on_loopback_only(server):
+    """Every socket the server's processes listen on (GCS, raylet, workers, Serve controller and
+    proxy, dashboard and runtime-env agents, metrics ports, the HTTP proxy) is on 127.0.0.1."""
+    family = _descendants(server.proc.pid) | {server.proc.pid}
+    sockets = _listening(family)
+    names = {Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode() for pid, *_ in sockets}
+    assert len(sockets) >= 8 and any("gcs_server" in n for n in names) and any("raylet" in n for n in names), sockets
+    exposed = [(pid, protocol, where) for pid, protocol, where, address in sockets if not _loopback(address)]
+    assert not exposed, exposed
+    assert any(where.endswith(f":{server.url.rsplit(':', 1)[1]}") for _, _, where, _ in sockets)
 
 
 def test_json_npy_png_match_the_ensemble(server, ensemble, images):
@@ -360,3 +442,23 @@ def test_unknown_run_or_busy_port_fails_before_ray_starts(run_dir, tmp_path):
     assert f"no run directory at {str(tmp_path / 'no-such-run')!r}" in done.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "--port" in done.stderr
     assert "--max-batch-size must be an integer >= 1, got 0" in done.stderr
+
+
+def test_leftovers_of_a_killed_server_are_stopped_by_the_next_start(run_dir, tmp_path):
+    """kill -9 of the driver leaves Ray's dashboard and runtime-env agents running; the next
+    private local Ray stops them (and only them: nothing of a live driver is touched)."""
+    first = _start_server(run_dir, tmp_path / "first.log")
+    family = _descendants(first.proc.pid)
+    first.proc.kill()
+    first.proc.wait()
+    second = _start_server(run_dir, tmp_path / "second.log")
+    try:
+        deadline = time.time() + 30
+        while _alive(family) and time.time() < deadline:  # SIGKILLed ones may take a moment to go
+            time.sleep(0.5)
+        left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:60] for pid in _alive(family)}
+        assert not left, f"left running by the killed server: {left}"
+        status, _ = second.request("/healthz")
+        assert status == 200
+    finally:
+        _stop(second)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -26,25 +27,21 @@ CLIENTS, REQUESTS, BAD_EVERY = 200, 400, 8
 
 
 @pytest.fixture(scope="module")
-def server(finished_run, tmp_path_factory, free_port):
+def server(finished_run, tmp_path_factory):
+    """`specdistill serve --port 0`: up once its banner names the URL it bound."""
     log = tmp_path_factory.mktemp("serve-load") / "server.log"
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "orchestration.cli", "serve", str(finished_run["path"]),
-                                 "--port", str(port), "--max-batch-size", "64", "--batch-wait-ms", "10"],
+                                 "--port", "0", "--max-batch-size", "64", "--batch-wait-ms", "10"],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=5):
-                break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"server not up:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    while "Ctrl-C" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"server not up:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    url = re.search(r"serving \S+ at (http://\S+) on ", log.read_text(errors="replace")).group(1)
     yield url
     proc.send_signal(signal.SIGINT)
     try:
