@@ -21,6 +21,7 @@ Layout (``RUN`` = ``run.dir``, or ``run.root/run.name``)::
     RUN/specialists/same_compute/model.*     the generalist fine-tuned for what the specialists
                                              saw (the same-compute baseline)
     RUN/ensemble/evaluation.json, table4.json, table4.md     the ensemble's evaluation
+    RUN/ensemble/combination.json            the specialists' temperature chosen on the holdout
     RUN/ensemble/cache/                      the soft-target cache (specialists.ensemble)
     RUN/distill/student.safetensors|.json    the student; baselines/<row>/ the other rows,
                                              each with row.json once finished
@@ -67,6 +68,7 @@ SPECIALISTS_INDEX, GROUP_DIR, SAME_COMPUTE_DIR = "specialists.json", "group_{:03
 PROGRESS, PID_FILE = "progress.json", "worker.pid"
 # RUN/ensemble/
 EVALUATION, TABLE4, TABLE4_MD, CACHE_DIR = "evaluation.json", "table4.json", "table4.md", "cache"
+COMBINATION = "combination.json"  # how the specialists are combined (their temperature)
 # RUN/distill/
 STUDENT, ROW, BASELINES = "student", "row.json", "baselines"
 RESULTS, RESULTS_MD, REGISTRY = "results.json", "results.md", "registry.json"
@@ -197,8 +199,15 @@ def load_ensemble(run: str | Path, *, top_n: int = 1, tol: float = 1e-10, max_it
             f"specdistill run CONFIG run.dir={run} --from specialists"
         )
     specialists = [load_specialist(stage_dir(run, "specialists") / e["dir"])[0].to(device) for e in entries]
-    ensemble = build_ensemble(generalist.to(device), specialists, top_n=top_n, tol=tol, max_iter=max_iter)
+    ensemble = build_ensemble(generalist.to(device), specialists, top_n=top_n, tol=tol, max_iter=max_iter,
+                              specialist_temperature=specialist_temperature(run))
     return LoadedEnsemble(ensemble, class_names, image_shape(meta))
+
+
+def specialist_temperature(run: str | Path) -> float:
+    """The temperature the ensemble stage combines the specialists at (1 before it ran)."""
+    path = stage_dir(run, "ensemble") / COMBINATION
+    return float(read_json(path)["specialist_temperature"]) if path.exists() else 1.0
 
 
 def load_evaluation(run: str | Path) -> dict[str, Any]:

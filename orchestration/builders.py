@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from generalist.data import DataBundle
 from generalist.data.augment import AugmentSpec, default_augment
 from generalist.train import WarmupPlateau, build_optimizer, build_scheduler
 from orchestration.config import AugmentConfig, OptimizerConfig
@@ -27,12 +28,13 @@ def optimizer_and_schedule(
     return optimizer, build_scheduler(optimizer, total_steps=total, warmup_steps=warmup)
 
 
-def augment_spec(cfg: AugmentConfig, channels: int, enabled: bool = True) -> AugmentSpec:
-    """The training augmentation ``cfg`` describes for images with ``channels`` channels
-    (``kind: auto`` resolved by :func:`generalist.data.augment.default_augment`); "none" when
-    the training section switched it off."""
+def augment_spec(cfg: AugmentConfig, data: DataBundle, enabled: bool = True) -> AugmentSpec:
+    """The training augmentation ``cfg`` describes for ``data`` (``kind: auto`` = what the data set
+    declares in its info, else :func:`generalist.data.augment.default_augment` for its channels);
+    "none" when the training section switched it off."""
     if not enabled:
         return AugmentSpec(kind="none")
-    kind = default_augment(channels).kind if cfg.kind == "auto" else cfg.kind
+    declared = data.info.get("augment") or default_augment(data.image_shape[0]).kind
+    kind = declared if cfg.kind == "auto" else cfg.kind
     return AugmentSpec(kind=kind, rotate=cfg.rotate, scale=cfg.scale, shift=cfg.shift,
                        padding=cfg.padding, flip=cfg.flip)

@@ -135,7 +135,7 @@ class DataConfig(Section):
     options: dict[str, Any] = Field(
         default_factory=lambda: {
             "num_classes": 320,
-            "train_per_class": 60,
+            "train_per_class": 30,
             "holdout_per_class": 12,
             "test_per_class": 15,
         },
@@ -154,17 +154,17 @@ class GeneralistConfig(Section):
     model: str = Field("cnn_fast", description="Model in the registry (cnn, cnn_fast, resnet, tv.<name>).")
     width: float = Field(1.0, gt=0, description="Channel-width multiplier.")
     depth: float = Field(1.0, gt=0, description="Depth multiplier.")
-    epochs: int = Field(4, ge=1, description="Maximum training epochs.")
+    epochs: int = Field(40, ge=1, description="Maximum training epochs (early stopping ends it sooner).")
     batch_size: int = Field(128, ge=1, description="Training batch size.")
     eval_batch_size: int = Field(512, ge=1, description="Batch size for holdout and test evaluation.")
     optimizer: OptimizerConfig = Field(
-        default_factory=lambda: OptimizerConfig(lr=0.003, warmup_epochs=0.5),
-        description="Optimiser and schedule.",
+        default_factory=lambda: OptimizerConfig(lr=0.003, warmup_epochs=0.5, schedule="plateau"),
+        description="Optimiser and schedule (plateau: train to convergence).",
     )
     augment: bool = Field(True, description="Augment training batches as data.augment says.")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy.")
     amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")
-    patience: int = Field(3, ge=1, description="Early stopping patience on holdout loss (epochs).")
+    patience: int = Field(4, ge=1, description="Early stopping patience on holdout loss (epochs).")
 
 
 class ClusteringConfig(Section):
@@ -176,7 +176,7 @@ class ClusteringConfig(Section):
     )
     n_groups: int | None = Field(None, ge=1, description="Number of groups; None = chosen on held-out confusions.")
     overlap: float = Field(
-        0.0, ge=0, le=1, description="A class joins another group when this share of its confusion mass is "
+        0.25, ge=0, le=1, description="A class joins another group when this share of its confusion mass is "
         "with that group's classes (0 = disjoint; confusion/copred/offdiag affinities).",
     )
     method: Literal["auto", "kmeans", "minibatch_kmeans", "spectral", "agglomerative", "faiss"] = Field(
@@ -197,7 +197,7 @@ class ClusteringConfig(Section):
 class SpecialistsConfig(Section):
     """Stage 3: one specialist per group (group classes + dustbin), trained in parallel on Ray."""
 
-    epochs: int = Field(4, ge=1, description="Maximum training epochs per specialist.")
+    epochs: int = Field(8, ge=1, description="Maximum training epochs per specialist.")
     batch_size: int = Field(64, ge=2, description="Examples per batch: half in the group, half from the rest.")
     num_batches: int | None = Field(
         None, ge=1, description="Batches per epoch; None = one pass over the group's training examples."
@@ -247,10 +247,14 @@ class CacheConfig(Section):
 class EnsembleConfig(Section):
     """Stage 4: generalist + relevant specialists combined per input (eq. 5), evaluated, cached."""
 
-    top_n: int = Field(1, ge=1, description="A specialist is active when its group holds one of the generalist's top_n classes.")
+    top_n: int = Field(2, ge=1, description="A specialist is active when its group holds one of the generalist's top_n classes (paper: 1).")
     tol: float = Field(1e-10, gt=0, description="Fixed-point solver stops a row once no probability moves by more than this.")
     max_iter: int = Field(1000, ge=1, description="Most fixed-point (SQUAREM) iterations per batch.")
     batch_size: int = Field(512, ge=1, description="Test examples per ensemble batch.")
+    specialist_temperature: float | None = Field(
+        None, gt=0, description="Specialists' logits are divided by this before combining (> 1 softens "
+        "over-confident specialists); None = chosen on the holdout split by the ensemble's log-likelihood.",
+    )
     cache: CacheConfig = Field(default_factory=CacheConfig, description="The soft-target cache.")
 
 
@@ -259,8 +263,8 @@ class DataFreeConfig(Section):
     transfer set; its budget."""
 
     enabled: bool = Field(True, description="Also distill a student from generator samples only (DAFL).")
-    generator_steps: int = Field(200, ge=1, description="Generator training steps.")
-    steps_per_epoch: int = Field(100, ge=1, description="Student steps per epoch on generated samples.")
+    generator_steps: int = Field(150, ge=1, description="Generator training steps.")
+    steps_per_epoch: int = Field(60, ge=1, description="Student steps per epoch on generated samples.")
     batch_size: int = Field(64, ge=2, description="Generated images per step (generator and student).")
     lr: float = Field(0.01, gt=0, description="Student learning rate on generated images (AdamW, cosine).")
     latent_dim: int = Field(64, ge=1, description="Generator noise dimension.")
@@ -276,15 +280,15 @@ class DistillConfig(Section):
     targets: Literal["cache", "online"] = Field(
         "cache", description="cache = the ensemble stage's soft-target cache (fixed views); online = routed ensemble per batch."
     )
-    temperature: float = Field(2.0, gt=0, description="Softening temperature T of teacher and student.")
-    alpha: float = Field(0.5, ge=0, le=1, description="Weight of T^2 * KL(teacher_T || student_T); 1 - alpha on hard labels.")
+    temperature: float = Field(4.0, gt=0, description="Softening temperature T of teacher and student.")
+    alpha: float = Field(0.9, ge=0, le=1, description="Weight of T^2 * KL(teacher_T || student_T); 1 - alpha on hard labels.")
     losses: dict[str, float] = Field(
         default_factory=dict, description="Extra losses by name with weights, e.g. {hint: 1.0, rkd: 0.5}."
     )
     hint_layers: list[str] = Field(
         default_factory=list, description="[student module path, teacher module path] for hint/attention losses."
     )
-    epochs: int = Field(6, ge=1, description="Training epochs of every student.")
+    epochs: int = Field(8, ge=1, description="Training epochs of every student.")
     augment: bool = Field(True, description="Augment training batches as data.augment says (an online "
                                             "teacher scores the same augmented view).")
     batch_size: int = Field(128, ge=1, description="Training batch size.")

@@ -36,6 +36,7 @@ from orchestration.artifacts import (
     SPECIALISTS_INDEX,
     generalist_metadata,
     load_ensemble,
+    specialist_temperature,
     specialists_index,
     stage_dir,
 )
@@ -150,7 +151,8 @@ def _teacher(run_path: Path) -> tuple[dict[str, Any], list[str], dict[str, Any]]
     index = stage_dir(run_path, "specialists") / SPECIALISTS_INDEX
     teacher = {"run_dir": str(run_path), "generalist_sha256": sha256_file(weights),
                "specialists_index_sha256": sha256_file(index),
-               "top_n": cfg.top_n, "tol": cfg.tol, "max_iter": cfg.max_iter}
+               "top_n": cfg.top_n, "tol": cfg.tol, "max_iter": cfg.max_iter,
+               "specialist_temperature": specialist_temperature(run_path)}
     settings = {"top_n": cfg.top_n, "tol": cfg.tol, "max_iter": cfg.max_iter, "batch_size": cfg.batch_size}
     return teacher, [str(c) for c in meta["class_names"]], settings
 

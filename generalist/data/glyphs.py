@@ -139,4 +139,7 @@ def _info(inventory, classes, fit_pool, test_pool, size, noise, per_split) -> di
         "noise": noise,
         "per_class": per_split,
         "matplotlib_version": matplotlib.__version__,
+        # Every sample is already drawn with its own affine jitter, stroke and noise: more jitter
+        # on top measured worse (full glyphs, converged generalist: 0.953 with it, 0.958 without).
+        "augment": "none",
     }

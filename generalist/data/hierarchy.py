@@ -106,6 +106,7 @@ def build_hierarchy(*, root: str | None = None, seed: int = 0, num_superclasses:
         "within_separation": separation,
         "noise": noise,
         "per_class": per_split,
+        "augment": "none",  # smooth random fields: spatial jitter would not keep the class
     }
     return DataBundle("hierarchy", names, splits["train"], splits["holdout"], splits["test"], info)
 

@@ -197,7 +197,7 @@ def _train_row(ctx: StageContext, row: Row, spec: dict[str, Any], pairs: dict, s
             batches = augmented_indexed(
                 iterate_indexed_batches(data.train.images, data.train.labels, batch_size=cfg.batch_size,
                                         shuffle=True, seed=ctx.config.run.seed, epoch=epoch, device=ctx.device),
-                augment_spec(ctx.config.data.augment, data.image_shape[0], cfg.augment),
+                augment_spec(ctx.config.data.augment, data, cfg.augment),
                 seed=ctx.config.run.seed, epoch=epoch)
             result = distill_one_epoch(
                 student, batches,

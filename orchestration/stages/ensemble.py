@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ import torch
 from generalist.train import iterate_batches
 from orchestration.artifacts import (
     CACHE_DIR,
+    COMBINATION,
     EVALUATION,
     MANIFEST,
     TABLE4,
@@ -47,7 +49,7 @@ def run(ctx: StageContext) -> StageResult:
     cfg, data = ctx.config.ensemble, ctx.data()
     loaded = load_ensemble(ctx.run_dir.path, top_n=cfg.top_n, tol=cfg.tol, max_iter=cfg.max_iter,
                            device=ctx.device)
-    ensemble = loaded.ensemble
+    ensemble, temperature_record = _combine_at(ctx, loaded.ensemble, data.holdout)
     ctx.console.print(
         f"  generalist + {len(ensemble.specialists)} specialists, top_n={cfg.top_n}, "
         f"{'shared frozen trunk (heads only)' if ensemble.shared_trunk else 'full specialists'}; "
@@ -60,7 +62,8 @@ def run(ctx: StageContext) -> StageResult:
     report = evaluate_predictions(data.test.labels, general_pred, ensemble_pred, ensemble.membership,
                                   baseline_pred)
     report.update(_routing_stats(n_active, seconds, ensemble))
-    outputs = _write_outputs(ctx, report)
+    report.update(temperature_record)
+    outputs = _write_outputs(ctx, report) + [COMBINATION]
     _log(ctx, report)
     print_report(ctx.console, report)
     metrics = _metrics(report)
@@ -85,6 +88,35 @@ def _predict(ctx: StageContext, ensemble: RoutedEnsemble, split) -> tuple[torch.
             ctx.console.print(f"  [yellow]warning[/] fixed point not converged in {ensemble.max_iter} "
                               f"iterations (max change {out.info['max_change']:.2e}); raise ensemble.max_iter")
     return torch.cat(general), torch.cat(combined), torch.cat(n_active)
+
+
+TEMPERATURES = (1.0, 1.25, 1.5, 2.0, 3.0)
+
+
+def _combine_at(ctx: StageContext, ensemble: RoutedEnsemble, holdout) -> tuple[RoutedEnsemble, dict[str, Any]]:
+    """The ensemble at ``ensemble.specialist_temperature`` (or the one of TEMPERATURES with the
+    best holdout log-likelihood of q), recorded in ``combination.json`` for every later user."""
+    fixed = ctx.config.ensemble.specialist_temperature
+    scores = {} if fixed is not None else {t: _holdout_nll(ctx, replace(ensemble, specialist_temperature=t), holdout)
+                                           for t in TEMPERATURES}
+    chosen = fixed if fixed is not None else min(scores, key=scores.get)
+    write_json(ctx.stage_dir / COMBINATION, {"specialist_temperature": chosen,
+                                             "holdout_nll": {str(t): v for t, v in scores.items()}})
+    if scores:
+        ctx.console.print(f"  specialists combined at temperature {chosen:g} (holdout NLL of q: "
+                          + ", ".join(f"T={t:g} {v:.4f}" for t, v in scores.items()) + ")")
+    return replace(ensemble, specialist_temperature=chosen), {"specialist_temperature": chosen}
+
+
+@torch.no_grad()
+def _holdout_nll(ctx: StageContext, ensemble: RoutedEnsemble, split) -> float:
+    total, n = 0.0, 0
+    for x, y in iterate_batches(split.images, split.labels, batch_size=ctx.config.ensemble.batch_size,
+                                shuffle=False, device=ctx.device):
+        q = ensemble_forward(ensemble, x).q  # (B, K)
+        total -= float(q.gather(1, y.view(-1, 1).to(q.device)).clamp_min(1e-12).log().sum())
+        n += len(y)
+    return total / n
 
 
 @torch.no_grad()

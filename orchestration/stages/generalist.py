@@ -114,7 +114,7 @@ def _train_epoch(ctx, model, optimizer, scheduler, stopper, epoch, steps_per_epo
     batches = augmented_batches(iterate_batches(
         data.train.images, data.train.labels, batch_size=cfg.batch_size, shuffle=True,
         seed=ctx.config.run.seed, epoch=epoch, device=device,
-    ), augment_spec(ctx.config.data.augment, data.image_shape[0], cfg.augment),
+    ), augment_spec(ctx.config.data.augment, data, cfg.augment),
         seed=ctx.config.run.seed, epoch=epoch)
     with step_progress(ctx, epoch, steps_per_epoch) as advance:
         result = train_one_epoch(

@@ -46,6 +46,7 @@ class RoutedEnsemble:
     tol: float = 1e-10
     max_iter: int = 1000
     dtype: torch.dtype = torch.float64
+    specialist_temperature: float = 1.0  # specialists' logits are divided by it before the softmax
 
 
 @dataclass(frozen=True)
@@ -100,13 +101,17 @@ def build_ensemble(
     max_iter: int = 1000,
     dtype: torch.dtype = torch.float64,
     share_trunk: bool | None = None,
+    specialist_temperature: float = 1.0,
 ) -> RoutedEnsemble:
     """Check the pieces and return a :class:`RoutedEnsemble` (models are switched to eval mode).
 
     ``membership`` defaults to the specialists' groups. ``share_trunk``: ``None`` detects it
     (:func:`shares_trunk` for every specialist), ``False`` always runs full specialists,
-    ``True`` requires a shared trunk (``ValueError`` otherwise).
+    ``True`` requires a shared trunk (``ValueError`` otherwise). ``specialist_temperature`` > 1
+    softens the specialists (trained on few examples, they are over-confident) before combining.
     """
+    if not specialist_temperature > 0:
+        raise ValueError(f"specialist_temperature must be > 0, got {specialist_temperature}")
     specialists = tuple(specialists)
     num_classes = generalist.head.out_features
     if membership is None:
@@ -123,7 +128,8 @@ def build_ensemble(
     for spec in specialists:
         spec.eval()
     return RoutedEnsemble(generalist, specialists, membership, shared and share_trunk is not False,
-                          top_n=top_n, tol=tol, max_iter=max_iter, dtype=dtype)
+                          top_n=top_n, tol=tol, max_iter=max_iter, dtype=dtype,
+                          specialist_temperature=float(specialist_temperature))
 
 
 def _general(ensemble: RoutedEnsemble, x: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -149,7 +155,7 @@ def specialist_outputs(
         else:
             rows = index.to(x.device)
             logits = spec.head_logits(features[rows]) if features is not None else spec(x[rows])
-            probs = torch.softmax(logits.to(ensemble.dtype), dim=1)  # (n_m, L_m + 1)
+            probs = torch.softmax(logits.to(ensemble.dtype) / ensemble.specialist_temperature, dim=1)  # (n_m, L_m + 1)
         outputs.append((index, probs))
     return outputs
 
