@@ -208,7 +208,7 @@ def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("finished-run")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     args = [f"run.dir={root / 'run'}", "run.device=cpu", "run.num_threads=1", f"tracking.uri={uri}",
-            *TINY_DATA, *TINY_GENERALIST, *TINY_SPECIALISTS, *TINY_DISTILL]
+            *TINY_DATA, *TINY_GENERALIST, *TINY_CLUSTERING, *TINY_SPECIALISTS, *TINY_DISTILL]
     cwd, saved = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.chdir(root)
     try:
@@ -226,6 +226,6 @@ def pipeline_args():
 
     def make(run_dir: Path, uri: str, *extra: str) -> list[str]:
         return [f"run.dir={run_dir}", "run.device=cpu", "run.num_threads=1", f"tracking.uri={uri}",
-                *TINY_DATA, *TINY_GENERALIST, *TINY_SPECIALISTS, *TINY_DISTILL, *extra]
+                *TINY_DATA, *TINY_GENERALIST, *TINY_CLUSTERING, *TINY_SPECIALISTS, *TINY_DISTILL, *extra]
 
     return make

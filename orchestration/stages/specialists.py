@@ -130,7 +130,7 @@ def _same_compute(ctx: StageContext, summaries: list[dict[str, Any]]) -> dict[st
     """The generalist fine-tuned for what all specialists saw, with their recipe (one Ray task)."""
     cfg = ctx.config.specialists
     budget = int(sum(s["metrics"].get("examples_seen", 0) for s in summaries))
-    threads = max(1, min(int(_cpus_available()), int(cfg.cpus_per_specialist * 2)))
+    threads = max(1, min(int(_cpus_available(ctx)), int(cfg.cpus_per_specialist * 2)))
     job = SameComputeJob(
         run_dir=str(ctx.run_dir.path.resolve()), out_dir=str((ctx.stage_dir / SAME_COMPUTE_DIR).resolve()),
         budget=budget, seed=ctx.config.run.seed * 100_003 + 99_991, settings=cfg,
@@ -149,9 +149,10 @@ def _same_compute(ctx: StageContext, summaries: list[dict[str, Any]]) -> dict[st
     return summary
 
 
-def _cpus_available() -> float:
+def _cpus_available(ctx: StageContext) -> float:
     import ray
 
+    connect(ctx.config.ray.address, local_num_cpus=ctx.config.ray.local_num_cpus)  # no-op when connected
     return ray.cluster_resources().get("CPU", 1.0)
 
 

@@ -57,7 +57,7 @@ def test_distill_with_baselines_registers_the_student_and_skips_on_rerun(run_cop
 
     stage = run_copy["path"] / "distill"
     rows = {r["name"]: r for r in json.loads((stage / "results.json").read_text())["rows"]}
-    assert list(rows) == ["generalist", "ensemble", "student", "hard_labels", "generalist_kd"]
+    assert list(rows) == ["generalist", "ensemble", "same_compute", "student", "hard_labels", "generalist_kd"]
     assert rows["student"]["teacher"] == "ensemble (cache)" and rows["hard_labels"]["alpha"] == 0.0
     for row in rows.values():
         assert 0 <= row["top1"] <= row["top5"] <= 1 and row["latency_ms"] > 0
@@ -68,7 +68,7 @@ def test_distill_with_baselines_registers_the_student_and_skips_on_rerun(run_cop
     assert rows["generalist"]["top1"] == generalist["test_top1"]
     assert rows["ensemble"]["top1"] == evaluation["ensemble_top1"]
     table = (stage / "results.md").read_text()
-    assert table.count("\n") == 7 and "| student | ensemble (cache) |" in table
+    assert table.count("\n") == 8 and "| student | ensemble (cache) |" in table  # header, rule, 6 rows
     for folder in ("", "baselines/hard_labels/", "baselines/generalist_kd/"):
         assert (stage / f"{folder}student.safetensors").exists() and (stage / f"{folder}student.json").exists()
 
@@ -130,7 +130,7 @@ def test_online_targets_and_data_free_row(run_copy, capsys, monkeypatch):
     assert "data_free generator step 3/3" in out and "data_free student step 3/3" in out
     stage = run_copy["path"] / "distill"
     rows = {r["name"]: r for r in json.loads((stage / "results.json").read_text())["rows"]}
-    assert list(rows) == ["generalist", "ensemble", "student", "data_free"]
+    assert list(rows) == ["generalist", "ensemble", "same_compute", "student", "data_free"]
     assert rows["student"]["teacher"] == "ensemble (online)"
     assert rows["data_free"]["teacher"] == "ensemble on generated images (DAFL)"
     assert rows["data_free"]["params"] == rows["student"]["params"]
@@ -140,17 +140,19 @@ def test_online_targets_and_data_free_row(run_copy, capsys, monkeypatch):
     assert "data_free/generator_loss" in run.data.metrics and "data_free/test_top1" in run.data.metrics
     assert run.data.metrics["data_free/test_latency_ms"] == pytest.approx(rows["data_free"]["latency_ms"])
 
-    # The table's latencies: all four models measured side by side at the end, round-robin,
-    # each the median of its rounds (no autograd).
-    rounds, n = stage_module.LATENCY_ROUNDS, len(rows)
+    # The table's latencies: every model measured side by side at the end, round-robin, each the
+    # median of its rounds (no autograd); the same-compute generalist has the generalist's.
+    timed = [name for name in rows if name != "same_compute"]
+    rounds, n = stage_module.LATENCY_ROUNDS, len(timed)
     assert len(calls) == rounds * n  # measured once per model, not again after each training
     final = calls
     order = [id(p) for p, _, _ in final[:n]]
     assert len(set(order)) == n
     assert all([id(p) for p, _, _ in final[r * n:(r + 1) * n]] == order for r in range(rounds))
     assert not any(grad for _, _, grad in final)
-    for i, name in enumerate(rows):
+    for i, name in enumerate(timed):
         assert rows[name]["latency_ms"] == pytest.approx(sorted(ms for _, ms, _ in final[i::n])[rounds // 2])
+    assert rows["same_compute"]["latency_ms"] == rows["generalist"]["latency_ms"]
 
 
 def _fails(args: list[str], capsys, *needles: str) -> tuple[str, str]:

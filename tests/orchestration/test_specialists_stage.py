@@ -34,6 +34,7 @@ TINY = (
     "holdout_per_class: 8, test_per_class: 8, image_size: 16}",
     "generalist.model=cnn", "generalist.width=0.25", "generalist.epochs=2",
     "generalist.batch_size=32", "generalist.optimizer.name=sgd", "generalist.optimizer.lr=0.05",
+    "clustering.affinity=covariance",  # the tiny generalist's confusions are noise: group its covariance
 )
 # Long enough epochs (~1 s) that a worker can be killed between two checkpoints.
 SPECIALISTS = ("specialists.epochs=4", "specialists.patience=4", "specialists.batch_size=32",
