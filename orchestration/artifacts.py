@@ -22,6 +22,7 @@ Layout (``RUN`` = ``run.dir``, or ``run.root/run.name``)::
     RUN/ensemble/cache/                      the soft-target cache (specialists.ensemble)
     RUN/distill/student.safetensors|.json    the student; baselines/<row>/ the other rows,
                                              each with row.json once finished
+    RUN/distill/schemes/<scheme>/            the models of distill.scheme (one folder each)
     RUN/distill/results.json, results.md, registry.json
 
 The loaders raise ``FileNotFoundError`` naming the unfinished stage and the command that runs it.
@@ -56,7 +57,7 @@ PROGRESS, PID_FILE = "progress.json", "worker.pid"
 # RUN/ensemble/
 EVALUATION, TABLE4, TABLE4_MD, CACHE_DIR = "evaluation.json", "table4.json", "table4.md", "cache"
 # RUN/distill/
-STUDENT, ROW, BASELINES = "student", "row.json", "baselines"
+STUDENT, ROW, BASELINES, SCHEMES = "student", "row.json", "baselines", "schemes"
 RESULTS, RESULTS_MD, REGISTRY = "results.json", "results.md", "registry.json"
 
 
