@@ -265,6 +265,7 @@ def train_paraphraser(loss: FactorTransferLoss, epoch_maps: Callable[[int], Iter
             optimizer.step()
             total, count = total + float(reconstruction.detach()) * maps.shape[0], count + maps.shape[0]
         history.append(total / max(count, 1))
+    optimizer.zero_grad(set_to_none=True)   # no stale gradient for the student's optimizer to apply
     paraphraser.requires_grad_(False).eval()
     return history
 
