@@ -232,6 +232,10 @@ class FactorTransferLoss(nn.Module):
         """Constructor arguments from the probed ``(B, C, H, W)`` shapes of the layer pair."""
         return {"student_channels": int(student[0][1]), "teacher_channels": int(teacher[0][1])}
 
+    def fit(self, epoch_maps: Callable[[int], Iterable[Tensor]]) -> list[float]:
+        """Train the paraphraser first (:func:`train_paraphraser`); per-epoch reconstruction MSE."""
+        return train_paraphraser(self, epoch_maps)
+
     def train(self, mode: bool = True) -> FactorTransferLoss:
         """Set the translator's mode; the paraphraser stays frozen in eval mode."""
         super().train(mode)

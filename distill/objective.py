@@ -15,7 +15,9 @@ loss compares is declared by class attributes of its module (read by :func:`term
 * ``inputs = "logits"``: ``forward(student_logits, labels, teacher_logits, teacher_probs)`` (DKD, DIST).
 * ``sized(layers, student_shapes, teacher_shapes, num_examples) -> kwargs``: constructor arguments
   from the term's layer pairs and their probed activation shapes (channel counts of a regressor or connector, a memory bank's size).
-* ``needs_fit = True``: part of it trains before the student does (:func:`prepare_objective`).
+* ``needs_fit = True``: part of it trains before the student does: ``fit(epoch_maps)`` with
+  ``epoch_maps(epoch)`` yielding the teacher's activations at the term's layer, returning a loss
+  per epoch (:func:`prepare_objective`; factor transfer's paraphraser).
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from torch import Tensor, nn
 
 from distill.features import FeatureExtractor
 from distill.losses import check_alpha, kd_loss_terms
-from distill.map_losses import FactorTransferLoss, train_paraphraser
 from distill.registry import LOSSES, CombinedLoss, list_losses
 from distill.targets import check_temperature
 
@@ -336,11 +337,11 @@ def prepare_objective(objective: DistillObjective, epoch_batches: Callable[[int]
         return history
     for term, (_, teacher_path) in ((t, p[0]) for t, p in objective.pairs.items()
                                     if objective.kinds[t].needs_fit):
-        module = objective.extra.term_module(term)
-        assert isinstance(module, FactorTransferLoss) and teacher is not None
+        if teacher is None:
+            raise ValueError(f"the {term} term learns from the teacher's activations first: pass teacher=...")
 
         def maps(epoch: int, path: str = teacher_path) -> Iterable[Tensor]:
             return (teacher(b.x, b.ids).features[path] for b in epoch_batches(epoch))
 
-        history[term] = train_paraphraser(module, maps)
+        history[term] = objective.extra.term_module(term).fit(maps)
     return history

@@ -5,7 +5,8 @@ cache) and check them against the data; check the extra losses' layers on one ba
 train each row of the comparison with the same architecture, budget and seed: the student
 (``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE`` plus extra losses, targets
 from the cache or the ensemble online), a student on hard labels only, one distilled from the
-generalist alone, and a data-free (DAFL) one. Each is evaluated at T = 1 on the test split
+generalist alone, the models of ``distill.scheme`` (:mod:`orchestration.distill_schemes`), and
+a data-free (DAFL) one. Each is evaluated at T = 1 on the test split
 (top-1, top-5, parameters, per-example latency at batch 1) beside the generalist and the
 ensemble. Writes ``student.safetensors`` + ``student.json`` (baselines under ``baselines/``),
 ``results.json`` and ``results.md``; logs per-epoch metrics prefixed by row and registers the
