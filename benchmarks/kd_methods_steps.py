@@ -182,8 +182,8 @@ def compare_torchdistill(setup: Setup, alpha: float) -> dict[str, Any]:
     line = (f"torchdistill {torchdistill.__version__} `KDLoss` vs ours, same student, start and batches "
             f"(alpha {alpha}, T {temperature}, {setup.config.distill.epochs} epochs, seed "
             f"{setup.config.run.seed}): test top-1 {theirs:.4f} (torchdistill) vs {ours:.4f} (ours); the two "
-            f"losses differ by at most {gap:.1e} (relative) on the first epoch's batches at the start, so the "
-            "gap in accuracy is floating-point rounding grown over training.")
+            f"losses differ by at most {gap:.1e} (relative) on the first epoch's batches at the start"
+            + (", so the gap in accuracy is floating-point rounding grown over training." if ours != theirs else "."))
     return {"installed": True, "version": torchdistill.__version__, "ours": ours, "torchdistill": theirs,
             "max_relative_loss_gap": gap, "line": line}
 
