@@ -6,7 +6,8 @@
    ``--quick`` when given): clustering (faiss vs scikit-learn), specialists (parallel speedup
    on Ray), combine (production solver vs the per-example reference; routed inference
    throughput in the full mode), distill (time per KD step from the cache vs plain
-   cross-entropy). Each prints its figures and a last ``key=value`` line, kept verbatim.
+   cross-entropy), kd_methods (every distillation method and scheme side by side; its table is
+   a section of ``BENCHMARKS.md``). Each prints its figures and a last ``key=value`` line, kept verbatim.
 2. The whole pipeline (``specdistill run CONFIG run.seed=S``) once per seed in a fresh run
    directory under ``benchmarks/results/runs/``: wall time, seconds per stage (from the stage
    manifests) and the model table of each run (``RUN/distill/results.json``); accuracy figures
@@ -36,7 +37,7 @@ from benchmarks.quality_report import markdown as quality_markdown
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-COMPONENTS = ("clustering", "specialists", "combine", "distill")
+COMPONENTS = ("clustering", "specialists", "combine", "distill", "kd_methods")
 QUALITY_OUT = HERE / "results" / "quality.json"
 STAGES = ("generalist", "clustering", "specialists", "ensemble", "distill")
 PACKAGES = ("torch", "torchvision", "ray", "mlflow", "scikit-learn", "faiss-gpu", "faiss-cpu", "numpy")
@@ -202,6 +203,9 @@ def _ms(stat: dict[str, float], fmt: str = ".4f") -> str:
 def markdown(results: dict[str, Any]) -> str:
     """``BENCHMARKS.md``: machine, component benchmarks, the pipeline over seeds, failures."""
     lines = _machine_lines(results) + _component_lines(results["components"])
+    kd_methods = HERE / "results" / "kd_methods.md"   # written by python -m benchmarks.kd_methods
+    if "kd_methods" in results["components"] and kd_methods.exists():
+        lines += ["", kd_methods.read_text()]
     agg = results.get("pipeline")
     if agg and agg["n_runs"]:
         ok = [r for r in results["pipeline_runs"] if r.get("returncode") == 0]

@@ -16,6 +16,9 @@ detached.  ``B`` is the batch size; ``(B, C, H, W)`` are conv feature maps and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -120,6 +123,13 @@ class HintLoss(nn.Module):
         self.student_name = student_name
         self.teacher_name = teacher_name
         self.regressor = nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
+
+    @classmethod
+    def sized(cls, layers: Sequence[tuple[str, str]], student: Sequence[torch.Size],
+              teacher: Sequence[torch.Size], num_examples: int | None) -> dict[str, int | str]:
+        """Constructor arguments from the probed shapes of the layer pair (channels: dim 1)."""
+        return {"student_channels": int(student[0][1]), "teacher_channels": int(teacher[0][1]),
+                "student_name": f"student {layers[0][0]}", "teacher_name": f"teacher {layers[0][1]}"}
 
     def _mismatch(self, student: Tensor, teacher: Tensor, why: str, fix: str) -> ValueError:
         return ValueError(
@@ -329,6 +339,8 @@ class RKDLoss(nn.Module):
         angle_weight: weight of :func:`rkd_angle_loss` (>= 0).
     """
 
+    default_layers: ClassVar[tuple[str, str]] = ("pool", "pool")
+
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0) -> None:
         super().__init__()
         for label, value in (("distance_weight", distance_weight), ("angle_weight", angle_weight)):
@@ -381,6 +393,8 @@ def similarity_preserving_loss(student_features: Tensor, teacher_features: Tenso
 @LOSSES.register("similarity")
 class SimilarityPreservingLoss(nn.Module):
     """Module form of :func:`similarity_preserving_loss` (no parameters)."""
+
+    default_layers: ClassVar[tuple[str, str]] = ("pool", "pool")
 
     def forward(self, student_features: Tensor, teacher_features: Tensor) -> Tensor:
         """``(B, ...)``, ``(B, ...)`` -> scalar."""

@@ -109,6 +109,10 @@ class CombinedLoss(nn.Module):
             self.terms[key] = module
             self.weights[term] = value
 
+    def term_module(self, term: str) -> nn.Module:
+        """The module computing ``term``."""
+        return self.terms[_module_key(term)]
+
     def forward(
         self, inputs: Mapping[str, Mapping[str, Any] | Sequence[Any]]
     ) -> tuple[Tensor, dict[str, Tensor]]:

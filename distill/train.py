@@ -1,8 +1,8 @@
 """Pure student-training components: the distillation objective, one epoch, evaluation, latency.
 
 The student learns ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, y)``
-(Hinton et al. 2015) plus optional feature/relational terms from :mod:`distill.registry`
-(hint, attention, rkd, similarity) on activations captured by forward hooks. The teacher is a
+(Hinton et al. 2015) plus optional response, feature and relation terms by name
+(:mod:`distill.objective`, on activations captured by forward hooks). The teacher is a
 function of the batch, ``teacher(x (B, C, H, W), ids (B,)) -> TeacherOutput``: a network run
 online, a routed ensemble, or a lookup of cached soft targets by example id, so one epoch
 loop serves every row of the distillation table.
@@ -14,20 +14,25 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from distill.features import FeatureExtractor
-from distill.losses import check_alpha, kd_loss_terms
-from distill.registry import CombinedLoss, list_losses
-from distill.targets import check_temperature
+from distill.objective import (
+    DistillObjective,
+    TeacherOutput,
+    build_objective,
+    feature_pairs,
+    pair_paths,
+    prepare_objective,
+    probe_feature_shapes,
+)
 from generalist.data.augment import AugmentSpec, augmented_batches
 from generalist.train import iterate_batches, train_one_epoch
 
 __all__ = [
-    "FEATURE_LOSSES",
     "DistillEpochResult",
     "DistillObjective",
     "IndexedBatch",
@@ -39,13 +44,10 @@ __all__ = [
     "feature_pairs",
     "iterate_indexed_batches",
     "make_teacher",
+    "pair_paths",
+    "prepare_objective",
     "probe_feature_shapes",
 ]
-
-# Extra terms on a (student, teacher) activation pair; "kd" is the objective's own logit term.
-FEATURE_LOSSES = ("attention", "hint", "rkd", "similarity")
-_NEEDS_LAYERS = ("attention", "hint")  # spatial maps: the user names the layers
-
 
 @dataclass(frozen=True)
 class IndexedBatch:
@@ -55,15 +57,6 @@ class IndexedBatch:
     x: Tensor
     y: Tensor
     ids: Tensor
-
-
-@dataclass(frozen=True)
-class TeacherOutput:
-    """What the teacher says about one batch; ``probs`` or ``logits`` (not both) for the KD term."""
-
-    probs: Tensor | None = None  # (B, K) probabilities at T = 1 (ensemble q, cached targets)
-    logits: Tensor | None = None  # (B, K) logits of a teacher network
-    features: Mapping[str, Tensor] = field(default_factory=dict)  # teacher module path -> activations
 
 
 TeacherFn = Callable[[Tensor, Tensor], TeacherOutput]  # (x (B, C, H, W), ids (B,)) -> TeacherOutput
@@ -142,173 +135,6 @@ def _captured(hooks: FeatureExtractor, paths: Sequence[str], batch: int) -> bool
     return all(p in hooks.features and hooks.features[p].shape[0] == batch for p in paths)
 
 
-# ---------------------------------------------------------------------------- objective
-
-
-def feature_pairs(
-    losses: Mapping[str, float],
-    layers: Sequence[str] = (),
-    *,
-    embedding: tuple[str, str] = ("pool", "pool"),
-) -> dict[str, tuple[str, str]]:
-    """Term name -> ``(student module path, teacher module path)`` for the extra losses.
-
-    ``hint`` and ``attention`` compare the maps at ``layers = [student path, teacher path]``;
-    ``rkd`` and ``similarity`` use ``layers`` when given, else the pooled ``embedding`` of both
-    models. ValueError for names that are not feature losses (the message lists them).
-    """
-    if "kd" in losses:
-        raise ValueError("the kd term is always part of the objective (weight alpha, temperature T); "
-                         "list only extra losses")
-    unknown = sorted(set(losses) - set(FEATURE_LOSSES))
-    if unknown:
-        known = ", ".join(n for n in list_losses() if n in FEATURE_LOSSES)
-        raise ValueError(f"unknown extra loss {unknown[0]!r}; known extra losses: {known}")
-    if layers and len(layers) != 2:
-        raise ValueError(f"layers must be [student module path, teacher module path], got {list(layers)}")
-    pairs: dict[str, tuple[str, str]] = {}
-    for name in losses:
-        if layers:
-            pairs[name] = (layers[0], layers[1])
-        elif name in _NEEDS_LAYERS:
-            raise ValueError(f"the {name} loss compares feature maps: name the layers as "
-                             "[student module path, teacher module path], e.g. [blocks.1, blocks.1]")
-        else:
-            pairs[name] = embedding
-    return pairs
-
-
-@torch.no_grad()
-def probe_feature_shapes(model: nn.Module, paths: Sequence[str], x: Tensor) -> dict[str, torch.Size]:
-    """Shapes of the activations at ``paths`` for input ``x`` (eval mode; training flag restored).
-    ValueError naming close matches for a path that is not a module of ``model``."""
-    paths = tuple(dict.fromkeys(paths))
-    if not paths:
-        return {}
-    was_training = model.training
-    model.eval()
-    try:
-        with FeatureExtractor(model, paths) as hooks:
-            model(x)
-    finally:
-        model.train(was_training)
-    missing = [p for p in paths if p not in hooks.features]
-    if missing:
-        raise ValueError(f"modules {missing} did not run in {type(model).__name__}'s forward pass; "
-                         "hook modules that forward() calls")
-    return {p: hooks.features[p].shape for p in paths}
-
-
-class DistillObjective(nn.Module):
-    """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE + sum_i w_i * extra_i``: the
-    logit terms are :func:`distill.losses.kd_loss_terms`, the extras a :class:`CombinedLoss`.
-
-    ``extra`` (may be None) is a :class:`CombinedLoss` whose terms compare the student and
-    teacher activations named by ``pairs[term] = (student path, teacher path)``; its learnable
-    parts (the hint regressor) are submodules, so optimise ``objective.parameters()`` too.
-    """
-
-    def __init__(
-        self,
-        *,
-        temperature: float,
-        alpha: float,
-        extra: CombinedLoss | None = None,
-        pairs: Mapping[str, tuple[str, str]] | None = None,
-    ) -> None:
-        super().__init__()
-        self.temperature = check_temperature(temperature)
-        self.alpha = check_alpha(alpha)
-        self.extra = extra
-        self.pairs = dict(pairs or {})
-        terms = set(extra.weights) if extra is not None else set()
-        if terms != set(self.pairs):
-            raise ValueError(f"extra loss terms {sorted(terms)} and feature pairs {sorted(self.pairs)} "
-                             "must name the same terms")
-
-    @property
-    def student_paths(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(s for s, _ in self.pairs.values()))
-
-    @property
-    def teacher_paths(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(t for _, t in self.pairs.values()))
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.alpha > 0 or bool(self.pairs)
-
-    def forward(
-        self,
-        student_logits: Tensor,
-        labels: Tensor,
-        teacher: TeacherOutput,
-        student_features: Mapping[str, Tensor] | None = None,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """``(B, K)`` logits, ``(B,)`` labels -> ``(total, {"ce", "soft", <extra terms>})``;
-        the terms are unweighted and detached (``soft`` already includes ``T^2``). The logit
-        terms are :func:`distill.losses.kd_loss_terms` (in float32)."""
-        if self.alpha > 0 and teacher.probs is None and teacher.logits is None:
-            raise ValueError(f"alpha={self.alpha} needs teacher probs or logits for the batch")
-        total, terms = kd_loss_terms(student_logits.float(), labels, teacher.logits, teacher.probs,
-                                     temperature=self.temperature, alpha=self.alpha)
-        if self.extra is not None:
-            inputs = {term: (_feature(student_features, s, "student").float(),
-                             _feature(teacher.features, t, "teacher").float())
-                      for term, (s, t) in self.pairs.items()}
-            extra_total, extra_terms = self.extra(inputs)
-            total = total + extra_total
-            terms.update(extra_terms)
-        return total, terms
-
-
-def _feature(features: Mapping[str, Tensor] | None, path: str, side: str) -> Tensor:
-    if not features or path not in features:
-        raise ValueError(f"no {side} activations captured at {path!r}; hook that module "
-                         f"(got {sorted(features or {})})")
-    return features[path]
-
-
-def build_objective(
-    *,
-    temperature: float,
-    alpha: float,
-    losses: Mapping[str, float] | None = None,
-    pairs: Mapping[str, tuple[str, str]] | None = None,
-    student_shapes: Mapping[str, torch.Size] | None = None,
-    teacher_shapes: Mapping[str, torch.Size] | None = None,
-) -> DistillObjective:
-    """The objective with its extra terms sized to the probed activation shapes.
-
-    Hint regressors map the student's channels to the teacher's; a spatial size they cannot
-    map raises ValueError naming both shapes and both module paths, before any training.
-    """
-    losses, pairs = dict(losses or {}), dict(pairs or {})
-    if not losses:
-        return DistillObjective(temperature=temperature, alpha=alpha)
-    student_shapes, teacher_shapes = dict(student_shapes or {}), dict(teacher_shapes or {})
-    kwargs = {}
-    for term in losses:
-        s, t = pairs[term]
-        if term == "hint":
-            kwargs[term] = {"student_channels": int(student_shapes[s][1]),
-                            "teacher_channels": int(teacher_shapes[t][1]),
-                            "student_name": f"student {s}", "teacher_name": f"teacher {t}"}
-    objective = DistillObjective(temperature=temperature, alpha=alpha, pairs=pairs,
-                                 extra=CombinedLoss(losses, loss_kwargs=kwargs))
-    _check_terms(objective, student_shapes, teacher_shapes)
-    return objective
-
-
-@torch.no_grad()
-def _check_terms(objective: DistillObjective, student_shapes, teacher_shapes) -> None:
-    """Run every extra term once on random activations of the probed shapes (batch of 4)."""
-    assert objective.extra is not None
-    inputs = {term: (torch.randn(4, *student_shapes[s][1:]), torch.randn(4, *teacher_shapes[t][1:]))
-              for term, (s, t) in objective.pairs.items()}
-    objective.extra(inputs)
-
-
 # -------------------------------------------------------------------------------- epoch
 
 
@@ -369,13 +195,13 @@ def distill_one_epoch(
     hooks = FeatureExtractor(student, paths) if paths else None
     empty = TeacherOutput()
 
-    def loss_fn(logits: Tensor, target: tuple[Tensor, TeacherOutput]) -> Tensor:
-        labels, said = target
-        total, terms = objective(logits, labels, said, hooks.features if hooks else None)
+    def loss_fn(logits: Tensor, target: tuple[Tensor, TeacherOutput, Tensor]) -> Tensor:
+        labels, said, ids = target
+        total, terms = objective(logits, labels, said, hooks.features if hooks else None, ids)
         meter.add(terms, logits, labels)
         return total
 
-    pairs = ((b.x, (b.y, teacher(b.x, b.ids) if teacher is not None else empty)) for b in batches)
+    pairs = ((b.x, (b.y, teacher(b.x, b.ids) if teacher is not None else empty, b.ids)) for b in batches)
     with hooks or contextlib.nullcontext():
         result = train_one_epoch(student, pairs, optimizer, scheduler, epoch=epoch, device=device,
                                  amp=amp, loss_fn=loss_fn, on_step=on_step)

@@ -25,6 +25,7 @@ Layout (``RUN`` = ``run.dir``, or ``run.root/run.name``)::
     RUN/ensemble/cache/                      the soft-target cache (specialists.ensemble)
     RUN/distill/student.safetensors|.json    the student; baselines/<row>/ the other rows,
                                              each with row.json once finished
+    RUN/distill/schemes/<scheme>/            the models of distill.scheme (one folder each)
     RUN/distill/results.json, results.md, registry.json
     RUN/history/<stage>/<fingerprint>/       a finished stage folder a config or data change
                                              replaced (orchestration.history), + archived.json
@@ -70,7 +71,7 @@ PROGRESS, PID_FILE = "progress.json", "worker.pid"
 EVALUATION, TABLE4, TABLE4_MD, CACHE_DIR = "evaluation.json", "table4.json", "table4.md", "cache"
 COMBINATION = "combination.json"  # how the specialists are combined (their temperature)
 # RUN/distill/
-STUDENT, ROW, BASELINES = "student", "row.json", "baselines"
+STUDENT, ROW, BASELINES, SCHEMES = "student", "row.json", "baselines", "schemes"
 RESULTS, RESULTS_MD, REGISTRY = "results.json", "results.md", "registry.json"
 
 

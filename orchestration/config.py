@@ -29,6 +29,7 @@ from orchestration.config_sections import (  # noqa: F401  (the sections are par
     OptimizerConfig,
     RayConfig,
     RunConfig,
+    SchemesConfig,
     Section,
     SpecialistsConfig,
     TrackingConfig,

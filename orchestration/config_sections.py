@@ -270,6 +270,26 @@ class DataFreeConfig(Section):
     latent_dim: int = Field(64, ge=1, description="Generator noise dimension.")
 
 
+class SchemesConfig(Section):
+    """Settings of the training schemes ``distill.scheme`` chooses (each adds its models as rows
+    of the results table; the main student is trained as usual)."""
+
+    group_size: int = Field(2, description="mutual: students trained together, each learning from the others (>= 2).")
+    mutual_temperature: float = Field(1.0, gt=0, description="mutual: temperature of the KL terms between the students (paper: 1).")
+    generations: int = Field(2, ge=1, description="born_again: generations of the generalist's architecture, the first taught by the generalist, each later one by the one before.")
+    assistant_width: float | None = Field(
+        None, gt=0, description="teacher_assistant: width of the assistant (the student's model); None = midway between distill.width and generalist.width."
+    )
+
+    @field_validator("group_size")
+    @classmethod
+    def _a_group(cls, value: int) -> int:
+        if value < 2:
+            raise ValueError(f"mutual learning trains a group of students that learn from each other; "
+                             f"a group of {value} has no peer: set distill.schemes.group_size to 2 or more")
+        return value
+
+
 class DistillConfig(Section):
     """Stage 5: the compact student on the ensemble's soft targets, its baselines, registration."""
 
@@ -286,8 +306,18 @@ class DistillConfig(Section):
         default_factory=dict, description="Extra losses by name with weights, e.g. {hint: 1.0, rkd: 0.5}."
     )
     hint_layers: list[str] = Field(
-        default_factory=list, description="[student module path, teacher module path] for hint/attention losses."
+        default_factory=list, description="[student module path, teacher module path] for every feature loss without its own distill.layers entry."
     )
+    layers: dict[str, list[list[str]] | list[str]] = Field(
+        default_factory=dict, description="Layers per term: {term: [student path, teacher path]}, or a list of pairs (fsp), e.g. {fsp: [[blocks.1, blocks.0], [blocks.2, blocks.1]]}."
+    )
+    loss_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Constructor arguments per term, e.g. {dkd: {beta: 8.0}, crd: {memory_size: 4096}} (see README)."
+    )
+    scheme: Literal["standard", "mutual", "born_again", "teacher_assistant"] = Field(
+        "standard", description="Training scheme whose models join the table: mutual learning, born-again generations, a teacher assistant; standard = none."
+    )
+    schemes: SchemesConfig = Field(default_factory=SchemesConfig, description="Settings of the schemes.")
     epochs: int = Field(8, ge=1, description="Training epochs of every student.")
     augment: bool = Field(True, description="Augment training batches as data.augment says (an online "
                                             "teacher scores the same augmented view).")

@@ -5,7 +5,8 @@ cache) and check them against the data; check the extra losses' layers on one ba
 train each row of the comparison with the same architecture, budget and seed: the student
 (``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE`` plus extra losses, targets
 from the cache or the ensemble online), a student on hard labels only, one distilled from the
-generalist alone, and a data-free (DAFL) one. Each is evaluated at T = 1 on the test split
+generalist alone, the models of ``distill.scheme`` (:mod:`orchestration.distill_schemes`), and
+a data-free (DAFL) one. Each is evaluated at T = 1 on the test split
 (top-1, top-5, parameters, per-example latency at batch 1) beside the generalist and the
 ensemble. Writes ``student.safetensors`` + ``student.json`` (baselines under ``baselines/``),
 ``results.json`` and ``results.md``; logs per-epoch metrics prefixed by row and registers the
@@ -34,6 +35,8 @@ from distill.train import (
     evaluate_predictor,
     feature_pairs,
     iterate_indexed_batches,
+    pair_paths,
+    prepare_objective,
     probe_feature_shapes,
 )
 from generalist.models import count_parameters
@@ -54,6 +57,7 @@ from orchestration.artifacts import (
 )
 from orchestration.builders import augment_spec, optimizer_and_schedule
 from orchestration.checkpoints import Checkpointer, CheckpointError, build_model, save_model
+from orchestration.distill_schemes import SchemeModel, scheme_rows
 from orchestration.files import read_json, write_json
 from orchestration.pipeline import Stage, StageContext, StageResult, step_progress
 from orchestration.tables import models_table
@@ -87,6 +91,8 @@ def run(ctx: StageContext) -> StageResult:
     pairs, shapes = check_extra_losses(ctx, teachers.generalist, spec)
     _print_plan(ctx, teachers, spec, pairs)
     rows = [_train_row(ctx, row, spec, pairs, shapes) for row in plan_rows(ctx, teachers, pairs)]
+    rows += scheme_rows(ctx, teachers, spec, train=lambda m: _train_row(ctx, _scheme_row(m), m.spec, {}, ({}, {})),
+                        finish=lambda m, net: _finish_row(ctx, _scheme_row(m), ctx.stage_dir / m.folder, net, m.spec))
     if cfg.data_free.enabled:
         rows.append(_data_free_row(ctx, teachers, spec))
     rows = reference_rows(ctx, teachers) + rows
@@ -113,29 +119,31 @@ def student_spec(ctx: StageContext) -> dict[str, Any]:
 
 
 def check_extra_losses(ctx: StageContext, generalist: nn.Module, spec: dict[str, Any]):
-    """Feature pairs of ``distill.losses`` and their activation shapes, probed on 4 training
-    images; DistillError (before any training) for unknown names, layers or shapes."""
+    """Layer pairs of ``distill.losses`` and their activation shapes, probed on 4 training
+    images; DistillError (before any training) for unknown names, layers, shapes or options."""
     cfg = ctx.config.distill
     try:
-        pairs = feature_pairs(cfg.losses, cfg.hint_layers)
+        pairs = feature_pairs(cfg.losses, cfg.hint_layers, term_layers=cfg.layers)
         if not pairs:
             return {}, ({}, {})
         x = ctx.data().train.images[:4].to(ctx.device).float() / 255.0
         student = build_model(spec).to(ctx.device)
-        shapes = (probe_feature_shapes(student, [s for s, _ in pairs.values()], x),
-                  probe_feature_shapes(generalist, [t for _, t in pairs.values()], x))
+        student_paths, teacher_paths = pair_paths(pairs)
+        shapes = (probe_feature_shapes(student, student_paths, x, role="student"),
+                  probe_feature_shapes(generalist, teacher_paths, x, role="teacher (generalist)"))
         build_objective(temperature=cfg.temperature, alpha=cfg.alpha, losses=cfg.losses, pairs=pairs,
-                        student_shapes=shapes[0], teacher_shapes=shapes[1])
+                        student_shapes=shapes[0], teacher_shapes=shapes[1], options=cfg.loss_options,
+                        num_examples=len(ctx.data().train))
     except ValueError as exc:
         raise DistillError(f"distill.losses={dict(cfg.losses)} with distill.hint_layers="
-                           f"{list(cfg.hint_layers)}: {exc}") from None
+                           f"{list(cfg.hint_layers)}, distill.layers={dict(cfg.layers)}: {exc}") from None
     return pairs, shapes
 
 
 def plan_rows(ctx: StageContext, teachers: Teachers, pairs: dict) -> list[Row]:
     """The main student, then (distill.baselines) hard labels only and the generalist alone."""
     cfg = ctx.config.distill
-    fns = teacher_fns(teachers, tuple(dict.fromkeys(t for _, t in pairs.values())))
+    fns = teacher_fns(teachers, pair_paths(pairs)[1])
     label = "generalist" if cfg.teacher == "generalist" else f"ensemble ({cfg.targets})"
     rows = [Row(STUDENT, label, cfg.alpha, fns[cfg.teacher], True, "")]
     if cfg.baselines:
@@ -161,8 +169,9 @@ def _print_plan(ctx: StageContext, teachers: Teachers, spec: dict[str, Any], pai
     if ratio <= 1:
         ctx.console.print("  [yellow]warning[/] the student is not smaller than the generalist; "
                           "lower distill.width or distill.depth")
-    for term, (s, t) in pairs.items():
-        ctx.console.print(f"  extra loss {term} (weight {cfg.losses[term]}): student {s} -> generalist {t}")
+    for term, layers in pairs.items():
+        shown = ", ".join(f"student {s} -> generalist {t}" for s, t in layers) or "the predictions"
+        ctx.console.print(f"  extra loss {term} (weight {cfg.losses[term]}): {shown}")
     if cfg.teacher == "generalist" and cfg.targets == "cache":
         ctx.console.print("  note: the cache holds the ensemble's targets; the generalist teaches online")
 
@@ -175,7 +184,8 @@ def _objective(ctx: StageContext, row: Row, pairs: dict, shapes: tuple) -> Disti
     losses = dict(cfg.losses) if row.extra_losses else {}
     return build_objective(temperature=cfg.temperature, alpha=row.alpha, losses=losses,
                            pairs={k: pairs[k] for k in losses}, student_shapes=shapes[0],
-                           teacher_shapes=shapes[1])
+                           teacher_shapes=shapes[1], options=cfg.loss_options if losses else {},
+                           num_examples=len(ctx.data().train))
 
 
 def _train_row(ctx: StageContext, row: Row, spec: dict[str, Any], pairs: dict, shapes: tuple) -> dict[str, Any]:
@@ -192,6 +202,13 @@ def _train_row(ctx: StageContext, row: Row, spec: dict[str, Any], pairs: dict, s
     checkpoints = Checkpointer(row_dir / CHECKPOINTS)
     stateful = {"optimizer": optimizer, "scheduler": scheduler}
     start = _resume(ctx, row, checkpoints, trained, stateful)
+    if start == 0:   # terms that learn before the student does (factor transfer's paraphraser)
+        fitted = prepare_objective(objective, lambda e: iterate_indexed_batches(
+            data.train.images, data.train.labels, batch_size=cfg.batch_size, shuffle=True,
+            seed=ctx.config.run.seed, epoch=e, device=ctx.device), row.teach)
+        for term, losses in fitted.items():
+            ctx.console.print(f"  {row.name}: {term} paraphraser reconstruction MSE by epoch "
+                              + " ".join(f"{v:.4f}" for v in losses))
     for epoch in range(start, cfg.epochs):
         with step_progress(ctx, epoch, steps) as advance:
             batches = augmented_indexed(
@@ -217,6 +234,11 @@ def _finished_earlier(ctx: StageContext, name: str, row_dir: Path) -> dict[str, 
     elif damage is not None:
         ctx.console.print(f"  [yellow]warning[/] {name}: {damage}; training it again from its last checkpoint")
     return kept
+
+
+def _scheme_row(model: SchemeModel) -> Row:
+    """A scheme's model as a row of the comparison: logit KD only (no extra losses)."""
+    return Row(model.name, model.teacher, model.alpha, model.teach, False, model.folder)
 
 
 def _end_epoch(ctx, row, trained, optimizer, result) -> None:

@@ -5,10 +5,20 @@ import torch
 
 from distill import (
     LOSSES,
+    ActivationBoundaryLoss,
     AttentionTransferLoss,
+    CCLoss,
     CombinedLoss,
+    CRDLoss,
+    DISTLoss,
+    DKDLoss,
+    FactorTransferLoss,
+    FSPLoss,
     HintLoss,
+    IRGLoss,
     KDLoss,
+    NSTLoss,
+    PKTLoss,
     RKDLoss,
     SimilarityPreservingLoss,
     create_loss,
@@ -16,16 +26,20 @@ from distill import (
     list_losses,
 )
 
+KNOWN = ["ab", "attention", "cc", "crd", "dist", "dkd", "fsp", "ft", "hint", "irg", "kd", "nst", "pkt",
+         "rkd", "similarity"]
+
 
 def test_list_and_create():
-    assert list_losses() == ["attention", "hint", "kd", "rkd", "similarity"]
+    assert list_losses() == KNOWN
     kd = create_loss("kd", temperature=4.0, alpha=0.9)
     assert isinstance(kd, KDLoss) and kd.temperature == 4.0 and kd.alpha == 0.9
 
 
 def test_each_loss_is_registered_by_its_own_module():
     assert [LOSSES.get(n) for n in list_losses()] == [
-        AttentionTransferLoss, HintLoss, KDLoss, RKDLoss, SimilarityPreservingLoss]
+        ActivationBoundaryLoss, AttentionTransferLoss, CCLoss, CRDLoss, DISTLoss, DKDLoss, FSPLoss,
+        FactorTransferLoss, HintLoss, IRGLoss, KDLoss, NSTLoss, PKTLoss, RKDLoss, SimilarityPreservingLoss]
     assert isinstance(create_loss("Similarity"), SimilarityPreservingLoss)  # names are normalised
     with pytest.raises(ValueError, match="already registered"):
         LOSSES.add("kd", HintLoss)
@@ -36,7 +50,7 @@ def test_unknown_name_lists_known_names():
         create_loss("hnit")
     msg = str(info.value)
     assert "unknown loss 'hnit'; did you mean 'hint'?" in msg
-    assert "known losses: attention, hint, kd, rkd, similarity." in msg
+    assert f"known losses: {', '.join(KNOWN)}." in msg
 
 
 def test_bad_kwargs_become_value_error():

@@ -212,11 +212,12 @@ def test_teacher_features_come_from_the_probs_pass_or_one_extra_forward():
 
 
 def test_feature_pairs_and_bad_losses():
-    assert feature_pairs({"rkd": 1.0, "similarity": 0.5}) == {"rkd": ("pool", "pool"),
-                                                              "similarity": ("pool", "pool")}
-    assert feature_pairs({"hint": 1.0, "rkd": 1.0}, ["blocks.1", "blocks.2"])["rkd"] == ("blocks.1", "blocks.2")
+    assert feature_pairs({"rkd": 1.0, "similarity": 0.5}) == {"rkd": (("pool", "pool"),),
+                                                              "similarity": (("pool", "pool"),)}
+    assert feature_pairs({"hint": 1.0, "rkd": 1.0}, ["blocks.1", "blocks.2"])["rkd"] == (("blocks.1", "blocks.2"),)
     with pytest.raises(ValueError, match="unknown extra loss 'fitnet'; known extra losses: "
-                                         "attention, hint, rkd, similarity"):
+                                         "ab, attention, cc, crd, dist, dkd, fsp, ft, hint, irg, nst, pkt, "
+                                         "rkd, similarity"):
         feature_pairs({"fitnet": 1.0})
     with pytest.raises(ValueError, match="kd term is always part of the objective"):
         feature_pairs({"kd": 1.0})
@@ -244,8 +245,10 @@ def test_hint_spatial_mismatch_names_both_shapes_and_paths():
     build_objective(temperature=2.0, alpha=0.5, losses={"hint": 1.0},
                     pairs=feature_pairs({"hint": 1.0}, ["blocks.1", "blocks.1"]),
                     student_shapes=s_shapes, teacher_shapes=same)
-    with pytest.raises(ValueError, match="unknown module path 'blocks.9'"):
-        probe_feature_shapes(student, ["blocks.9"], x)
+    with pytest.raises(ValueError, match="unknown student layer 'blocks.9'.*available: stem, stem.0, "
+                                         "stem.1, blocks, blocks.0, blocks.1, blocks.2, pool, pool.0, "
+                                         "pool.1, head"):
+        probe_feature_shapes(student, ["blocks.9"], x, role="student")
 
 
 def test_evaluate_predictor_hand_computed():

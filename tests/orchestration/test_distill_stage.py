@@ -169,7 +169,8 @@ def test_bad_inputs_fail_before_training(run_copy, capsys):
            "distill.temperature", "greater than 0")
     _fails([*args("distill.alpha=1.5"), "--only", "distill"], capsys, "distill.alpha", "less than or equal to 1")
     _fails([*args("distill.losses={fitnet: 1.0}"), "--only", "distill"], capsys,
-           "unknown extra loss 'fitnet'; known extra losses: attention, hint, rkd, similarity")
+           "unknown extra loss 'fitnet'; known extra losses: ab, attention, cc, crd, dist, dkd, fsp, ft, hint, "
+           "irg, nst, pkt, rkd, similarity")
     out, err = _fails([*args("distill.losses={hint: 1.0}", "distill.hint_layers=[blocks.1, blocks.2]",
                              "distill.student=cnn"),
                        "--only", "distill"], capsys,
