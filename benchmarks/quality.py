@@ -3,8 +3,9 @@
     python -m benchmarks.quality [--datasets glyphs omniglot-5 ...] [--seeds 0 1 2] [--reuse]
     python -m benchmarks.quality --summary          # one line per data set from results.json
 
-``--threads 1`` gives every run one torch thread (two invocations on different data sets can then
-share a 2-core machine); ``--reuse`` then collects them all into one results file.
+``--threads 1`` gives every run one torch thread (two invocations on different data sets or seeds
+can then share a 2-core machine); ``--collect`` then gathers every finished run into one results
+file without training anything.
 
 For every data set and seed it runs the whole pipeline (``specdistill run CONFIG ...`` in its own
 run directory under ``benchmarks/results/quality/``) and collects, from what the stages wrote:
@@ -125,7 +126,8 @@ def collect(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def base_runs(names: list[str], seeds: list[int], omniglot: Path, uri: str, reuse: bool) -> dict[str, list]:
+def base_runs(names: list[str], seeds: list[int], omniglot: Path, uri: str, reuse: bool,
+              collect_only: bool = False) -> dict[str, list]:
     table = datasets(omniglot)
     out: dict[str, list] = {}
     for name in names:
@@ -137,7 +139,10 @@ def base_runs(names: list[str], seeds: list[int], omniglot: Path, uri: str, reus
         for seed in seeds:
             run_dir = RUNS / name / f"seed{seed}"
             print(f"== {name} seed {seed}", flush=True)
-            done = reuse and (run_dir / "distill" / "manifest.json").exists()
+            done = (reuse or collect_only) and (run_dir / "distill" / "manifest.json").exists()
+            if collect_only and not done:
+                print(f"   no finished run in {run_dir}: left out", flush=True)
+                continue
             result = ({"command": f"(reused) {run_dir}", "returncode": 0, "seconds": None, **collect(run_dir)}
                       if done else run_once(config, [*overrides, f"run.seed={seed}"], run_dir, uri, fresh=True))
             out[name].append({"seed": seed, **result})
@@ -145,7 +150,8 @@ def base_runs(names: list[str], seeds: list[int], omniglot: Path, uri: str, reus
     return out
 
 
-def ablation_runs(name: str, seeds: list[int], omniglot: Path, uri: str, reuse: bool) -> dict[str, list]:
+def ablation_runs(name: str, seeds: list[int], omniglot: Path, uri: str, reuse: bool,
+                  collect_only: bool = False) -> dict[str, list]:
     """Each lever switched off, on a copy of each seed's base run (only later stages re-run)."""
     config, overrides = datasets(omniglot)[name]
     out: dict[str, list] = {}
@@ -155,8 +161,11 @@ def ablation_runs(name: str, seeds: list[int], omniglot: Path, uri: str, reuse: 
             base = RUNS / name / f"seed{seed}"
             run_dir = RUNS / f"{name}-ablation" / _slug(lever) / f"seed{seed}"
             print(f"== ablation {lever!r} ({name} seed {seed})", flush=True)
-            if reuse and (run_dir / "distill" / "manifest.json").exists():
+            if (reuse or collect_only) and (run_dir / "distill" / "manifest.json").exists():
                 out[lever].append({"seed": seed, **collect(run_dir)})
+                continue
+            if collect_only:
+                print(f"   no finished run in {run_dir}: left out", flush=True)
                 continue
             shutil.rmtree(run_dir, ignore_errors=True)
             shutil.copytree(base, run_dir)
@@ -260,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads per run (run.num_threads)")
     parser.add_argument("--omniglot", type=Path, default=OMNIGLOT)
     parser.add_argument("--reuse", action="store_true", help="keep finished runs of an earlier invocation")
+    parser.add_argument("--collect", action="store_true",
+                        help="train nothing: gather the finished runs of earlier invocations, leave out the rest")
     parser.add_argument("--summary", action="store_true", help="print the summary of results.json only")
     ns = parser.parse_args(argv)
     if ns.summary:
@@ -268,12 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         COMMON.append(f"run.num_threads={ns.threads}")
     uri = f"sqlite:///{RUNS / 'mlflow.db'}"
     RUNS.mkdir(parents=True, exist_ok=True)
-    results = {"seeds": ns.seeds, "base": base_runs(ns.datasets, ns.seeds, ns.omniglot, uri, ns.reuse),
+    results = {"seeds": ns.seeds, "base": base_runs(ns.datasets, ns.seeds, ns.omniglot, uri, ns.reuse, ns.collect),
                "commands": commands(ns.datasets, ns.omniglot)}
     if ns.ablation and ns.ablation in results["base"]:
         results["ablation_dataset"] = ns.ablation
         results["ablation_seeds"] = ns.ablation_seeds or ns.seeds
-        results["ablation"] = ablation_runs(ns.ablation, results["ablation_seeds"], ns.omniglot, uri, ns.reuse)
+        results["ablation"] = ablation_runs(ns.ablation, results["ablation_seeds"], ns.omniglot, uri, ns.reuse,
+                                            ns.collect)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(results, indent=2) + "\n")
     for name, runs in results["base"].items():
