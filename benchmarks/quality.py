@@ -283,9 +283,9 @@ def main(argv: list[str] | None = None) -> int:
                "commands": commands(ns.datasets, ns.omniglot)}
     if ns.ablation and ns.ablation in results["base"]:
         results["ablation_dataset"] = ns.ablation
-        results["ablation_seeds"] = ns.ablation_seeds or ns.seeds
-        results["ablation"] = ablation_runs(ns.ablation, results["ablation_seeds"], ns.omniglot, uri, ns.reuse,
+        results["ablation"] = ablation_runs(ns.ablation, ns.ablation_seeds or ns.seeds, ns.omniglot, uri, ns.reuse,
                                             ns.collect)
+        results["ablation_seeds"] = sorted({r["seed"] for runs in results["ablation"].values() for r in runs})
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(results, indent=2) + "\n")
     for name, runs in results["base"].items():
