@@ -37,7 +37,9 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def markdown(quality: dict[str, Any]) -> list[str]:
     """The BENCHMARKS.md section: main figures, students, Table 4 by coverage, the ablation."""
-    base = quality.get("base", {})
+    measured = {name: runs for name, runs in quality.get("base", {}).items() if _seeds(runs) != "none"}
+    missing = [name for name in quality.get("base", {}) if name not in measured]
+    base = measured
     if not base:
         return []
     lines = ["", "## Does it pay off? Quality over seeds (`python -m benchmarks.quality`)", "",
@@ -45,8 +47,9 @@ def markdown(quality: dict[str, Any]) -> list[str]:
              "the holdout loss); the same-compute generalist is it fine-tuned for as many examples as "
              "all specialists together saw, with their recipe; error reduction = 1 - ensemble error / "
              "generalist error.", ""]
-    lines += [f"- {name}: `{command}`" for name, command in quality.get("commands", {}).items()]
-    lines += [""] if quality.get("commands") else []
+    lines += [f"- {name}: `{command}`" for name, command in quality.get("commands", {}).items() if name in base]
+    lines += [f"- not measured (no finished run): {', '.join(missing)}"] if missing else []
+    lines += [""] if quality.get("commands") or missing else []
     aggs = {name: aggregate(runs) for name, runs in base.items()}
     lines += _table(["data set", "seeds", *[label for _, label in MAIN_COLUMNS]],
                     [[name, _seeds(base[name]), *_cells(aggs[name], MAIN_COLUMNS)] for name in base])
