@@ -3,7 +3,7 @@
     specdistill run [CONFIG] [key=value ...] [--only STAGE] [--from STAGE] [--to STAGE]
     specdistill generalist [CONFIG] [key=value ...]      # one stage
     specdistill clustering [CONFIG] [key=value ...]      # one stage
-    specdistill groups RUN                               # the confusable groups of a run
+    specdistill groups RUN [--export FILE | --apply FILE | --approve]   # review, edit, approve the groups
     specdistill report RUN                               # results report: models, groups, Table 4 (+ report.md, plots)
     specdistill query RUN IMAGE... [--top-k K] [--temperature T] [--json]
     specdistill serve RUN [--host H] [--port P] [...]    # HTTP API on Ray Serve (docs/serve.md)
@@ -58,8 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(stage)
     show = sub.add_parser("config", help="print the fully resolved config")
     _add_config_args(show)
-    groups = sub.add_parser("groups", help="print the confusable groups of a run")
+    groups = sub.add_parser("groups", help="print, export, edit (apply) or approve the confusable groups of a run")
     groups.add_argument("run", metavar="RUN", help="run directory (or a run name under runs/)")
+    action = groups.add_mutually_exclusive_group()
+    action.add_argument("--export", metavar="FILE", type=Path, help="write the groups as YAML by class name")
+    action.add_argument("--apply", metavar="FILE", type=Path,
+                        help="check an edited groups file and record it as the run's grouping")
+    action.add_argument("--approve", action="store_true",
+                        help="approve the run's groups (clustering.require_approval waits for this)")
     report = sub.add_parser("report", help="print the results report of a run (models, groups, Table 4) and write report.md + plots")
     report.add_argument("run", metavar="RUN", help="run directory (or a run name under runs/)")
     query = sub.add_parser("query", help="the ensemble's class probabilities for image files")
@@ -105,6 +111,8 @@ def _cmd_groups(ns: argparse.Namespace, console: Console) -> int:
     from orchestration.tables import groups_table
 
     run = resolve_run_dir(ns.run)
+    if ns.export or ns.apply or ns.approve:
+        return _edit_groups(ns, run, console)
     record = load_groups(run)
     rows = read_json(stage_dir(run, "clustering") / GROUPS_TABLE)
     m = record["metrics"]
@@ -115,6 +123,28 @@ def _cmd_groups(ns: argparse.Namespace, console: Console) -> int:
         f"stability ARI {m['stability_ari']:.3f}"
     )
     console.print(groups_table(rows).rich())
+    return 0
+
+
+def _edit_groups(ns: argparse.Namespace, run: Path, console: Console) -> int:
+    from orchestration.groups_record import apply_groups, approve, export_groups
+
+    if ns.export:
+        n = export_groups(run, ns.export)
+        console.print(f"wrote {n} groups to {ns.export}; edit it, then `specdistill groups {run} --apply {ns.export}`",
+                      markup=False, highlight=False)
+    elif ns.apply:
+        diff = apply_groups(run, ns.apply)
+        moved = ", ".join(f"{m['class']} {m['from'] or 'generalist'} -> {m['to'] or 'generalist'}"
+                          for m in diff["moved_classes"])
+        console.print(f"applied {ns.apply} to {run}: {len(diff['moved_classes'])} classes moved"
+                      f"{' (' + moved + ')' if moved else ''}; the next `specdistill run` retrains the "
+                      "specialists whose classes changed (a changed clustering key recomputes the groups: "
+                      "set clustering.groups_file to keep the edit then)", markup=False, highlight=False)
+    else:
+        approval = approve(run)
+        console.print(f"approved the {approval['n_groups']} {approval['source']} groups of {run}; "
+                      "run the same `specdistill run` command again to continue", markup=False, highlight=False)
     return 0
 
 
@@ -150,7 +180,6 @@ def _final_report(outcome, console: Console, tracking_uri: str) -> None:
 
 
 def _cmd_query(ns: argparse.Namespace, console: Console) -> int:
-    import json
 
     from orchestration.ensemble_api import Ensemble
     from orchestration.serve_protocol import default_top_k
@@ -158,16 +187,21 @@ def _cmd_query(ns: argparse.Namespace, console: Console) -> int:
     ensemble = Ensemble.load(resolve_run_dir(ns.run))
     top_k = default_top_k(len(ensemble.class_names)) if ns.top_k is None else ns.top_k
     results = ensemble.soft_targets(ns.inputs, temperature=ns.temperature, top_k=top_k)
-    if ns.json:
-        data = [{"input": path, "top_k": [{"class": name, "probability": p} for name, p in pairs]}
-                for path, pairs in zip(ns.inputs, results, strict=True)]
-        print(json.dumps(data, indent=2, ensure_ascii=False))
-        return 0
-    for path, pairs in zip(ns.inputs, results, strict=True):
+    _print_top_k(console, ns.inputs, results, ns.json)
+    return 0
+
+
+def _print_top_k(console: Console, inputs: list[str], results, as_json: bool) -> None:
+    import json
+
+    if as_json:
+        print(json.dumps([{"input": path, "top_k": [{"class": name, "probability": p} for name, p in pairs]}
+                          for path, pairs in zip(inputs, results, strict=True)], indent=2, ensure_ascii=False))
+        return
+    for path, pairs in zip(inputs, results, strict=True):
         console.print(path, markup=False, highlight=False)
         for name, p in pairs:
             console.print(f"  {p:.4f}  {name}", markup=False, highlight=False)
-    return 0
 
 
 def _cmd_serve(ns: argparse.Namespace, console: Console) -> int:

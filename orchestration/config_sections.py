@@ -192,6 +192,14 @@ class ClusteringConfig(Section):
     )
     stability_seeds: int = Field(3, ge=0, description="Seeds for the stability ARI (< 2 skips it).")
     batch_size: int = Field(512, ge=1, description="Batch size of the generalist's holdout pass.")
+    groups_file: str | None = Field(
+        None, description="Edited groups (YAML by class name, as `specdistill groups RUN --export` writes "
+        "them) that replace the computed ones; None = the computed groups.",
+    )
+    require_approval: bool = Field(
+        False, description="Stop after clustering until `specdistill groups RUN --approve` approves the "
+        "groups. Not part of any fingerprint.",
+    )
 
 
 class SpecialistsConfig(Section):

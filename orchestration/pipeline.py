@@ -76,24 +76,30 @@ class StageContext:
 @dataclass(frozen=True)
 class Stage:
     """One pipeline stage: its name (also its folder in the run directory), the dotted config keys
-    its result depends on, the upstream stages whose outputs it reads, and its ``run``."""
+    its result depends on, the upstream stages whose outputs it reads, and its ``run``;
+    ``extra_inputs`` adds the digests of files the config names (part of its fingerprint), and
+    ``gate(config, run_dir, tracking_uri, experiment_id)`` returns a message when the pipeline
+    must stop after the stage (a person has to act first)."""
 
     name: str
     config_keys: tuple[str, ...]
     upstream: tuple[str, ...]
     run: Callable[[StageContext], StageResult]
+    extra_inputs: Callable[[Config], dict[str, str]] | None = None
+    gate: Callable[[Config, Path, str, str], str | None] | None = None
 
 
 @dataclass(frozen=True)
 class PipelineOutcome:
     """What :func:`run_pipeline` did: the run directory, the MLflow parent run, every stage's
-    manifest, and which stages ran and which were skipped."""
+    manifest, which stages ran and which were skipped, and why it stopped early (a gate's message)."""
 
     run_dir: Path
     parent_run_id: str
     manifests: dict[str, Manifest]
     ran: list[str]
     skipped: list[str]
+    waiting: str | None = None
 
 
 class step_progress:
@@ -133,6 +139,8 @@ def stage_fingerprint(config: Config, stage: Stage, manifests: dict[str, Manifes
     inputs = {name: manifests[name].digest for name in stage.upstream}
     if data is not None:
         inputs["data"] = data
+    if stage.extra_inputs is not None:
+        inputs.update(stage.extra_inputs(config))
     return config.section_hash(stage.config_keys), inputs
 
 
@@ -203,17 +211,29 @@ def run_pipeline(
     run = _Pass(config, selected, start, run_dir, tracker, console, device, load_data, data,
                 previous, previous_parent)
     last = max(i for i, s in enumerate(stages) if s.name in selected)
+    waiting = None
     try:
         _announce_changes(run, stages[: last + 1])
-        for stage in stages[: last + 1]:
+        for i, stage in enumerate(stages[: last + 1]):
             _visit(run, stage)
+            waiting = _gate(run, stage) if i < last else None
+            if waiting:
+                console.print(f"[yellow]stopped[/] after {stage.name}: {waiting}")
+                break
     except BaseException:
         parent.finish("FAILED")
         raise
     parent.finish()
     if tracker.flush():
         console.print("MLflow is back: the tracking calls buffered during the run were sent")
-    return PipelineOutcome(run_dir.path, parent.run_id, run.manifests, run.ran, run.skipped)
+    return PipelineOutcome(run_dir.path, parent.run_id, run.manifests, run.ran, run.skipped, waiting)
+
+
+def _gate(run: _Pass, stage: Stage) -> str | None:
+    """The stage's gate message when the pipeline must wait after it, else None."""
+    if stage.gate is None:
+        return None
+    return stage.gate(run.config, run.run_dir.path, run.tracker.uri, run.tracker.experiment_id)
 
 
 def _data_identity(config: Config, load_data: Callable[[], Any]) -> Callable[[], str | None]:
