@@ -72,7 +72,7 @@ class Config(Section):
 # Keys that never change a config hash: how a run directory keeps old results, checks its data and
 # waits for a person; and files a key names, which count by their content (a stage's extra inputs).
 UNHASHED_KEYS = ("run.keep_history", "data.verify_content", "clustering.require_approval",
-                 "clustering.groups_file")
+                 "clustering.groups_file", "generalist.init", "generalist.init_mode")
 
 
 def _nested(keys: Sequence[str]) -> dict[str, set[str]]:

@@ -165,6 +165,14 @@ class GeneralistConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy.")
     amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")
     patience: int = Field(4, ge=1, description="Early stopping patience on holdout loss (epochs).")
+    init: str | None = Field(
+        None, description="Start from these weights instead of training from scratch: a .safetensors or "
+        "weights-only .pt state dict of generalist.model (e.g. an earlier run's RUN/generalist/"
+        "model.safetensors), or models:/NAME@ALIAS from the MLflow registry.",
+    )
+    init_mode: Literal["evaluate", "finetune"] = Field(
+        "evaluate", description="With init: evaluate the model as it is (no training), or fine-tune it.",
+    )
 
 
 class ClusteringConfig(Section):
