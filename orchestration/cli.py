@@ -7,6 +7,7 @@
     specdistill report RUN                               # results report: models, groups, Table 4 (+ report.md, plots)
     specdistill query RUN IMAGE... [--top-k K] [--temperature T] [--json]
     specdistill serve RUN [--host H] [--port P] [...]    # HTTP API on Ray Serve (docs/serve.md)
+    specdistill predict MODEL IMAGE... [--top-k K] [--json]   # the student (RUN or models:/NAME@ALIAS)
     specdistill config [CONFIG] [key=value ...]          # print the resolved config
 """
 
@@ -75,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="classes to print per image, 1..K (default 5, or K when fewer)")
     query.add_argument("--temperature", type=float, default=1.0, help="soft-target temperature T")
     query.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    predict = sub.add_parser("predict", help="the distilled student's top-k classes for image files")
+    predict.add_argument("model", metavar="MODEL", help="run directory, or a registered model models:/NAME@ALIAS")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    predict.add_argument("--top-k", type=int, default=None, help="classes per image, 1..K (default 5, or K when fewer)")
+    predict.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    predict.add_argument("--tracking-uri", default=None, help="MLflow store of models:/ URIs (default: $MLFLOW_TRACKING_URI)")
     serve_cmd = sub.add_parser("serve", help="serve the ensemble's soft targets over HTTP (Ray Serve)")
     serve_cmd.add_argument("run", metavar="RUN", help="run directory (or a run name under runs/)")
     serve_cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -188,6 +195,18 @@ def _cmd_query(ns: argparse.Namespace, console: Console) -> int:
     top_k = default_top_k(len(ensemble.class_names)) if ns.top_k is None else ns.top_k
     results = ensemble.soft_targets(ns.inputs, temperature=ns.temperature, top_k=top_k)
     _print_top_k(console, ns.inputs, results, ns.json)
+    return 0
+
+
+def _cmd_predict(ns: argparse.Namespace, console: Console) -> int:
+    from orchestration.predict import load_student, predict
+    from orchestration.serve_protocol import default_top_k
+    from orchestration.tracking import resolve_tracking_uri
+
+    source = ns.model if ns.model.startswith("models:/") else str(resolve_run_dir(ns.model))
+    student = load_student(source, resolve_tracking_uri(ns.tracking_uri))
+    top_k = default_top_k(len(student.class_names)) if ns.top_k is None else ns.top_k
+    _print_top_k(console, ns.inputs, predict(student, ns.inputs, top_k), ns.json)
     return 0
 
 
@@ -328,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_query(ns, console)
         if ns.command == "serve":
             return _cmd_serve(ns, console)
+        if ns.command == "predict":
+            return _cmd_predict(ns, console)
         return _cmd_run(ns, console)
     except ConfigError as exc:
         errors.print(f"error: {exc}", markup=False, highlight=False)
@@ -348,12 +369,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from orchestration.ensemble_api import EnsembleInputError
     from orchestration.files import RunDirError
     from orchestration.parallel import WorkerLostError
+    from orchestration.predict import PredictError
     from orchestration.teachers import DistillError
     from orchestration.tracking import TrackingError
 
     return (
         DataError, CheckpointError, NonFiniteLossError, TrackingError, RunDirError, FileNotFoundError,
-        WorkerLostError, EnsembleInputError, DistillError,
+        WorkerLostError, EnsembleInputError, DistillError, PredictError,
     )
 
 
