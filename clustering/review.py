@@ -70,8 +70,8 @@ def group_montage(images: Sequence[np.ndarray], names: Sequence[str], title: str
             ax.set_frame_on(False)
             if col < len(batch):
                 ax.imshow(_display(batch[col]), cmap="gray", vmin=0, vmax=255)
-        axes[row][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
-    fig.suptitle(title, fontsize=10)
+        axes[row][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=18, labelpad=8)
+    fig.suptitle(title, fontsize=13)
     return fig
 
 

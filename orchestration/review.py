@@ -65,15 +65,17 @@ def overview_pages(entries: list[dict[str, Any]], source: str) -> list[str]:
         lines = [f"# Groups ({source}): page {n + 1} of {len(chunks)}", "",
                  f"{len(entries)} groups, most confusion first. Each group has a page review/group_NNN.md; "
                  f"the first {MONTAGES} a montage review/group_NNN.png. All of it: review/groups_review.json.", "",
-                 "| group | size | holdout top-1 in group | confusion share | most confused pair | page |",
+                 "Columns: the generalist's holdout top-1 on the group's classes, the group's share of all "
+                 "its holdout confusions, its most confused pair (true -> predicted, count).", "",
+                 "| group | size | top-1 | share | top pair | page |",
                  "| ---: | ---: | ---: | ---: | --- | --- |"]
         for e in chunk:
             pair = e["confused_pairs"][0] if e["confused_pairs"] else None
             shown = f"{pair['true']} -> {pair['predicted']} ({pair['count']})" if pair else "-"
             lines.append(f"| {e['id']} | {e['size']} | {_pct(e['holdout_top1'])} | {e['confusion_share']:.1%} "
-                         f"| {shown} | [group_{e['id']:03d}.md](group_{e['id']:03d}.md) |")
+                         f"| {shown} | group_{e['id']:03d}.md |")
         if n + 1 < len(chunks):
-            lines += ["", f"Next page: [{_overview_name(n + 1)}]({_overview_name(n + 1)})"]
+            lines += ["", f"Next page: review/{_overview_name(n + 1)}"]
         pages.append("\n".join([*lines, ""]))
     return pages
 

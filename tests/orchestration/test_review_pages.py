@@ -28,5 +28,5 @@ def test_overview_pages_hold_page_rows_and_link_the_next():
     groups = [[2 * i, 2 * i + 1] for i in range(120)]
     pages = overview_pages(review_entries(groups, [f"c{i}" for i in range(240)], counts), "computed")
     assert len(pages) == 3 and "page 1 of 3" in pages[0]
-    assert sum(p.count("](group_") for p in pages) == 120 and pages[0].count("](group_") == PAGE
+    assert sum(p.count(".md |") for p in pages) == 120 and pages[0].count(".md |") == PAGE
     assert "overview_002.md" in pages[0] and "overview_003.md" in pages[1] and "Next page" not in pages[2]
