@@ -11,7 +11,8 @@ Files in ``RUN/clustering/`` besides the stage's own::
 An edit applied from the command line rewrites the clustering manifest with the new outputs:
 the specialists stage sees a changed input and retrains only the groups whose classes changed
 (:mod:`orchestration.stages.specialists`). MLflow gets the diff and the tag
-``specdistill.groups_source`` on the clustering run and the parent run.
+``specdistill.groups_source`` on the clustering run and the parent run, and the clustering run's
+review pages (:mod:`orchestration.review`) are redrawn for the edited groups.
 """
 
 from __future__ import annotations
@@ -26,15 +27,19 @@ from mlflow.tracking import MlflowClient
 
 from clustering import group_table
 from clustering.confusion import grouping_quality
+from clustering.review import ConfusionCounts
 from orchestration.artifacts import (
+    CONFIG,
     COVARIANCE,
     GROUPS,
     GROUPS_TABLE,
+    HOLDOUT_CONFUSION,
     MLFLOW_RECORD,
     RUN_RECORD,
     GroupsError,
     stage_dir,
 )
+from orchestration.config import load_config
 from orchestration.files import read_json, sha256_file, write_json
 from orchestration.groups_edit import (
     SOURCE_EDITED,
@@ -45,7 +50,9 @@ from orchestration.groups_edit import (
     export_text,
     read_edit,
 )
+from orchestration.review import log_review
 from orchestration.rundir import RunDir
+from orchestration.tracking import RunLogger
 
 GROUPS_COMPUTED, GROUPS_DIFF, GROUPS_DIFF_MD = "groups_computed.json", "groups_diff.json", "groups_diff.md"
 APPROVAL, CONFUSION = "approval.json", "confusion.npy"
@@ -135,7 +142,19 @@ def apply_groups(run: Path, edit_path: Path) -> dict[str, Any]:
     if len(ids) > 1:
         for name in (GROUPS_DIFF_MD, GROUPS_DIFF, GROUPS):
             client.log_artifact(ids[1], str(folder / name), "edit")
+        _log_edited_review(run, folder, RunLogger(client, ids[1]), record)
     return diff
+
+
+def _log_edited_review(run: Path, folder: Path, logger: RunLogger, record: dict[str, Any]) -> None:
+    """The review pages of the edited groups (replacing the computed ones) in the clustering run."""
+    from generalist.data import create_dataset
+
+    config = load_config(run / CONFIG)
+    data = create_dataset(config.data.name, root=config.data.root, seed=config.run.seed, **config.data.options)
+    with np.load(folder / HOLDOUT_CONFUSION) as counts:
+        log_review(logger, [g["classes"] for g in record["groups"]], record["class_names"],
+                   ConfusionCounts(**counts), data.train, SOURCE_EDITED)
 
 
 def approve(run: Path) -> dict[str, Any]:

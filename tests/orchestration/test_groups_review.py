@@ -84,6 +84,8 @@ def test_export_edit_apply_approve_retrains_exactly_the_changed_specialists(tiny
     review = {a.path for a in MlflowClient(uri).list_artifacts(clustering.info.run_id, "review")}
     assert {"review/overview.md", "review/groups_review.json"} <= review
     assert {f"review/group_{i:03d}{ext}" for i in range(n_groups) for ext in (".md", ".png")} <= review
+    overview = Path(MlflowClient(uri).download_artifacts(clustering.info.run_id, "review/overview.md"))
+    assert "Groups (edited)" in overview.read_text(), "the pages show the groups the specialists train on"
 
 
 @pytest.fixture
