@@ -175,9 +175,10 @@ def _compute(run_path: Path, images: Tensor, layout: CacheLayout, settings: dict
     images_ref = ray.put(images.contiguous().numpy())
     context = ray.data.DataContext.get_current()
     bars, context.enable_progress_bars = context.enable_progress_bars, False  # one line per shard instead
-    logger = logging.getLogger("ray.data")
-    level = logger.level
+    logger, bars_logger = logging.getLogger("ray.data"), logging.getLogger("ray.data._internal.progress")
+    level, bars_level = logger.level, bars_logger.level
     logger.setLevel(logging.WARNING)  # no per-dataset "Starting execution" lines
+    bars_logger.setLevel(logging.ERROR)  # nor the notice that the bars we turned off are off
     try:
         ids = ray.data.from_numpy([np.arange(a, min(a + block, n)) for a in range(0, n, block)])
         q = ids.rename_columns({"data": "id"}).map_batches(
@@ -191,3 +192,4 @@ def _compute(run_path: Path, images: Tensor, layout: CacheLayout, settings: dict
     finally:
         context.enable_progress_bars = bars
         logger.setLevel(level)
+        bars_logger.setLevel(bars_level)
