@@ -6,7 +6,10 @@
                               run's RUN/generalist/model.safetensors (its model.json beside it, when
                               there is one, is checked against the data too)
     PATH.pt | PATH.pth        a state dict saved with ``torch.save(model.state_dict(), PATH)``,
-                              read with ``torch.load(weights_only=True)``
+                              read with ``torch.load(weights_only=True)``; for
+                              ``generalist.model=tv.<name>`` also the plain torchvision model's
+                              state dict (torchvision's parameter names, e.g. a local copy of
+                              published weights)
     models:/NAME@ALIAS        an MLflow registered model version (or ``models:/NAME/VERSION``)
                               whose artifacts hold ``model.safetensors`` (+ ``model.json``)
 
@@ -34,7 +37,7 @@ from safetensors.torch import load as st_load
 from orchestration.checkpoints import CheckpointError
 from orchestration.files import sha256_file
 
-REGISTRY_PREFIX = "models:/"
+REGISTRY_PREFIX, TV_PREFIX = "models:/", "tv."
 _REGISTRY = re.compile(r"^models:/(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -165,12 +168,34 @@ def check_fits(weights: InitWeights, model: torch.nn.Module, spec: dict[str, Any
             raise CheckpointError(f"generalist.init {weights.resolved} is a {theirs.get('name')} model, but "
                                   f"generalist.model={spec['name']}; set generalist.model={theirs.get('name')} "
                                   f"(width {theirs.get('width')}, depth {theirs.get('depth')})")
-    _check_layer_shapes(weights, model, data)
+    if spec["name"].startswith(TV_PREFIX) and set(weights.state) != set(model.state_dict()):
+        _load_torchvision_state(weights, model, spec, data)
+    else:
+        _check_layer_shapes(weights, model, data)
     names = (weights.meta or {}).get("class_names")
     if names is not None and list(names) != list(class_names):
         first = next(i for i, (a, b) in enumerate(zip(names, class_names, strict=False)) if a != b)
         raise CheckpointError(f"generalist.init {weights.resolved} names class {first} {names[first]!r}, the "
                               f"data {class_names[first]!r}: its outputs are other classes (or in another order)")
+
+
+def _load_torchvision_state(weights: InitWeights, model: torch.nn.Module, spec: dict[str, Any], data: str) -> None:
+    """Weights of the plain torchvision model (its own parameter names, e.g. from a local copy of
+    published weights) loaded into the ``tv.<name>`` wrapper ``model``, which holds the same modules."""
+    import torchvision
+
+    from generalist.models.tv import adapt_first_conv, wrap_torchvision_model
+
+    name = spec["name"][len(TV_PREFIX):]
+    base = torchvision.models.get_model(name, weights=None, num_classes=spec["num_classes"])
+    adapt_first_conv(base, spec["in_channels"])
+    if set(weights.state) != set(base.state_dict()):
+        missing = sorted(set(base.state_dict()) - set(weights.state))[:3]
+        raise CheckpointError(f"generalist.init {weights.resolved} is neither a {spec['name']} nor a torchvision "
+                              f"{name} state dict (it lacks e.g. {', '.join(missing)}); set generalist.model to "
+                              "the architecture it was saved from")
+    _check_layer_shapes(weights, base, data)
+    model.load_state_dict(wrap_torchvision_model(name, base, spec["in_channels"]).state_dict(), strict=True)
 
 
 def _check_layer_shapes(weights: InitWeights, model: torch.nn.Module, data: str) -> None:

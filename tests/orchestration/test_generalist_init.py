@@ -116,3 +116,30 @@ def test_finetuning_starts_from_the_brought_weights(finished_run, tmp_path, work
     assert "fine-tuned from there" in capsys.readouterr().out
     _, meta = load_generalist(tmp_path / "run")
     assert meta["metrics"]["epochs_trained"] == 1 and meta["init"]["source"].endswith("model.safetensors")
+
+
+def _resnet18(in_channels: int):
+    import torchvision
+
+    raw = torchvision.models.resnet18(num_classes=9)
+    raw.conv1 = torch.nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    return raw
+
+
+def test_a_torchvision_state_dict_from_a_local_file(finished_run, tmp_path, workdir, capsys):
+    raw = _resnet18(in_channels=1)                     # the data's grey images
+    torch.save(raw.state_dict(), tmp_path / "resnet18.pth")
+    assert main(_args(finished_run, tmp_path, "generalist.model=tv.resnet18", "generalist.width=1.0",
+                      f"generalist.init={tmp_path / 'resnet18.pth'}", to="generalist")) == 0
+    model, meta = load_generalist(tmp_path / "run")
+    torch.testing.assert_close(model.head.weight, raw.fc.weight)
+    torch.testing.assert_close(model.stem[1].weight, raw.conv1.weight)   # stem[0] normalises
+    assert meta["init"]["sha256"] == sha256_file(tmp_path / "resnet18.pth")
+
+
+def test_a_torchvision_state_dict_for_other_images_names_both(finished_run, tmp_path, workdir, capsys):
+    torch.save(_resnet18(in_channels=3).state_dict(), tmp_path / "resnet18.pth")
+    assert main(_args(finished_run, tmp_path, "generalist.model=tv.resnet18", "generalist.width=1.0",
+                      f"generalist.init={tmp_path / 'resnet18.pth'}", to="generalist")) == 1
+    err = capsys.readouterr().err
+    assert "takes 3-channel images" in err and "1x16x16 images" in err
