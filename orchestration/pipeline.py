@@ -122,6 +122,24 @@ class step_progress:
         self.progress.stop()
 
 
+class task_progress:
+    """A transient progress bar for a long step on terminals; silent otherwise.
+    ``with task_progress(ctx, "holdout pass", total) as advance: advance()`` (one unit each)."""
+
+    def __init__(self, ctx: StageContext, label: str, total: int):
+        self.progress = Progress(TextColumn(f"  {label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                 TimeRemainingColumn(), console=ctx.console, transient=True,
+                                 disable=not ctx.console.is_terminal)
+        self.task = self.progress.add_task(label, total=total)
+
+    def __enter__(self):
+        self.progress.start()
+        return lambda: self.progress.advance(self.task)
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

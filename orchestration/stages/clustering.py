@@ -17,6 +17,8 @@ edited groups replace the computed ones (:mod:`orchestration.groups_record`); wi
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +61,7 @@ from orchestration.groups_record import (
     approval_message,
     edit_outputs,
 )
-from orchestration.pipeline import Stage, StageContext, StageResult
+from orchestration.pipeline import Stage, StageContext, StageResult, task_progress
 from orchestration.review import log_review
 from orchestration.tables import groups_table, table_cell
 
@@ -184,19 +186,25 @@ def _holdout_pass(ctx: StageContext, model: torch.nn.Module, split, num_classes:
                                 for _ in range(2)]
     gen = torch.Generator().manual_seed(derive_seed(ctx.config.run.seed, 0xC1))
     half_of = torch.randperm(len(split), generator=gen) % 2  # (N,) 0 or 1
-    start, pairs = 0, []
-    for x, y in iterate_batches(split.images, split.labels, batch_size=cfg.batch_size, shuffle=False,
-                                device=ctx.device):
-        probs = torch.softmax(model(x).double(), dim=1).cpu()  # (B, K) at T = 1
-        acc.update(probs.numpy())
-        pairs.append((y.cpu() * num_classes + probs.argmax(dim=1)).numpy())
-        which = half_of[start:start + len(y)]
-        for h, (confusion, copred) in enumerate(halves):
-            rows = which == h
-            if rows.any():
-                confusion.update(probs[rows].numpy(), y[rows].cpu().numpy())
-                copred.update(probs[rows].numpy())
-        start += len(y)
+    start, pairs, started = 0, [], time.perf_counter()
+    batches = iterate_batches(split.images, split.labels, batch_size=cfg.batch_size, shuffle=False,
+                              device=ctx.device)
+    with task_progress(ctx, "holdout pass", math.ceil(len(split) / cfg.batch_size)) as advance:
+        for x, y in batches:
+            probs = torch.softmax(model(x).double(), dim=1).cpu()  # (B, K) at T = 1
+            acc.update(probs.numpy())
+            pairs.append((y.cpu() * num_classes + probs.argmax(dim=1)).numpy())
+            which = half_of[start:start + len(y)]
+            for h, (confusion, copred) in enumerate(halves):
+                rows = which == h
+                if rows.any():
+                    confusion.update(probs[rows].numpy(), y[rows].cpu().numpy())
+                    copred.update(probs[rows].numpy())
+            start += len(y)
+            advance()
+    ctx.console.print(f"  holdout pass: {len(split):,} examples, {num_classes:,} classes in "
+                      f"{time.perf_counter() - started:.1f}s; grouping them ({cfg.affinity} affinity, "
+                      f"stability over {cfg.stability_seeds} seeds)")
     cov = acc.matrix() if sparse else acc.covariance()
     return HoldoutStats(cov, [c.confusion() for c, _ in halves],
                         [p.covariance() + np.outer(p.mean(), p.mean()) for _, p in halves],
