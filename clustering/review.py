@@ -76,5 +76,5 @@ def group_montage(images: Sequence[np.ndarray], names: Sequence[str], title: str
 
 
 def _display(image: np.ndarray) -> np.ndarray:
-    """``(C, H, W)`` -> ``(H, W)`` grey or ``(H, W, 3)`` colour for imshow."""
-    return image[0] if image.shape[0] == 1 else np.transpose(image[:3], (1, 2, 0))
+    """``(C, H, W)`` -> ``(H, W, 3)`` colour (its first 3 channels) or ``(H, W)`` grey (the first)."""
+    return np.transpose(image[:3], (1, 2, 0)) if image.shape[0] >= 3 else image[0]

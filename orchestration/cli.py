@@ -126,7 +126,7 @@ def _cmd_groups(ns: argparse.Namespace, console: Console) -> int:
     console.print(
         f"{len(record['groups'])} groups of {record['num_classes']} classes "
         f"({record['method']}{', ' + record['normalize'] if record.get('normalize') else ''}), "
-        f"{len(record['unassigned'])} unassigned, "
+        f"{len(record['unassigned'])} unassigned{' (edited)' if record.get('source') == 'edited' else ''}, "
         f"stability ARI {m['stability_ari']:.3f}"
     )
     console.print(groups_table(rows).rich())

@@ -31,3 +31,12 @@ def test_montage_has_one_row_per_class_with_its_name():
     assert len(axes) == 2 * 3
     assert [axes[0].get_ylabel(), axes[3].get_ylabel()] == ["a", "b"]
     assert len(axes[5].images) == 0 and len(axes[4].images) == 1   # class b has two images
+
+
+def test_montage_shows_colour_and_two_channel_images():
+    colour = np.zeros((1, 3, 8, 8), np.uint8)
+    colour[0, 0] = 255                                              # pure red
+    fig = group_montage([colour, np.zeros((1, 2, 8, 8), np.uint8)], ["red", "two"], "g")
+    first, second = fig.get_axes()[0].images[0], fig.get_axes()[1].images[0]
+    assert first.get_array().shape == (8, 8, 3) and first.get_array()[0, 0, 0] == 255
+    assert second.get_array().shape == (8, 8)

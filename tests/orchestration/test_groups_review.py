@@ -62,6 +62,8 @@ def test_export_edit_apply_approve_retrains_exactly_the_changed_specialists(tiny
     diff = json.loads((run / "clustering" / "groups_diff.json").read_text())
     assert diff["moved_classes"] == [{"class": name, "from": [source], "to": [target]}]
     capsys.readouterr()
+    assert main(["groups", str(run)]) == 0
+    assert "unassigned (edited)" in capsys.readouterr().out
 
     assert main(["run", *args, "--to", "ensemble"]) == 0
     assert "waiting for approval" in capsys.readouterr().out, "an edit voids the approval"
