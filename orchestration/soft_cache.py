@@ -186,7 +186,8 @@ def _compute(run_path: Path, images: Tensor, layout: CacheLayout, settings: dict
             fn_constructor_kwargs={"run_dir": str(run_path), "images": [images_ref], "layout": layout,
                                    "settings": settings},
             batch_size=block, batch_format="numpy", num_cpus=1, num_gpus=gpus_per_actor or None,
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            # no more actors than blocks: an actor without a block would sit idle (and Ray Data warns)
+            compute=ray.data.ActorPoolStrategy(size=min(num_actors, math.ceil(n / block))),
         )
         yield from q.iter_batches(batch_size=None, batch_format="numpy")
     finally:
