@@ -17,8 +17,10 @@ review pages (:mod:`orchestration.review`) are redrawn for the edited groups.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,7 @@ from orchestration.groups_edit import (
 )
 from orchestration.review import log_review
 from orchestration.rundir import RunDir
-from orchestration.tracking import RunLogger
+from orchestration.tracking import OFFLINE_PREFIX, TRACKING_ERRORS, RunLogger, TrackingError
 
 GROUPS_COMPUTED, GROUPS_DIFF, GROUPS_DIFF_MD = "groups_computed.json", "groups_diff.json", "groups_diff.md"
 APPROVAL, CONFUSION = "approval.json", "confusion.npy"
@@ -136,14 +138,26 @@ def apply_groups(run: Path, edit_path: Path) -> dict[str, Any]:
         "clustering", config_hash=old.config_hash, inputs=old.inputs, outputs=sorted({*old.outputs, *written}),
         metrics={**old.metrics, **record["metrics"]}, config=old.config,
         details={**old.details, "groups_source": SOURCE_EDITED, "groups_file": str(edit_path.resolve())})
-    client, ids = _mlflow(run)
-    for run_id in ids:
-        client.set_tag(run_id, SOURCE_TAG, SOURCE_EDITED)
-    if len(ids) > 1:
-        for name in (GROUPS_DIFF_MD, GROUPS_DIFF, GROUPS):
-            client.log_artifact(ids[1], str(folder / name), "edit")
-        _log_edited_review(run, folder, RunLogger(client, ids[1]), record)
+    with _recorded_on_disk(run, "--apply FILE"):
+        client, parent, child = _mlflow(run)
+        for run_id in filter(None, (parent, child)):
+            client.set_tag(run_id, SOURCE_TAG, SOURCE_EDITED)
+        if child:
+            for name in (GROUPS_DIFF_MD, GROUPS_DIFF, GROUPS):
+                client.log_artifact(child, str(folder / name), "edit")
+            _log_edited_review(run, folder, RunLogger(client, child), record)
     return diff
+
+
+@contextlib.contextmanager
+def _recorded_on_disk(run: Path, again: str) -> Iterator[None]:
+    """TrackingError naming what is already safe in the run directory when MLflow does not answer."""
+    try:
+        yield
+    except TRACKING_ERRORS as exc:
+        raise TrackingError(f"recorded in {stage_dir(run, 'clustering')}, but MLflow did not take it "
+                            f"({type(exc).__name__}: {str(exc)[:200]}); run `specdistill groups {run} {again}` "
+                            "again once the tracking server answers") from None
 
 
 def _log_edited_review(run: Path, folder: Path, logger: RunLogger, record: dict[str, Any]) -> None:
@@ -165,9 +179,10 @@ def approve(run: Path) -> dict[str, Any]:
     approval = {"groups_sha256": sha256_file(folder / GROUPS), "source": record.get("source", "computed"),
                 "n_groups": len(record["groups"]), "approved_by": getpass.getuser(), "approved": time.time()}
     write_json(folder / APPROVAL, approval)
-    client, ids = _mlflow(run)
-    for run_id in ids:
-        client.set_tag(run_id, APPROVED_TAG, "true")
+    with _recorded_on_disk(run, "--approve"):
+        client, parent, child = _mlflow(run)
+        for run_id in filter(None, (parent, child)):
+            client.set_tag(run_id, APPROVED_TAG, "true")
     return approval
 
 
@@ -178,12 +193,14 @@ def is_approved(run: Path) -> bool:
     return path.exists() and read_json(path).get("groups_sha256") == sha256_file(folder / GROUPS)
 
 
-def _mlflow(run: Path) -> tuple[MlflowClient, list[str]]:
-    """The run's tracking client, and its parent run id then the clustering child run id."""
+def _mlflow(run: Path) -> tuple[MlflowClient, str | None, str | None]:
+    """The run's tracking client, its parent run id and its clustering run id (None: none, or one
+    still waiting in the offline buffer)."""
     record = read_json(run / RUN_RECORD)
-    child = stage_dir(run, "clustering") / MLFLOW_RECORD
-    ids = [record["mlflow_run_id"]] + ([read_json(child)["mlflow_run_id"]] if child.exists() else [])
-    return MlflowClient(tracking_uri=record["tracking_uri"]), ids
+    path = stage_dir(run, "clustering") / MLFLOW_RECORD
+    child = read_json(path)["mlflow_run_id"] if path.exists() else None
+    parent, child = (i if i and not i.startswith(OFFLINE_PREFIX) else None for i in (record["mlflow_run_id"], child))
+    return MlflowClient(tracking_uri=record["tracking_uri"]), parent, child
 
 
 def run_link(uri: str, experiment_id: str, run_id: str) -> str:

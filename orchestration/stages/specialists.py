@@ -111,7 +111,11 @@ def _earlier_specialists(history: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     results = sorted(history.glob(f"*/{SPECIALISTS_INDEX}"), key=lambda p: p.stat().st_mtime)
     for index in results:                                  # newer results override older ones
-        for entry in read_json(index)["specialists"]:
+        try:
+            entries = read_json(index)["specialists"]
+        except (ValueError, KeyError, TypeError):          # a damaged archive: nothing to take from it
+            continue
+        for entry in entries:
             group = index.parent / entry["dir"]
             if "fingerprint" in entry and _intact(group / MODEL):
                 found[entry["fingerprint"]] = group

@@ -182,3 +182,13 @@ def test_groups_file_key_applies_the_edit_in_the_stage(run_copy, finished_run, t
     assert record["source"] == "edited" and name in record["groups"][target]["names"]
     manifest = json.loads((run_copy / "clustering" / "manifest.json").read_text())
     assert "groups_diff.md" in manifest["outputs"] and manifest["details"]["groups_source"] == "edited"
+
+
+def test_approval_is_kept_on_disk_when_mlflow_does_not_answer(run_copy, free_port, capsys):
+    record = json.loads((run_copy / "run.json").read_text())
+    record["tracking_uri"] = f"http://127.0.0.1:{free_port()}"
+    (run_copy / "run.json").write_text(json.dumps(record))
+    assert main(["groups", str(run_copy), "--approve"]) == 1
+    err = capsys.readouterr().err
+    assert "but MLflow did not take it" in err and "--approve` again" in err
+    assert (run_copy / "clustering" / "approval.json").exists()
