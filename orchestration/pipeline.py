@@ -363,7 +363,8 @@ def _set_aside(run: _Pass, stage: Stage, reason: str, inputs: dict[str, str]) ->
         run.console.print(f"  changed: {describe(changes) or 'keys not recorded by the earlier run'}")
     else:
         changed = sorted(k for k in {*old.inputs, *inputs} if old.inputs.get(k) != inputs.get(k))
-        what = [f"the data under {run.config.data.root}" if k == "data" else f"{k}'s result" for k in changed]
+        what = [f"the data under {run.config.data.root}" if k == "data" else f"{k}'s result"
+                if k in stage.upstream else f"its input {k} (what a config key names)" for k in changed]
         run.console.print(f"  changed: {', '.join(what)}")
     record = {"stage": stage.name, "reason": reason, "config_hash": old.config_hash, "inputs": old.inputs,
               "changes": [list(c) for c in changes], "mlflow_parent_run_id": run.previous_parent}

@@ -177,6 +177,7 @@ def test_groups_file_key_applies_the_edit_in_the_stage(run_copy, finished_run, t
                  *args, f"clustering.groups_file={path}"]) == 0
     out = capsys.readouterr().out
     assert "stage clustering (inputs changed)" in out and "groups edited by" in out
+    assert "changed: its input groups_file (what a config key names)" in out
     assert "holdout pass: 72 examples, 9 classes in" in out, "the long step says what it did"
     record = json.loads((run_copy / "clustering" / "groups.json").read_text())
     assert record["source"] == "edited" and name in record["groups"][target]["names"]
