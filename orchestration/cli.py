@@ -141,6 +141,8 @@ def _edit_groups(ns: argparse.Namespace, run: Path, console: Console) -> int:
         console.print(f"wrote {n} groups to {ns.export}; edit it, then `specdistill groups {run} --apply {ns.export}`",
                       markup=False, highlight=False)
     elif ns.apply:
+        console.print(f"checking {ns.apply} and recording it (the review pages are redrawn from the training "
+                      "images, so the data is loaded) ...", markup=False, highlight=False)
         diff = apply_groups(run, ns.apply)
         moved = ", ".join(f"{m['class']} {m['from'] or 'generalist'} -> {m['to'] or 'generalist'}"
                           for m in diff["moved_classes"])

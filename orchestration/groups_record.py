@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from clustering import group_table
@@ -145,6 +146,7 @@ def apply_groups(run: Path, edit_path: Path) -> dict[str, Any]:
         if child:
             for name in (GROUPS_DIFF_MD, GROUPS_DIFF, GROUPS):
                 client.log_artifact(child, str(folder / name), "edit")
+            _log_edited_metrics(client, child, record["metrics"])
             _log_edited_review(run, folder, RunLogger(client, child), record)
     return diff
 
@@ -158,6 +160,14 @@ def _recorded_on_disk(run: Path, again: str) -> Iterator[None]:
         raise TrackingError(f"recorded in {stage_dir(run, 'clustering')}, but MLflow did not take it "
                             f"({type(exc).__name__}: {str(exc)[:200]}); run `specdistill groups {run} {again}` "
                             "again once the tracking server answers") from None
+
+
+def _log_edited_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any]) -> None:
+    """The edited grouping's metrics at step 1 (the computed ones are step 0): the run's latest
+    values describe the groups the specialists train on."""
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 1) for k, v in metrics.items()
+                                      if isinstance(v, int | float) and np.isfinite(v)])
 
 
 def _log_edited_review(run: Path, folder: Path, logger: RunLogger, record: dict[str, Any]) -> None:

@@ -80,6 +80,8 @@ def test_export_edit_apply_approve_retrains_exactly_the_changed_specialists(tiny
 
     clustering = _runs(uri, "clustering")[0]
     assert clustering.data.tags["specdistill.groups_source"] == "edited"
+    history = MlflowClient(uri).get_metric_history(clustering.info.run_id, "n_specialist_groups")
+    assert [(m.step, m.value) for m in history][-1] == (1, len(record["groups"])), "the edit's metrics"
     assert clustering.data.tags["specdistill.groups_approved"] == "true"
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(clustering.info.run_id, "edit")}
     assert "edit/groups_diff.md" in artifacts
