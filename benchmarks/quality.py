@@ -3,6 +3,10 @@
     python -m benchmarks.quality [--datasets glyphs omniglot-5 ...] [--seeds 0 1 2] [--reuse]
     python -m benchmarks.quality --summary          # one line per data set from results.json
 
+``--threads 1`` gives every run one torch thread (two invocations on different data sets or seeds
+can then share a 2-core machine); ``--collect`` then gathers every finished run into one results
+file without training anything.
+
 For every data set and seed it runs the whole pipeline (``specdistill run CONFIG ...`` in its own
 run directory under ``benchmarks/results/quality/``) and collects, from what the stages wrote:
 the converged generalist (and whether it converged), the same-compute generalist (fine-tuned for
@@ -44,12 +48,18 @@ def datasets(omniglot: Path) -> dict[str, tuple[str, list[str]]]:
     return {
         "glyphs": ("configs/quickstart.yaml", []),
         "glyphs-full": ("configs/full.yaml", []),
-        "glyphs-heldout-fonts": ("configs/full.yaml", [f"data.options.test_fonts={HELD_OUT_FONTS}"]),
+        "glyphs-heldout-fonts": ("configs/quickstart.yaml", [f"data.options.test_fonts={HELD_OUT_FONTS}"]),
         "omniglot-5": ("configs/full.yaml", [
             "data.name=image_folder", f"data.root={omniglot}",
             r"data.options={image_size: 32, channels: 1, holdout_fraction: 0.2, source_pattern: '_(\d+)\.png$'}",
         ]),
     }
+
+
+def commands(names: list[str], omniglot: Path) -> dict[str, str]:
+    """Data set name -> the ``specdistill run`` command of its seed-S run."""
+    table = datasets(omniglot)
+    return {name: " ".join(["specdistill run", table[name][0], *table[name][1], "run.seed=S"]) for name in names}
 
 
 # Each lever of the method, and the overrides that switch it off.
@@ -67,11 +77,15 @@ def _specdistill() -> str:
     return shutil.which("specdistill", path=str(Path(sys.executable).parent)) or "specdistill"
 
 
+# Overrides every run of this invocation gets (``--threads``).
+COMMON: list[str] = []
+
+
 def run_once(config: str, overrides: list[str], run_dir: Path, uri: str, *, fresh: bool) -> dict[str, Any]:
     """``specdistill run`` into ``run_dir``; the figures it wrote, or the error."""
     if fresh:
         shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [_specdistill(), "run", config, *overrides, f"run.dir={run_dir}", f"tracking.uri={uri}",
+    cmd = [_specdistill(), "run", config, *overrides, *COMMON, f"run.dir={run_dir}", f"tracking.uri={uri}",
            "distill.register_model=false"]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -112,7 +126,8 @@ def collect(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def base_runs(names: list[str], seeds: list[int], omniglot: Path, uri: str, reuse: bool) -> dict[str, list]:
+def base_runs(names: list[str], seeds: list[int], omniglot: Path, uri: str, reuse: bool,
+              collect_only: bool = False) -> dict[str, list]:
     table = datasets(omniglot)
     out: dict[str, list] = {}
     for name in names:
@@ -124,7 +139,10 @@ def base_runs(names: list[str], seeds: list[int], omniglot: Path, uri: str, reus
         for seed in seeds:
             run_dir = RUNS / name / f"seed{seed}"
             print(f"== {name} seed {seed}", flush=True)
-            done = reuse and (run_dir / "distill" / "manifest.json").exists()
+            done = (reuse or collect_only) and (run_dir / "distill" / "manifest.json").exists()
+            if collect_only and not done:
+                print(f"   no finished run in {run_dir}: left out", flush=True)
+                continue
             result = ({"command": f"(reused) {run_dir}", "returncode": 0, "seconds": None, **collect(run_dir)}
                       if done else run_once(config, [*overrides, f"run.seed={seed}"], run_dir, uri, fresh=True))
             out[name].append({"seed": seed, **result})
@@ -132,7 +150,8 @@ def base_runs(names: list[str], seeds: list[int], omniglot: Path, uri: str, reus
     return out
 
 
-def ablation_runs(name: str, seeds: list[int], omniglot: Path, uri: str, reuse: bool) -> dict[str, list]:
+def ablation_runs(name: str, seeds: list[int], omniglot: Path, uri: str, reuse: bool,
+                  collect_only: bool = False) -> dict[str, list]:
     """Each lever switched off, on a copy of each seed's base run (only later stages re-run)."""
     config, overrides = datasets(omniglot)[name]
     out: dict[str, list] = {}
@@ -142,8 +161,11 @@ def ablation_runs(name: str, seeds: list[int], omniglot: Path, uri: str, reuse: 
             base = RUNS / name / f"seed{seed}"
             run_dir = RUNS / f"{name}-ablation" / _slug(lever) / f"seed{seed}"
             print(f"== ablation {lever!r} ({name} seed {seed})", flush=True)
-            if reuse and (run_dir / "distill" / "manifest.json").exists():
+            if (reuse or collect_only) and (run_dir / "distill" / "manifest.json").exists():
                 out[lever].append({"seed": seed, **collect(run_dir)})
+                continue
+            if collect_only:
+                print(f"   no finished run in {run_dir}: left out", flush=True)
                 continue
             shutil.rmtree(run_dir, ignore_errors=True)
             shutil.copytree(base, run_dir)
@@ -243,18 +265,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", default=list(datasets(OMNIGLOT)))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--ablation", default="omniglot-5", help="data set of the ablation ('' = none)")
+    parser.add_argument("--ablation-seeds", nargs="+", type=int, help="seeds of the ablation (default --seeds)")
+    parser.add_argument("--threads", type=int, help="torch threads per run (run.num_threads)")
     parser.add_argument("--omniglot", type=Path, default=OMNIGLOT)
     parser.add_argument("--reuse", action="store_true", help="keep finished runs of an earlier invocation")
+    parser.add_argument("--collect", action="store_true",
+                        help="train nothing: gather the finished runs of earlier invocations, leave out the rest")
     parser.add_argument("--summary", action="store_true", help="print the summary of results.json only")
     ns = parser.parse_args(argv)
     if ns.summary:
         return print_summary(HERE / "results.json")
+    if ns.threads:
+        COMMON.append(f"run.num_threads={ns.threads}")
     uri = f"sqlite:///{RUNS / 'mlflow.db'}"
     RUNS.mkdir(parents=True, exist_ok=True)
-    results = {"seeds": ns.seeds, "base": base_runs(ns.datasets, ns.seeds, ns.omniglot, uri, ns.reuse)}
+    results = {"seeds": ns.seeds, "base": base_runs(ns.datasets, ns.seeds, ns.omniglot, uri, ns.reuse, ns.collect),
+               "commands": commands(ns.datasets, ns.omniglot)}
     if ns.ablation and ns.ablation in results["base"]:
         results["ablation_dataset"] = ns.ablation
-        results["ablation"] = ablation_runs(ns.ablation, ns.seeds, ns.omniglot, uri, ns.reuse)
+        results["ablation"] = ablation_runs(ns.ablation, ns.ablation_seeds or ns.seeds, ns.omniglot, uri, ns.reuse,
+                                            ns.collect)
+        results["ablation_seeds"] = sorted({r["seed"] for runs in results["ablation"].values() for r in runs})
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(results, indent=2) + "\n")
     for name, runs in results["base"].items():

@@ -40,15 +40,16 @@ def markdown(quality: dict[str, Any]) -> list[str]:
     base = quality.get("base", {})
     if not base:
         return []
-    seeds = ", ".join(map(str, quality.get("seeds", [])))
-    lines = ["", f"## Does it pay off? Quality over seeds {seeds} (`python -m benchmarks.quality`)", "",
-             "Mean ± std over the seeds. The generalist is trained to convergence (early stopping on "
+    lines = ["", "## Does it pay off? Quality over seeds (`python -m benchmarks.quality`)", "",
+             "Mean ± std over the seeds each data set lists. The generalist is trained to convergence (early stopping on "
              "the holdout loss); the same-compute generalist is it fine-tuned for as many examples as "
              "all specialists together saw, with their recipe; error reduction = 1 - ensemble error / "
              "generalist error.", ""]
+    lines += [f"- {name}: `{command}`" for name, command in quality.get("commands", {}).items()]
+    lines += [""] if quality.get("commands") else []
     aggs = {name: aggregate(runs) for name, runs in base.items()}
-    lines += _table(["data set", *[label for _, label in MAIN_COLUMNS]],
-                    [[name, *_cells(aggs[name], MAIN_COLUMNS)] for name in base])
+    lines += _table(["data set", "seeds", *[label for _, label in MAIN_COLUMNS]],
+                    [[name, _seeds(base[name]), *_cells(aggs[name], MAIN_COLUMNS)] for name in base])
     lines += ["", "Students (a quarter of the generalist's parameters or fewer; the same budget each):", ""]
     lines += _table(["data set", *[label for _, label in STUDENT_COLUMNS]],
                     [[name, *_cells(_with_kept(aggs[name], base[name]), STUDENT_COLUMNS)] for name in base])
@@ -62,6 +63,10 @@ def markdown(quality: dict[str, Any]) -> list[str]:
     lines += ["", "Summary (`python -m benchmarks.quality --summary`):", "", "```",
               *[summary_line(name, runs) for name, runs in base.items()], "```"]
     return lines
+
+
+def _seeds(runs: list[dict[str, Any]]) -> str:
+    return ", ".join(str(r["seed"]) for r in runs if r.get("returncode", 0) == 0) or "none"
 
 
 def _with_kept(agg: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -82,7 +87,10 @@ def _ablation(quality: dict[str, Any], aggs: dict[str, Any]) -> list[str]:
     columns = (("ensemble_top1", "ensemble"), ("ensemble_rel_gain", "rel. gain vs generalist"),
                ("same_compute_rel_gain", "rel. gain vs same-compute"), ("grouping_ratio", "grouping ratio"),
                ("student_top1", "student (ensemble)"), ("student_ens_minus_gen", "ensemble- minus generalist-taught"))
-    rows = [["full method", *_cells(aggs[name], columns)]]
+    seeds = quality.get("ablation_seeds", quality.get("seeds", []))
+    full = [r for r in quality["base"][name] if r.get("seed") in seeds]
+    rows = [["full method", *_cells(aggregate(full), columns)]]
     rows += [[lever, *_cells(aggregate(lever_runs), columns)] for lever, lever_runs in runs.items()]
-    return ["", f"Ablation on {name}: each lever switched off in turn (same seeds):", "",
+    shown = ", ".join(map(str, seeds))
+    return ["", f"Ablation on {name}: each lever switched off in turn (seeds {shown}, the same for every row):", "",
             *_table(["", *[label for _, label in columns]], rows)]
