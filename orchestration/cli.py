@@ -181,7 +181,7 @@ def _final_report(outcome, console: Console, tracking_uri: str) -> None:
         report = build_report(outcome.run_dir)
         files = write_report(report, outcome.run_dir)
         print_report(console, report)
-        log_report(MlflowClient(tracking_uri), outcome.parent_run_id, files, report)
+        log_report(MlflowClient(tracking_uri, registry_uri=tracking_uri), outcome.parent_run_id, files, report)
         console.print(f"report: {files[0]}")
     except Exception as exc:  # noqa: BLE001 - the stages' results are already safe on disk
         console.print(f"[yellow]warning[/] the results report failed ({type(exc).__name__}: {exc}); "

@@ -58,7 +58,7 @@ class InitWeights:
 def init_identity(source: str, tracking_uri: str) -> str:
     """What identifies ``source`` without reading all of it: a file's sha256, a registry version."""
     if source.startswith(REGISTRY_PREFIX):
-        name, version = _version(MlflowClient(tracking_uri=tracking_uri), source, tracking_uri)
+        name, version = _version(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), source, tracking_uri)
         return f"{name}/{version.version}:{version.source}"
     return sha256_file(_existing(Path(source)))
 

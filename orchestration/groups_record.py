@@ -210,7 +210,7 @@ def _mlflow(run: Path) -> tuple[MlflowClient, str | None, str | None]:
     path = stage_dir(run, "clustering") / MLFLOW_RECORD
     child = read_json(path)["mlflow_run_id"] if path.exists() else None
     parent, child = (i if i and not i.startswith(OFFLINE_PREFIX) else None for i in (record["mlflow_run_id"], child))
-    return MlflowClient(tracking_uri=record["tracking_uri"]), parent, child
+    return MlflowClient(tracking_uri=record["tracking_uri"], registry_uri=record["tracking_uri"]), parent, child
 
 
 def run_link(uri: str, experiment_id: str, run_id: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -49,17 +50,30 @@ class RegisteredModel:
         return {**asdict(self), "alias_uri": self.alias_uri}
 
 
+_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
 @contextmanager
 def fluent_tracking(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API (which log_model needs) at ``uri``; restore it afterwards."""
-    previous_tracking, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    """Point MLflow's fluent API (which log_model needs) at ``uri``; restore it afterwards.
+
+    ``set_registry_uri`` also exports ``MLFLOW_REGISTRY_URI``; both are put back as they were, so a
+    registry that followed the tracking URI before follows it again (later clients of another
+    store do not read this one's registry)."""
+    previous_env = {key: os.environ.get(key) for key in _URI_ENV}
+    previous_tracking = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
         mlflow.set_tracking_uri(previous_tracking)
-        mlflow.set_registry_uri(previous_registry)
+        mlflow.set_registry_uri(previous_env["MLFLOW_REGISTRY_URI"])  # None: follow the tracking URI
+        for key, value in previous_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _torch_requirement() -> list[str]:
