@@ -15,6 +15,10 @@ Layout (``RUN`` = ``run.dir``, or ``run.root/run.name``)::
     RUN/clustering/groups.json               the confusable groups (what the specialists train on)
     RUN/clustering/groups_table.json         the review table (class names per group)
     RUN/clustering/covariance.npy            the holdout prediction covariance (dense K)
+    RUN/clustering/confusion.npy             the holdout soft confusion (dense K, confusion path)
+    RUN/clustering/holdout_confusion.npz     the generalist's holdout confusion counts (sparse)
+    RUN/clustering/groups_computed.json, groups_diff.json|.md, approval.json
+                                             an edit and an approval (orchestration.groups_record)
     RUN/specialists/specialists.json         the index: one entry per trained specialist
     RUN/specialists/group_NNN/model.*        a prior-corrected specialist (+ mlflow.json,
                                              progress.json, worker.pid while it trains)
@@ -64,6 +68,7 @@ MANIFEST, ATTEMPT, MLFLOW_RECORD = "manifest.json", "attempt.json", "mlflow.json
 MODEL, CHECKPOINTS, METRICS = "model", "checkpoints", "metrics.json"  # MODEL: .safetensors + .json
 # RUN/clustering/
 GROUPS, GROUPS_TABLE, COVARIANCE = "groups.json", "groups_table.json", "covariance.npy"
+HOLDOUT_CONFUSION = "holdout_confusion.npz"  # the generalist's holdout confusion counts (sparse)
 # RUN/specialists/
 SPECIALISTS_INDEX, GROUP_DIR, SAME_COMPUTE_DIR = "specialists.json", "group_{:03d}", "same_compute"
 PROGRESS, PID_FILE = "progress.json", "worker.pid"

@@ -3,10 +3,11 @@
     specdistill run [CONFIG] [key=value ...] [--only STAGE] [--from STAGE] [--to STAGE]
     specdistill generalist [CONFIG] [key=value ...]      # one stage
     specdistill clustering [CONFIG] [key=value ...]      # one stage
-    specdistill groups RUN                               # the confusable groups of a run
+    specdistill groups RUN [--export FILE | --apply FILE | --approve]   # review, edit, approve the groups
     specdistill report RUN                               # results report: models, groups, Table 4 (+ report.md, plots)
     specdistill query RUN IMAGE... [--top-k K] [--temperature T] [--json]
     specdistill serve RUN [--host H] [--port P] [...]    # HTTP API on Ray Serve (docs/serve.md)
+    specdistill predict MODEL IMAGE... [--top-k K] [--json]   # the student (RUN or models:/NAME@ALIAS)
     specdistill config [CONFIG] [key=value ...]          # print the resolved config
 """
 
@@ -58,8 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(stage)
     show = sub.add_parser("config", help="print the fully resolved config")
     _add_config_args(show)
-    groups = sub.add_parser("groups", help="print the confusable groups of a run")
+    groups = sub.add_parser("groups", help="print, export, edit (apply) or approve the confusable groups of a run")
     groups.add_argument("run", metavar="RUN", help="run directory (or a run name under runs/)")
+    action = groups.add_mutually_exclusive_group()
+    action.add_argument("--export", metavar="FILE", type=Path, help="write the groups as YAML by class name")
+    action.add_argument("--apply", metavar="FILE", type=Path,
+                        help="check an edited groups file and record it as the run's grouping")
+    action.add_argument("--approve", action="store_true",
+                        help="approve the run's groups (clustering.require_approval waits for this)")
     report = sub.add_parser("report", help="print the results report of a run (models, groups, Table 4) and write report.md + plots")
     report.add_argument("run", metavar="RUN", help="run directory (or a run name under runs/)")
     query = sub.add_parser("query", help="the ensemble's class probabilities for image files")
@@ -69,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="classes to print per image, 1..K (default 5, or K when fewer)")
     query.add_argument("--temperature", type=float, default=1.0, help="soft-target temperature T")
     query.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    predict = sub.add_parser("predict", help="the distilled student's top-k classes for image files")
+    predict.add_argument("model", metavar="MODEL", help="run directory, or a registered model models:/NAME@ALIAS")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    predict.add_argument("--top-k", type=int, default=None, help="classes per image, 1..K (default 5, or K when fewer)")
+    predict.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    predict.add_argument("--tracking-uri", default=None, help="MLflow store of models:/ URIs (default: $MLFLOW_TRACKING_URI)")
     serve_cmd = sub.add_parser("serve", help="serve the ensemble's soft targets over HTTP (Ray Serve)")
     serve_cmd.add_argument("run", metavar="RUN", help="run directory (or a run name under runs/)")
     serve_cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -105,16 +118,42 @@ def _cmd_groups(ns: argparse.Namespace, console: Console) -> int:
     from orchestration.tables import groups_table
 
     run = resolve_run_dir(ns.run)
+    if ns.export or ns.apply or ns.approve:
+        return _edit_groups(ns, run, console)
     record = load_groups(run)
     rows = read_json(stage_dir(run, "clustering") / GROUPS_TABLE)
     m = record["metrics"]
     console.print(
         f"{len(record['groups'])} groups of {record['num_classes']} classes "
         f"({record['method']}{', ' + record['normalize'] if record.get('normalize') else ''}), "
-        f"{len(record['unassigned'])} unassigned, "
+        f"{len(record['unassigned'])} unassigned{' (edited)' if record.get('source') == 'edited' else ''}, "
         f"stability ARI {m['stability_ari']:.3f}"
     )
     console.print(groups_table(rows).rich())
+    return 0
+
+
+def _edit_groups(ns: argparse.Namespace, run: Path, console: Console) -> int:
+    from orchestration.groups_record import apply_groups, approve, export_groups
+
+    if ns.export:
+        n = export_groups(run, ns.export)
+        console.print(f"wrote {n} groups to {ns.export}; edit it, then `specdistill groups {run} --apply {ns.export}`",
+                      markup=False, highlight=False)
+    elif ns.apply:
+        console.print(f"checking {ns.apply} and recording it (the review pages are redrawn from the training "
+                      "images, so the data is loaded) ...", markup=False, highlight=False)
+        diff = apply_groups(run, ns.apply)
+        moved = ", ".join(f"{m['class']} {m['from'] or 'generalist'} -> {m['to'] or 'generalist'}"
+                          for m in diff["moved_classes"])
+        console.print(f"applied {ns.apply} to {run}: {len(diff['moved_classes'])} classes moved"
+                      f"{' (' + moved + ')' if moved else ''}; the next `specdistill run` retrains the "
+                      "specialists whose classes changed (a changed clustering key recomputes the groups: "
+                      "set clustering.groups_file to keep the edit then)", markup=False, highlight=False)
+    else:
+        approval = approve(run)
+        console.print(f"approved the {approval['n_groups']} {approval['source']} groups of {run}; "
+                      "run the same `specdistill run` command again to continue", markup=False, highlight=False)
     return 0
 
 
@@ -142,7 +181,7 @@ def _final_report(outcome, console: Console, tracking_uri: str) -> None:
         report = build_report(outcome.run_dir)
         files = write_report(report, outcome.run_dir)
         print_report(console, report)
-        log_report(MlflowClient(tracking_uri), outcome.parent_run_id, files, report)
+        log_report(MlflowClient(tracking_uri, registry_uri=tracking_uri), outcome.parent_run_id, files, report)
         console.print(f"report: {files[0]}")
     except Exception as exc:  # noqa: BLE001 - the stages' results are already safe on disk
         console.print(f"[yellow]warning[/] the results report failed ({type(exc).__name__}: {exc}); "
@@ -150,7 +189,6 @@ def _final_report(outcome, console: Console, tracking_uri: str) -> None:
 
 
 def _cmd_query(ns: argparse.Namespace, console: Console) -> int:
-    import json
 
     from orchestration.ensemble_api import Ensemble
     from orchestration.serve_protocol import default_top_k
@@ -158,16 +196,33 @@ def _cmd_query(ns: argparse.Namespace, console: Console) -> int:
     ensemble = Ensemble.load(resolve_run_dir(ns.run))
     top_k = default_top_k(len(ensemble.class_names)) if ns.top_k is None else ns.top_k
     results = ensemble.soft_targets(ns.inputs, temperature=ns.temperature, top_k=top_k)
-    if ns.json:
-        data = [{"input": path, "top_k": [{"class": name, "probability": p} for name, p in pairs]}
-                for path, pairs in zip(ns.inputs, results, strict=True)]
-        print(json.dumps(data, indent=2, ensure_ascii=False))
-        return 0
-    for path, pairs in zip(ns.inputs, results, strict=True):
+    _print_top_k(console, ns.inputs, results, ns.json)
+    return 0
+
+
+def _cmd_predict(ns: argparse.Namespace, console: Console) -> int:
+    from orchestration.predict import load_student, predict
+    from orchestration.serve_protocol import default_top_k
+    from orchestration.tracking import resolve_tracking_uri
+
+    source = ns.model if ns.model.startswith("models:/") else str(resolve_run_dir(ns.model))
+    student = load_student(source, resolve_tracking_uri(ns.tracking_uri))
+    top_k = default_top_k(len(student.class_names)) if ns.top_k is None else ns.top_k
+    _print_top_k(console, ns.inputs, predict(student, ns.inputs, top_k), ns.json)
+    return 0
+
+
+def _print_top_k(console: Console, inputs: list[str], results, as_json: bool) -> None:
+    import json
+
+    if as_json:
+        print(json.dumps([{"input": path, "top_k": [{"class": name, "probability": p} for name, p in pairs]}
+                          for path, pairs in zip(inputs, results, strict=True)], indent=2, ensure_ascii=False))
+        return
+    for path, pairs in zip(inputs, results, strict=True):
         console.print(path, markup=False, highlight=False)
         for name, p in pairs:
             console.print(f"  {p:.4f}  {name}", markup=False, highlight=False)
-    return 0
 
 
 def _cmd_serve(ns: argparse.Namespace, console: Console) -> int:
@@ -294,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_query(ns, console)
         if ns.command == "serve":
             return _cmd_serve(ns, console)
+        if ns.command == "predict":
+            return _cmd_predict(ns, console)
         return _cmd_run(ns, console)
     except ConfigError as exc:
         errors.print(f"error: {exc}", markup=False, highlight=False)
@@ -314,12 +371,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from orchestration.ensemble_api import EnsembleInputError
     from orchestration.files import RunDirError
     from orchestration.parallel import WorkerLostError
+    from orchestration.predict import PredictError
     from orchestration.teachers import DistillError
     from orchestration.tracking import TrackingError
 
     return (
         DataError, CheckpointError, NonFiniteLossError, TrackingError, RunDirError, FileNotFoundError,
-        WorkerLostError, EnsembleInputError, DistillError,
+        WorkerLostError, EnsembleInputError, DistillError, PredictError,
     )
 
 

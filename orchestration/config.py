@@ -69,8 +69,10 @@ class Config(Section):
         return flatten(self.model_dump(mode="json"))
 
 
-# Keys that never change a fingerprint: how a run directory keeps old results and checks its data.
-UNHASHED_KEYS = ("run.keep_history", "data.verify_content")
+# Keys that never change a config hash: how a run directory keeps old results, checks its data and
+# waits for a person; and files a key names, which count by their content (a stage's extra inputs).
+UNHASHED_KEYS = ("run.keep_history", "data.verify_content", "clustering.require_approval",
+                 "clustering.groups_file", "generalist.init", "generalist.init_mode")
 
 
 def _nested(keys: Sequence[str]) -> dict[str, set[str]]:

@@ -165,6 +165,14 @@ class GeneralistConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy.")
     amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")
     patience: int = Field(4, ge=1, description="Early stopping patience on holdout loss (epochs).")
+    init: str | None = Field(
+        None, description="Start from these weights instead of training from scratch: a .safetensors or "
+        "weights-only .pt state dict of generalist.model (e.g. an earlier run's RUN/generalist/"
+        "model.safetensors), or models:/NAME@ALIAS from the MLflow registry.",
+    )
+    init_mode: Literal["evaluate", "finetune"] = Field(
+        "evaluate", description="With init: evaluate the model as it is (no training), or fine-tune it.",
+    )
 
 
 class ClusteringConfig(Section):
@@ -192,6 +200,14 @@ class ClusteringConfig(Section):
     )
     stability_seeds: int = Field(3, ge=0, description="Seeds for the stability ARI (< 2 skips it).")
     batch_size: int = Field(512, ge=1, description="Batch size of the generalist's holdout pass.")
+    groups_file: str | None = Field(
+        None, description="Edited groups (YAML by class name, as `specdistill groups RUN --export` writes "
+        "them) that replace the computed ones; None = the computed groups.",
+    )
+    require_approval: bool = Field(
+        False, description="Stop after clustering until `specdistill groups RUN --approve` approves the "
+        "groups. Not part of any fingerprint.",
+    )
 
 
 class SpecialistsConfig(Section):

@@ -100,20 +100,24 @@ class Ensemble:
         return images.float()
 
     def _read(self, path: str | Path) -> Tensor:
-        """Image file -> ``(C, H, W)`` uint8 in the models' channels (L or RGB); the size must match."""
-        channels = self.image_shape[0]
-        if channels not in (1, 3):
-            raise EnsembleInputError(f"the models take {channels}-channel images; pass a tensor instead of files")
-        try:
-            return torch.from_numpy(decode_image(path, self.image_shape))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image {path} does not exist") from None
-        except IsADirectoryError:
-            raise EnsembleInputError(f"{path} is a folder, not an image file; pass the image files "
-                                     f"in it (e.g. {Path(path) / '*.png'})") from None
-        except UnidentifiedImageError:
-            raise EnsembleInputError(f"{path} is not an image file PIL can read") from None
-        except (ImageSizeError, ImageModeError) as exc:
-            raise EnsembleInputError(str(exc)) from None
-        except OSError as exc:  # truncated or unreadable file
-            raise EnsembleInputError(f"cannot read image {path} ({exc}); pass a complete image file") from None
+        return read_image(path, self.image_shape)
+
+
+def read_image(path: str | Path, image_shape: tuple[int, int, int]) -> Tensor:
+    """Image file -> ``(C, H, W)`` uint8 in the models' channels (L or RGB); the size must match."""
+    channels = image_shape[0]
+    if channels not in (1, 3):
+        raise EnsembleInputError(f"the models take {channels}-channel images; pass a tensor instead of files")
+    try:
+        return torch.from_numpy(decode_image(path, image_shape))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {path} does not exist") from None
+    except IsADirectoryError:
+        raise EnsembleInputError(f"{path} is a folder, not an image file; pass the image files "
+                                 f"in it (e.g. {Path(path) / '*.png'})") from None
+    except UnidentifiedImageError:
+        raise EnsembleInputError(f"{path} is not an image file PIL can read") from None
+    except (ImageSizeError, ImageModeError) as exc:
+        raise EnsembleInputError(str(exc)) from None
+    except OSError as exc:  # truncated or unreadable file
+        raise EnsembleInputError(f"cannot read image {path} ({exc}); pass a complete image file") from None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -49,17 +50,30 @@ class RegisteredModel:
         return {**asdict(self), "alias_uri": self.alias_uri}
 
 
+_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
 @contextmanager
-def _tracking(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API (which log_model needs) at ``uri``; restore it afterwards."""
-    previous_tracking, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+def fluent_tracking(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (which log_model needs) at ``uri``; restore it afterwards.
+
+    ``set_registry_uri`` also exports ``MLFLOW_REGISTRY_URI``; both are put back as they were, so a
+    registry that followed the tracking URI before follows it again (later clients of another
+    store do not read this one's registry)."""
+    previous_env = {key: os.environ.get(key) for key in _URI_ENV}
+    previous_tracking = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
         mlflow.set_tracking_uri(previous_tracking)
-        mlflow.set_registry_uri(previous_registry)
+        mlflow.set_registry_uri(previous_env["MLFLOW_REGISTRY_URI"])  # None: follow the tracking URI
+        for key, value in previous_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _torch_requirement() -> list[str]:
@@ -82,19 +96,21 @@ def log_student(
     extra_files: Sequence[Path] = (),
     model_name: str | None = None,
     alias: str = DEFAULT_ALIAS,
+    description: str | None = None,
 ) -> RegisteredModel:
     """Log ``model`` into run ``run_id`` and, with ``model_name``, register it and set ``alias``.
 
     ``example``: ``(B, C, H, W)`` float inputs in [0, 1] with ``B >= 2`` (the exported program
     keeps the batch dimension dynamic only if the example's batch is not 1). ``metrics`` and
-    ``params`` are attached to the logged model; ``extra_files`` travel with its artifacts.
+    ``params`` are attached to the logged model; ``extra_files`` travel with its artifacts;
+    ``description`` (the model card, Markdown) becomes the registered version's description.
     Raises TrackingError when MLflow refuses (message names the run and the model name).
     """
     if example.ndim != 4 or example.shape[0] < 2:
         raise ValueError(f"example must be (B, C, H, W) with B >= 2, got {tuple(example.shape)}")
     cpu_model = copy.deepcopy(model).cpu().eval()
     try:
-        with _tracking(client.tracking_uri), mlflow.start_run(run_id=run_id, nested=True):
+        with fluent_tracking(client.tracking_uri), mlflow.start_run(run_id=run_id, nested=True):
             info = mlflow.pytorch.log_model(
                 cpu_model,
                 name=ARTIFACT_NAME,
@@ -109,7 +125,7 @@ def log_student(
                 mlflow.log_metrics(dict(metrics), model_id=info.model_id)
         registered = RegisteredModel(model_uri=info.model_uri, run_id=run_id)
         if model_name:
-            registered = _register(client, registered, model_name, alias)
+            registered = _register(client, registered, model_name, alias, description)
     except MlflowException as exc:
         raise TrackingError(
             f"cannot log or register the student (run {run_id}, model name {model_name!r}) at "
@@ -118,8 +134,11 @@ def log_student(
     return registered
 
 
-def _register(client: MlflowClient, logged: RegisteredModel, name: str, alias: str) -> RegisteredModel:
-    with _tracking(client.tracking_uri):
+def _register(client: MlflowClient, logged: RegisteredModel, name: str, alias: str,
+              description: str | None) -> RegisteredModel:
+    with fluent_tracking(client.tracking_uri):
         version = mlflow.register_model(logged.model_uri, name).version
     client.set_registered_model_alias(name, alias, str(version))
+    if description:
+        client.update_model_version(name, str(version), description=description)
     return RegisteredModel(logged.model_uri, logged.run_id, name, str(version), alias)

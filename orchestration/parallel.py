@@ -28,10 +28,11 @@ the driver's folder there either.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,13 +77,30 @@ def connect(address: str | None = None, *, local_num_cpus: int | None = None) ->
         ray.init(address=address, logging_level=logging.WARNING)
         return f"Ray cluster at {address or os.environ['RAY_ADDRESS']}"
     stopped = reap_leftovers()
-    with tempfile.TemporaryDirectory(prefix="specdistill-ray-") as empty, loopback_only():
+    with tempfile.TemporaryDirectory(prefix="specdistill-ray-") as empty, loopback_only(), _quiet(AUTH_LOGGER):
         ray.init(address="local", num_cpus=local_num_cpus, include_dashboard=False,
                  dashboard_host="127.0.0.1", logging_level=logging.WARNING,
                  runtime_env={"working_dir": empty})  # the folder is uploaded by init
     record_started()
     note = f"; stopped {stopped} processes an earlier local Ray left running" if stopped else ""
     return f"local Ray on 127.0.0.1 ({_cpus()} CPUs{note})"
+
+
+# Announces on every start that a new local Ray uses token authentication (its default): nothing
+# a user of the private Ray can act on. Its other warnings are errors and still print.
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Logger ``name`` prints errors only while the block runs."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _cpus() -> int:

@@ -76,24 +76,30 @@ class StageContext:
 @dataclass(frozen=True)
 class Stage:
     """One pipeline stage: its name (also its folder in the run directory), the dotted config keys
-    its result depends on, the upstream stages whose outputs it reads, and its ``run``."""
+    its result depends on, the upstream stages whose outputs it reads, and its ``run``;
+    ``extra_inputs`` adds the digests of files the config names (part of its fingerprint), and
+    ``gate(config, run_dir, tracking_uri, experiment_id)`` returns a message when the pipeline
+    must stop after the stage (a person has to act first)."""
 
     name: str
     config_keys: tuple[str, ...]
     upstream: tuple[str, ...]
     run: Callable[[StageContext], StageResult]
+    extra_inputs: Callable[[Config], dict[str, str]] | None = None
+    gate: Callable[[Config, Path, str, str], str | None] | None = None
 
 
 @dataclass(frozen=True)
 class PipelineOutcome:
     """What :func:`run_pipeline` did: the run directory, the MLflow parent run, every stage's
-    manifest, and which stages ran and which were skipped."""
+    manifest, which stages ran and which were skipped, and why it stopped early (a gate's message)."""
 
     run_dir: Path
     parent_run_id: str
     manifests: dict[str, Manifest]
     ran: list[str]
     skipped: list[str]
+    waiting: str | None = None
 
 
 class step_progress:
@@ -116,6 +122,24 @@ class step_progress:
         self.progress.stop()
 
 
+class task_progress:
+    """A transient progress bar for a long step on terminals; silent otherwise.
+    ``with task_progress(ctx, "holdout pass", total) as advance: advance()`` (one unit each)."""
+
+    def __init__(self, ctx: StageContext, label: str, total: int):
+        self.progress = Progress(TextColumn(f"  {label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                 TimeRemainingColumn(), console=ctx.console, transient=True,
+                                 disable=not ctx.console.is_terminal)
+        self.task = self.progress.add_task(label, total=total)
+
+    def __enter__(self):
+        self.progress.start()
+        return lambda: self.progress.advance(self.task)
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -133,6 +157,8 @@ def stage_fingerprint(config: Config, stage: Stage, manifests: dict[str, Manifes
     inputs = {name: manifests[name].digest for name in stage.upstream}
     if data is not None:
         inputs["data"] = data
+    if stage.extra_inputs is not None:
+        inputs.update(stage.extra_inputs(config))
     return config.section_hash(stage.config_keys), inputs
 
 
@@ -203,17 +229,29 @@ def run_pipeline(
     run = _Pass(config, selected, start, run_dir, tracker, console, device, load_data, data,
                 previous, previous_parent)
     last = max(i for i, s in enumerate(stages) if s.name in selected)
+    waiting = None
     try:
         _announce_changes(run, stages[: last + 1])
-        for stage in stages[: last + 1]:
+        for i, stage in enumerate(stages[: last + 1]):
             _visit(run, stage)
+            waiting = _gate(run, stage) if i < last else None
+            if waiting:
+                console.print(f"[yellow]stopped[/] after {stage.name}: {waiting}")
+                break
     except BaseException:
         parent.finish("FAILED")
         raise
     parent.finish()
     if tracker.flush():
         console.print("MLflow is back: the tracking calls buffered during the run were sent")
-    return PipelineOutcome(run_dir.path, parent.run_id, run.manifests, run.ran, run.skipped)
+    return PipelineOutcome(run_dir.path, parent.run_id, run.manifests, run.ran, run.skipped, waiting)
+
+
+def _gate(run: _Pass, stage: Stage) -> str | None:
+    """The stage's gate message when the pipeline must wait after it, else None."""
+    if stage.gate is None:
+        return None
+    return stage.gate(run.config, run.run_dir.path, run.tracker.uri, run.tracker.experiment_id)
 
 
 def _data_identity(config: Config, load_data: Callable[[], Any]) -> Callable[[], str | None]:
@@ -325,7 +363,8 @@ def _set_aside(run: _Pass, stage: Stage, reason: str, inputs: dict[str, str]) ->
         run.console.print(f"  changed: {describe(changes) or 'keys not recorded by the earlier run'}")
     else:
         changed = sorted(k for k in {*old.inputs, *inputs} if old.inputs.get(k) != inputs.get(k))
-        what = [f"the data under {run.config.data.root}" if k == "data" else f"{k}'s result" for k in changed]
+        what = [f"the data under {run.config.data.root}" if k == "data" else f"{k}'s result"
+                if k in stage.upstream else f"its input {k} (what a config key names)" for k in changed]
         run.console.print(f"  changed: {', '.join(what)}")
     record = {"stage": stage.name, "reason": reason, "config_hash": old.config_hash, "inputs": old.inputs,
               "changes": [list(c) for c in changes], "mlflow_parent_run_id": run.previous_parent}

@@ -204,25 +204,29 @@ def print_report(console, report: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------ plots + files
 def plot_accuracy_vs_params(report: dict[str, Any]):
-    """Test top-1 against parameters (log x), one labelled point per model."""
+    """Test top-1 against parameters (log x), one marker per model, named in a legend beside the
+    axes (models of one size, e.g. a student and its baselines, would stack their labels)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in report["models"]:
-        if row.get("params") and row.get("top1") is not None:
-            ax.scatter(row["params"], row["top1"])
-            ax.annotate(row["name"], (row["params"], row["top1"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8)
+    fig, ax = plt.subplots(figsize=(7.5, 4), layout="constrained")
+    rows = [r for r in report["models"] if r.get("params") and r.get("top1") is not None]
+    for i, row in enumerate(rows):
+        ax.scatter(row["params"], row["top1"], marker=_MARKERS[i % len(_MARKERS)], s=90 - 8 * (i % 8),
+                   facecolors="none" if i % 2 else None, label=f"{row['name']} ({row['top1']:.3f})")
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
     ax.set_ylabel("test top-1")
     ax.set_title("accuracy vs parameters")
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
+    if rows:
+        fig.legend(loc="outside right upper", fontsize=8, title="model (test top-1)", title_fontsize=8)
     return fig
+
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 
 
 def plot_group_gains(report: dict[str, Any]):
@@ -233,15 +237,14 @@ def plot_group_gains(report: dict[str, Any]):
     import matplotlib.pyplot as plt
 
     gains = _group_gains(report)
-    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(gains)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(gains)), 4), layout="constrained")
     ax.bar(range(len(gains)), [g[3] for g in gains],
            color=["tab:green" if g[3] >= 0 else "tab:red" for g in gains])
     ax.set_xticks(range(len(gains)), [str(g[0]) for g in gains], fontsize=6)
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set_xlabel("group id")
-    ax.set_ylabel("top-1 gain (ensemble - generalist)")
-    ax.set_title("per-group accuracy gain on test examples of the group's classes")
-    fig.tight_layout()
+    ax.set_ylabel("top-1 gain\n(ensemble - generalist)")
+    ax.set_title("per-group accuracy gain\n(test examples of the group's classes)", fontsize=10)
     return fig
 
 

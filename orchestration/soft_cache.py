@@ -175,9 +175,10 @@ def _compute(run_path: Path, images: Tensor, layout: CacheLayout, settings: dict
     images_ref = ray.put(images.contiguous().numpy())
     context = ray.data.DataContext.get_current()
     bars, context.enable_progress_bars = context.enable_progress_bars, False  # one line per shard instead
-    logger = logging.getLogger("ray.data")
-    level = logger.level
+    logger, bars_logger = logging.getLogger("ray.data"), logging.getLogger("ray.data._internal.progress")
+    level, bars_level = logger.level, bars_logger.level
     logger.setLevel(logging.WARNING)  # no per-dataset "Starting execution" lines
+    bars_logger.setLevel(logging.ERROR)  # nor the notice that the bars we turned off are off
     try:
         ids = ray.data.from_numpy([np.arange(a, min(a + block, n)) for a in range(0, n, block)])
         q = ids.rename_columns({"data": "id"}).map_batches(
@@ -185,9 +186,11 @@ def _compute(run_path: Path, images: Tensor, layout: CacheLayout, settings: dict
             fn_constructor_kwargs={"run_dir": str(run_path), "images": [images_ref], "layout": layout,
                                    "settings": settings},
             batch_size=block, batch_format="numpy", num_cpus=1, num_gpus=gpus_per_actor or None,
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            # no more actors than blocks: an actor without a block would sit idle (and Ray Data warns)
+            compute=ray.data.ActorPoolStrategy(size=min(num_actors, math.ceil(n / block))),
         )
         yield from q.iter_batches(batch_size=None, batch_format="numpy")
     finally:
         context.enable_progress_bars = bars
         logger.setLevel(level)
+        bars_logger.setLevel(bars_level)

@@ -260,7 +260,7 @@ def _finish(job, model, gen_meta, train_labels, sampler, progress, invariant) ->
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _log(job: SpecialistJob, metrics: dict[str, float], step: int) -> None:

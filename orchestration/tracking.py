@@ -246,7 +246,7 @@ class PipelineTracker:
 
     def __init__(self, uri: str, experiment: str, run_dir: Path):
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         self.run_dir = run_dir
         self.experiment_id = self._experiment_id(experiment)
         self.connection = Connection(self.client, uri, run_dir)

@@ -17,7 +17,7 @@ from torch import nn
 
 from generalist.models.base import Classifier, Normalize
 
-__all__ = ["build_torchvision_model", "supported_torchvision_models"]
+__all__ = ["adapt_first_conv", "build_torchvision_model", "supported_torchvision_models", "wrap_torchvision_model"]
 
 # name prefix -> splitter; checked in order (longest/most specific first)
 _Parts = tuple[
@@ -112,7 +112,7 @@ def supported_torchvision_models() -> tuple[str, ...]:
     return tuple(sorted(n for n in names if _splitter(n) is not None))
 
 
-def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
+def adapt_first_conv(model: nn.Module, in_channels: int) -> None:
     """Replace the first ``nn.Conv2d`` (in module order) by one reading ``in_channels`` channels."""
     for parent in model.modules():
         for child_name, conv in parent.named_children():
@@ -164,13 +164,24 @@ def build_torchvision_model(name: str) -> Callable[..., Classifier]:
         base = torchvision.models.get_model(
             name, weights=None, num_classes=num_classes, **tv_kwargs
         )
-        _adapt_first_conv(base, in_channels)
-        stem, blocks, pool, head = splitter(base)
-        return Classifier(
-            nn.Sequential(Normalize(in_channels, mean, std), *stem),
-            nn.Sequential(*blocks),
-            nn.Sequential(*pool),
-            head,
-        )
+        adapt_first_conv(base, in_channels)
+        return wrap_torchvision_model(name, base, in_channels, mean, std)
 
     return build
+
+
+def wrap_torchvision_model(name: str, base: nn.Module, in_channels: int,
+                           mean: float | Sequence[float] = 0.5, std: float | Sequence[float] = 0.5) -> Classifier:
+    """``base`` (a torchvision ``name`` model, its weights kept) as the :class:`Classifier` that
+    ``tv.<name>`` builds: the same modules, so a torchvision state dict loaded into ``base`` is
+    the wrapper's."""
+    splitter = _splitter(name)
+    if splitter is None:
+        raise ValueError(f"torchvision model {name!r} is not supported")
+    stem, blocks, pool, head = splitter(base)
+    return Classifier(
+        nn.Sequential(Normalize(in_channels, mean, std), *stem),
+        nn.Sequential(*blocks),
+        nn.Sequential(*pool),
+        head,
+    )

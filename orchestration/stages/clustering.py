@@ -8,12 +8,19 @@ confusion it captures on the other half, unrelated groups dissolved, optional ov
 covariance columns with :class:`ConfusableGroups`); judge the grouping by the share of holdout
 confusion mass it keeps inside groups against random groups of the same sizes; measure its
 stability across seeds; write ``groups.json`` (what the specialists stage reads) plus the review
-artifacts: a table with class names, a reordered covariance heatmap, a group-size histogram.
+artifacts: a table with class names, a reordered covariance heatmap, a group-size histogram, and
+per group a montage and a page (:mod:`orchestration.review`). With ``clustering.groups_file`` the
+edited groups replace the computed ones (:mod:`orchestration.groups_record`); with
+``clustering.require_approval`` the pipeline waits after this stage for ``specdistill groups RUN
+--approve``.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,13 +38,31 @@ from clustering import (
 )
 from clustering.affinity_groups import AffinityGroups
 from clustering.confusion import ConfusionAccumulator, grouping_quality
+from clustering.review import ConfusionCounts
 from generalist.data import DataError
 from generalist.data.splits import derive_seed
 from generalist.train import iterate_batches
-from orchestration.artifacts import COVARIANCE, GROUPS, GROUPS_TABLE, load_generalist
+from orchestration.artifacts import (
+    COVARIANCE,
+    GROUPS,
+    GROUPS_TABLE,
+    HOLDOUT_CONFUSION,
+    load_generalist,
+)
 from orchestration.config import ConfigError
-from orchestration.files import write_json
-from orchestration.pipeline import Stage, StageContext, StageResult
+from orchestration.files import read_json, sha256_file, write_json
+from orchestration.groups_edit import SOURCE_COMPUTED, SOURCE_EDITED
+from orchestration.groups_record import (
+    CONFUSION,
+    GROUPS_COMPUTED,
+    GROUPS_DIFF,
+    GROUPS_DIFF_MD,
+    SOURCE_TAG,
+    approval_message,
+    edit_outputs,
+)
+from orchestration.pipeline import Stage, StageContext, StageResult, task_progress
+from orchestration.review import log_review
 from orchestration.tables import groups_table, table_cell
 
 NAME = "clustering"
@@ -50,10 +75,18 @@ class HoldoutStats:
     cov: Any                                  # (K, K) covariance, or sparse top-k co-prediction
     confusion: list[np.ndarray] = field(default_factory=list)   # soft confusion of 2 halves
     copred: list[np.ndarray] = field(default_factory=list)      # E[p p^T] of the 2 halves
+    pairs: np.ndarray | None = None           # (N,) label * K + argmax prediction per example
+    num_classes: int = 0
 
     @property
     def total_confusion(self) -> np.ndarray | None:
         return self.confusion[0] + self.confusion[1] if self.confusion else None
+
+    def hard_counts(self) -> dict[str, np.ndarray]:
+        """The holdout confusion counts, sparse: ``true``, ``predicted`` class ids and ``count``
+        (examples of ``true`` the generalist predicted as ``predicted``), any K."""
+        codes, counts = np.unique(self.pairs, return_counts=True)
+        return {"true": codes // self.num_classes, "predicted": codes % self.num_classes, "count": counts}
 
 
 @dataclass(frozen=True)
@@ -84,10 +117,49 @@ def run(ctx: StageContext) -> StageResult:
     grouping = _group(ctx, stats)
     rows = group_table(stats.cov, grouping.groups, class_names) if _dense(stats.cov) else []
     metrics = _metrics(grouping, stats, rows, len(data.holdout))
-    outputs = _write_outputs(ctx, stats.cov, grouping, rows, class_names, metrics)
+    outputs = _write_outputs(ctx, stats, grouping, rows, class_names, metrics)
     _log_review(ctx, stats.cov, grouping, rows, class_names, metrics)
+    source = SOURCE_COMPUTED
+    if cfg.groups_file:
+        outputs, metrics, source = _apply_groups_file(ctx, Path(cfg.groups_file), outputs)
+        rows = read_json(ctx.stage_dir / GROUPS_TABLE)
+    ctx.logger.set_tags({SOURCE_TAG: source})
+    _log_group_pages(ctx, data.train, class_names, source)
     _print_summary(ctx, grouping, metrics, rows)
-    return StageResult(outputs=outputs, metrics=metrics)
+    return StageResult(outputs=outputs, metrics=metrics, details={"groups_source": source})
+
+
+def _apply_groups_file(ctx: StageContext, path: Path, outputs: list[str]) -> tuple[list[str], dict[str, Any], str]:
+    """Replace the computed groups by the edited ones of ``clustering.groups_file``."""
+    written, diff = edit_outputs(ctx.stage_dir, path, generalist=ctx.upstream["generalist"].digest)
+    for name in (GROUPS_DIFF_MD, GROUPS_DIFF):
+        ctx.logger.log_artifact(ctx.stage_dir / name, "edit")
+    ctx.console.print(f"  groups edited by {path}: {len(diff['moved_classes'])} classes moved (groups_diff.md)")
+    metrics = read_json(ctx.stage_dir / GROUPS)["metrics"]
+    return sorted({*outputs, *written}), metrics, SOURCE_EDITED
+
+
+def _log_group_pages(ctx: StageContext, train, class_names: list[str], source: str) -> None:
+    """Per-group montages and pages and their overview, for the groups the specialists train on."""
+    groups = [g["classes"] for g in read_json(ctx.stage_dir / GROUPS)["groups"]]
+    with np.load(ctx.stage_dir / HOLDOUT_CONFUSION) as counts:
+        log_review(ctx.logger, groups, class_names, ConfusionCounts(**counts), train, source)
+
+
+def groups_file_digest(config) -> dict[str, str]:
+    """The edited groups file's content as a clustering input: editing it re-runs the stage."""
+    path = config.clustering.groups_file
+    if not path:
+        return {}
+    if not Path(path).exists():
+        raise ConfigError(f"clustering.groups_file={path} does not exist; write it with "
+                          "`specdistill groups RUN --export FILE`, or set clustering.groups_file=null")
+    return {"groups_file": sha256_file(Path(path))}
+
+
+def approval_gate(config, run_dir: Path, uri: str, experiment_id: str) -> str | None:
+    """Stop after clustering until the groups are approved (``clustering.require_approval``)."""
+    return approval_message(run_dir, uri, experiment_id) if config.clustering.require_approval else None
 
 
 def _check_affinity(cfg) -> None:
@@ -114,21 +186,29 @@ def _holdout_pass(ctx: StageContext, model: torch.nn.Module, split, num_classes:
                                 for _ in range(2)]
     gen = torch.Generator().manual_seed(derive_seed(ctx.config.run.seed, 0xC1))
     half_of = torch.randperm(len(split), generator=gen) % 2  # (N,) 0 or 1
-    start = 0
-    for x, y in iterate_batches(split.images, split.labels, batch_size=cfg.batch_size, shuffle=False,
-                                device=ctx.device):
-        probs = torch.softmax(model(x).double(), dim=1).cpu()  # (B, K) at T = 1
-        acc.update(probs.numpy())
-        which = half_of[start:start + len(y)]
-        for h, (confusion, copred) in enumerate(halves):
-            rows = which == h
-            if rows.any():
-                confusion.update(probs[rows].numpy(), y[rows].cpu().numpy())
-                copred.update(probs[rows].numpy())
-        start += len(y)
+    start, pairs, started = 0, [], time.perf_counter()
+    batches = iterate_batches(split.images, split.labels, batch_size=cfg.batch_size, shuffle=False,
+                              device=ctx.device)
+    with task_progress(ctx, "holdout pass", math.ceil(len(split) / cfg.batch_size)) as advance:
+        for x, y in batches:
+            probs = torch.softmax(model(x).double(), dim=1).cpu()  # (B, K) at T = 1
+            acc.update(probs.numpy())
+            pairs.append((y.cpu() * num_classes + probs.argmax(dim=1)).numpy())
+            which = half_of[start:start + len(y)]
+            for h, (confusion, copred) in enumerate(halves):
+                rows = which == h
+                if rows.any():
+                    confusion.update(probs[rows].numpy(), y[rows].cpu().numpy())
+                    copred.update(probs[rows].numpy())
+            start += len(y)
+            advance()
+    ctx.console.print(f"  holdout pass: {len(split):,} examples, {num_classes:,} classes in "
+                      f"{time.perf_counter() - started:.1f}s; grouping them ({cfg.affinity} affinity, "
+                      f"stability over {cfg.stability_seeds} seeds)")
     cov = acc.matrix() if sparse else acc.covariance()
     return HoldoutStats(cov, [c.confusion() for c, _ in halves],
-                        [p.covariance() + np.outer(p.mean(), p.mean()) for _, p in halves])
+                        [p.covariance() + np.outer(p.mean(), p.mean()) for _, p in halves],
+                        np.concatenate(pairs), num_classes)
 
 
 def _group(ctx: StageContext, stats: HoldoutStats) -> Grouping:
@@ -227,16 +307,22 @@ def _groups_record(grouping: Grouping, class_names, metrics) -> dict[str, Any]:
         ],
         "unassigned": [int(c) for c in grouping.unassigned],
         "metrics": metrics,
+        "source": SOURCE_COMPUTED,
     }
 
 
-def _write_outputs(ctx, cov, grouping: Grouping, rows, class_names, metrics) -> list[str]:
+def _write_outputs(ctx, stats: HoldoutStats, grouping: Grouping, rows, class_names, metrics) -> list[str]:
+    (ctx.stage_dir / GROUPS_COMPUTED).unlink(missing_ok=True)   # left by an edit of an earlier attempt
     write_json(ctx.stage_dir / GROUPS, _groups_record(grouping, class_names, metrics))
     write_json(ctx.stage_dir / GROUPS_TABLE, rows)
-    outputs = [GROUPS, GROUPS_TABLE]
-    if _dense(cov):
-        np.save(ctx.stage_dir / COVARIANCE, cov)
+    np.savez(ctx.stage_dir / HOLDOUT_CONFUSION, **stats.hard_counts())
+    outputs = [GROUPS, GROUPS_TABLE, HOLDOUT_CONFUSION]
+    if _dense(stats.cov):
+        np.save(ctx.stage_dir / COVARIANCE, stats.cov)
         outputs.append(COVARIANCE)
+    if stats.total_confusion is not None:
+        np.save(ctx.stage_dir / CONFUSION, stats.total_confusion)
+        outputs.append(CONFUSION)
     return outputs
 
 
@@ -266,4 +352,6 @@ STAGE = Stage(
     config_keys=("clustering", "run.seed"),
     upstream=("generalist",),
     run=run,
+    extra_inputs=groups_file_digest,
+    gate=approval_gate,
 )

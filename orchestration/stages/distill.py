@@ -59,6 +59,8 @@ from orchestration.builders import augment_spec, optimizer_and_schedule
 from orchestration.checkpoints import Checkpointer, CheckpointError, build_model, save_model
 from orchestration.distill_schemes import SchemeModel, scheme_rows
 from orchestration.files import read_json, write_json
+from orchestration.model_card import model_card
+from orchestration.onnx_export import ONNX_CHECK, export_student
 from orchestration.pipeline import Stage, StageContext, StageResult, step_progress
 from orchestration.tables import models_table
 from orchestration.teachers import DistillError, Teachers, load_teachers, teacher_fns
@@ -97,12 +99,13 @@ def run(ctx: StageContext) -> StageResult:
         rows.append(_data_free_row(ctx, teachers, spec))
     rows = reference_rows(ctx, teachers) + rows
     measure_latencies_together(ctx, teachers, rows)
-    outputs = _write_results(ctx, rows)
+    onnx_files, onnx = export_student(ctx.stage_dir, data.test.images, ctx.console)
+    outputs = _write_results(ctx, rows) + onnx_files
     registered = _register(ctx, teachers, spec, rows) if cfg.register_model else None
     if registered:
         outputs.append(REGISTRY)
     print_results(ctx.console, rows)
-    metrics = _metrics(rows, registered)
+    metrics = {**_metrics(rows, registered), **onnx}
     ctx.logger.log_metrics(metrics)
     return StageResult(outputs=outputs, metrics=metrics,
                        details={"registered": registered, "data": data.describe()})
@@ -463,6 +466,8 @@ def _register(ctx: StageContext, teachers: Teachers, spec: dict[str, Any],
             class_names=teachers.class_names, metrics=metrics,
             params={f"distill.{k}": v for k, v in cfg.model_dump(mode="json").items()},
             extra_files=[ctx.stage_dir / f"{STUDENT}.json"], model_name=cfg.model_name,
+            description=model_card(rows, teachers.class_names, main["teacher"], ctx.data().describe(),
+                                   read_json(ctx.stage_dir / ONNX_CHECK)),
         ).to_dict()
     except TrackingError as exc:
         raise TrackingError(f"{exc}; the trained students are kept in {ctx.stage_dir}: re-run the same "

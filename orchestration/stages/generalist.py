@@ -1,7 +1,9 @@
 """Stage 1, the generalist: train a classifier on all classes, evaluate, checkpoint, resume.
 
-Reads top to bottom: build the model from the config, resume from the last epoch checkpoint
-if one fits, train with early stopping on the holdout loss, evaluate the best weights on the
+Reads top to bottom: build the model from the config; with ``generalist.init`` load the user's
+weights (:mod:`orchestration.generalist_init`: checked against the data, source and checksum
+recorded) and either only evaluate them or fine-tune from them; resume from the last epoch
+checkpoint if one fits, train with early stopping on the holdout loss, evaluate the best weights on the
 test split, and write ``model.safetensors`` + ``model.json`` + ``metrics.json``.
 """
 
@@ -30,7 +32,9 @@ from orchestration.checkpoints import (
     save_model,
 )
 from orchestration.files import write_json
+from orchestration.generalist_init import InitWeights, check_fits, init_identity, read_init
 from orchestration.pipeline import Stage, StageContext, StageResult, step_progress
+from orchestration.tracking import resolve_tracking_uri
 
 NAME = "generalist"
 
@@ -71,6 +75,10 @@ def run(ctx: StageContext) -> StageResult:
         f"{summary.latency_ms:.3f} ms/example; data {data.name}: {data.num_classes} classes, "
         f"{len(data.train):,} train / {len(data.holdout):,} holdout / {len(data.test):,} test"
     )
+    init = _bring_your_own(ctx, model, spec) if cfg.init else None
+    if init is not None and cfg.init_mode == "evaluate":
+        return _write(ctx, model, spec, summary, {"epochs_trained": 0, "early_stopped": False,
+                                                  "still_improving": False, "train_examples_seen": 0}, 0, init)
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     optimizer, scheduler = optimizer_and_schedule(model, cfg.optimizer, steps_per_epoch=steps_per_epoch,
                                                   epochs=cfg.epochs)
@@ -88,7 +96,32 @@ def run(ctx: StageContext) -> StageResult:
             break
 
     convergence = _convergence(ctx, stopper, checkpoints.latest_epoch())
-    return _finish(ctx, checkpoints, spec, summary, convergence)
+    return _finish(ctx, checkpoints, spec, summary, convergence, init)
+
+
+def _bring_your_own(ctx: StageContext, model, spec: dict[str, Any]) -> InitWeights:
+    """Load ``generalist.init`` into ``model`` after checking it fits the data; record its source."""
+    cfg = ctx.config.generalist
+    weights = read_init(cfg.init, _tracking_uri(ctx))
+    check_fits(weights, model.cpu(), spec, list(ctx.data().class_names))
+    model.to(ctx.device)
+    ctx.logger.set_tags({"specdistill.generalist_source": weights.source,
+                         "specdistill.generalist_sha256": weights.sha256})
+    what = "evaluated as it is, no training" if cfg.init_mode == "evaluate" else "fine-tuned from there"
+    ctx.console.print(f"  weights from {weights.resolved} (sha256 {weights.sha256[:16]}): {what}")
+    return weights
+
+
+def _tracking_uri(ctx: StageContext) -> str:
+    return ctx.tracker.uri if ctx.tracker else resolve_tracking_uri(ctx.config.tracking.uri)
+
+
+def init_input(config) -> dict[str, str]:
+    """The brought weights' identity as an input of the stage: other weights re-run it."""
+    cfg = config.generalist
+    if not cfg.init:
+        return {}
+    return {"init": init_identity(cfg.init, resolve_tracking_uri(config.tracking.uri)), "init_mode": cfg.init_mode}
 
 
 def _convergence(ctx, stopper: EarlyStopping, epochs_trained: int) -> dict[str, Any]:
@@ -172,13 +205,20 @@ def _fresh_state(ctx, model) -> dict[str, Any]:
             "early_stopping": EarlyStopping(patience=cfg.patience)}
 
 
-def _finish(ctx, checkpoints: Checkpointer, spec, summary, convergence: dict[str, Any]) -> StageResult:
-    data, device = ctx.data(), ctx.device
+def _finish(ctx, checkpoints: Checkpointer, spec, summary, convergence: dict[str, Any],
+            init: InitWeights | None) -> StageResult:
     model = build_model(spec)
     try:
         best_epoch = checkpoints.load_best(model)
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}; delete {ctx.stage_dir} to re-train the generalist") from None
+    return _write(ctx, model, spec, summary, convergence, best_epoch, init)
+
+
+def _write(ctx, model, spec, summary, convergence: dict[str, Any], best_epoch: int,
+           init: InitWeights | None) -> StageResult:
+    """Evaluate the final generalist on the test split and write its files."""
+    data, device = ctx.data(), ctx.device
     model = model.to(device)
     test = evaluate(model, _eval_batches(ctx, data.test), device=device)
     metrics = {
@@ -196,6 +236,7 @@ def _finish(ctx, checkpoints: Checkpointer, spec, summary, convergence: dict[str
         "data": data.describe(),
         "config": ctx.config.generalist.model_dump(mode="json"),
         "metrics": metrics,
+        **({"init": init.record()} if init else {}),
     }
     save_model(ctx.stage_dir / MODEL, model, metadata)
     write_json(ctx.stage_dir / METRICS, metrics)
@@ -222,4 +263,5 @@ STAGE = Stage(
     config_keys=("data", "generalist", "run.seed"),
     upstream=(),
     run=run,
+    extra_inputs=init_input,
 )

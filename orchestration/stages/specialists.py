@@ -1,7 +1,9 @@
 """Stage 3, specialists: one model per confusable group, trained in parallel on Ray.
 
 Reads top to bottom: check the clustering stage's groups against the generalist, plan one job
-per group (finished groups are never retrained), open an MLflow child run of the pipeline run
+per group (finished groups are never retrained; when an edit or another change replaced the
+stage's result, the specialists of the replaced result in ``RUN/history/specialists/`` whose
+fingerprint, :func:`specialist_fingerprint`, still matches are kept), open an MLflow child run of the pipeline run
 per specialist, connect to Ray and fail fast if no node can fit a specialist's resources, run
 every job as a Ray task (``orchestration.specialist_job.train_specialist``: resumable epochs,
 early stopping, prior correction) while printing each specialist's epochs, then write the
@@ -12,6 +14,9 @@ index ``specialists.json``. Each group's folder holds its prior-corrected
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import shutil
 import statistics
 from functools import partial
 from pathlib import Path
@@ -21,6 +26,7 @@ import torch
 
 from orchestration.artifacts import (
     GROUP_DIR,
+    HISTORY,
     MLFLOW_RECORD,
     MODEL,
     PROGRESS,
@@ -31,7 +37,7 @@ from orchestration.artifacts import (
     load_groups,
 )
 from orchestration.builders import augment_spec
-from orchestration.checkpoints import read_metadata
+from orchestration.checkpoints import CheckpointError, read_metadata, verify_model_files
 from orchestration.config import ConfigError, SpecialistsConfig, flatten, leaf_keys
 from orchestration.files import read_json, write_json
 from orchestration.parallel import (
@@ -58,17 +64,70 @@ def run(ctx: StageContext) -> StageResult:
     class_names = generalist_metadata(ctx.run_dir.path)["class_names"]
     groups = check_groups(load_groups(ctx.run_dir.path), class_names)
     jobs = [_plan(ctx, group) for group in groups]
+    fingerprints = {job.group_id: specialist_fingerprint(ctx, job.classes) for job in jobs}
+    finished = sum(is_finished(job) for job in jobs)
+    reused = _reuse_earlier(ctx, jobs, fingerprints)
     todo = [job for job in jobs if not is_finished(job)]
     ctx.console.print(
         f"  {len(jobs)} specialists (finetune={cfg.finetune}, up to {cfg.epochs} epochs); "
-        f"{len(jobs) - len(todo)} finished earlier, {len(todo)} to train"
+        f"{finished} finished earlier, "
+        + (f"{reused} kept from the result this one replaces (same classes and settings), " if reused else "")
+        + f"{len(todo)} to train"
     )
     _close_interrupted_runs(ctx, [job for job in jobs if job not in todo])
     if todo:
         _train_in_parallel(ctx, todo)
     summaries = [read_metadata(job.dir / MODEL) for job in jobs]
     same = _same_compute(ctx, summaries) if cfg.same_compute else None
-    return _finish(ctx, jobs, summaries, same)
+    return _finish(ctx, jobs, summaries, same, fingerprints, reused)
+
+
+def specialist_fingerprint(ctx: StageContext, classes: tuple[int, ...]) -> str:
+    """What a specialist is: its classes (in head order), the config keys the stage depends on and
+    the generalist it starts from (whose digest covers the data). Not its group id."""
+    blob = json.dumps([list(classes), ctx.config.section_hash(CONFIG_KEYS), ctx.upstream["generalist"].digest])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _reuse_earlier(ctx: StageContext, jobs: list[SpecialistJob], fingerprints: dict[int, str]) -> int:
+    """Copy into their group folders the intact specialists of earlier results of this stage
+    (``RUN/history/specialists/``, newest first) whose fingerprint matches; returns how many."""
+    earlier = _earlier_specialists(ctx.run_dir.path / HISTORY / NAME)
+    reused = 0
+    for job in jobs:
+        source = earlier.get(fingerprints[job.group_id])
+        if source is None or is_finished(job):
+            continue
+        job.dir.mkdir(parents=True, exist_ok=True)
+        for name in (f"{MODEL}.safetensors", MLFLOW_RECORD, f"{MODEL}.json"):  # model.json last: done
+            if (source / name).exists():
+                shutil.copy2(source / name, job.dir / name)
+        reused += 1
+    return reused
+
+
+def _earlier_specialists(history: Path) -> dict[str, Path]:
+    """Fingerprint -> group folder of every intact specialist in the stage's history."""
+    found: dict[str, Path] = {}
+    results = sorted(history.glob(f"*/{SPECIALISTS_INDEX}"), key=lambda p: p.stat().st_mtime)
+    for index in results:                                  # newer results override older ones
+        try:
+            entries = read_json(index)["specialists"]
+        except (ValueError, KeyError, TypeError):          # a damaged archive: nothing to take from it
+            continue
+        for entry in entries:
+            group = index.parent / entry["dir"]
+            if "fingerprint" in entry and _intact(group / MODEL):
+                found[entry["fingerprint"]] = group
+    return found
+
+
+def _intact(stem: Path) -> bool:
+    try:
+        verify_model_files(stem)
+    except CheckpointError:
+        return False
+    return True
 
 
 def _plan(ctx: StageContext, group: dict[str, Any]) -> SpecialistJob:
@@ -227,8 +286,9 @@ def _log_summary(logger: RunLogger, job: SpecialistJob, summary: dict[str, Any])
 
 # ----------------------------------------------------------------------------- output
 def _finish(ctx: StageContext, jobs: list[SpecialistJob], summaries: list[dict[str, Any]],
-            same: dict[str, Any] | None) -> StageResult:
-    entries = [_index_entry(job, s) for job, s in zip(jobs, summaries, strict=True)]
+            same: dict[str, Any] | None, fingerprints: dict[int, str], reused: int) -> StageResult:
+    entries = [{**_index_entry(job, s), "fingerprint": fingerprints[job.group_id]}
+               for job, s in zip(jobs, summaries, strict=True)]
     write_json(ctx.stage_dir / SPECIALISTS_INDEX, {"finetune": ctx.config.specialists.finetune, "specialists": entries})
     ms = [s["metrics"] for s in summaries]
     metrics = {
@@ -238,6 +298,7 @@ def _finish(ctx: StageContext, jobs: list[SpecialistJob], summaries: list[dict[s
         "mean_holdout_loss": statistics.fmean(m["best_holdout_loss"] for m in ms),
         "init_invariant_maxdiff": max(m["init_invariant_maxdiff"] for m in ms),
         "n_resumed": sum(bool(s["resumed_from_epochs"]) for s in summaries),
+        "n_reused": reused,
         "examples_seen": sum(m.get("examples_seen", 0) for m in ms),
     }
     outputs = [SPECIALISTS_INDEX] + [f"{job.dir.name}/{MODEL}{ext}" for job in jobs for ext in (".safetensors", ".json")]
@@ -313,9 +374,10 @@ class ProgressPrinter:
         self.jobs.pop(job.group_id, None)
 
 
+CONFIG_KEYS = ("run.seed", "data.augment", *leaf_keys(SpecialistsConfig, NAME, exclude=EXECUTION_KEYS))
 STAGE = Stage(
     name=NAME,
-    config_keys=("run.seed", "data.augment", *leaf_keys(SpecialistsConfig, NAME, exclude=EXECUTION_KEYS)),
+    config_keys=CONFIG_KEYS,
     upstream=("generalist", "clustering"),
     run=run,
 )

@@ -135,6 +135,32 @@ def test_pipeline_submitted_to_a_token_auth_cluster_runs_every_stage(ray_head, t
     assert all(r.info.status == "FINISHED" for r in specialist_runs)
 
 
+def _submit(ray_head, wd: Path, *args: str) -> str:
+    job = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", ray_head["address"],
+         "--working-dir", str(wd), "--", "specdistill", "run", "tiny.yaml", *args],
+        env=ray_head["env"], capture_output=True, text=True, timeout=400,
+    )
+    output = job.stdout + job.stderr
+    assert job.returncode == 0 and "succeeded" in output, output[-4000:]
+    return output
+
+
+def test_a_submitted_job_waits_for_approval_and_the_next_submission_continues(ray_head, tmp_path):
+    run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
+    wd = _working_dir(tmp_path, run_dir, db)
+    output = _submit(ray_head, wd, "clustering.require_approval=true", "--to", "specialists")
+    assert "stopped after clustering: waiting for approval" in output and "--approve" in output
+    assert not (run_dir / "specialists" / "manifest.json").exists()
+
+    approve = subprocess.run([str(BIN / "specdistill"), "groups", str(run_dir), "--approve"],
+                             env=ray_head["env"], capture_output=True, text=True, timeout=120)
+    assert approve.returncode == 0, approve.stdout + approve.stderr
+    output = _submit(ray_head, wd, "clustering.require_approval=true", "--to", "specialists")
+    assert "skip clustering" in output and "done specialists" in output, output[-4000:]
+    assert (run_dir / "specialists" / "manifest.json").exists()
+
+
 def test_job_submit_without_the_token_is_refused(ray_head):
     env = {k: v for k, v in ray_head["env"].items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     env["HOME"] = tempfile.mkdtemp(prefix="home")  # no ~/.ray/auth_token to fall back on

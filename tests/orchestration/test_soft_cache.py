@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -217,3 +218,13 @@ def test_ensemble_stage_writes_cache(finished_run, teacher):
     cache.verify()
     assert cache.manifest["split"] == "train" and len(cache.manifest["shards"]) == 1
     torch.testing.assert_close(cache.targets(torch.arange(216)).double(), teacher["q"], rtol=2e-3, atol=1e-7)
+
+
+def test_a_single_block_starts_a_single_actor(teacher, tmp_path):
+    """Ray Data warns when actors outnumber blocks (nothing a user can act on): none idle here."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_cache(teacher["run"], teacher["data"].train.images, tmp_path / "one", identity=teacher["identity"],
+                    shard_size=4096, batch_size=4096, num_actors=2)
+    assert not [w for w in caught if "concurrent actors" in str(w.message)]
+    assert len(SoftTargetCache(tmp_path / "one")) == 216
