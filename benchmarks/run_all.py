@@ -33,6 +33,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from benchmarks.kd_methods import SECTION as KD_SECTION
 from benchmarks.quality_report import markdown as quality_markdown
 
 HERE = Path(__file__).resolve().parent
@@ -200,12 +201,30 @@ def _ms(stat: dict[str, float], fmt: str = ".4f") -> str:
     return f"{stat['mean']:{fmt}} ± {stat['std']:{fmt}}"
 
 
+def kd_methods_section(results: dict[str, Any], previous: dict[str, Any], md: Path) -> str | None:
+    """The distillation-methods table: this run's (``benchmarks/results/kd_methods.md``, written by
+    ``python -m benchmarks.kd_methods``), else, with ``--merge``, the one kept from before (in the
+    previous results.json, or the previous BENCHMARKS.md's section)."""
+    fresh = HERE / "results" / "kd_methods.md"
+    if results["components"].get("kd_methods", {}).get("returncode") == 0 and fresh.exists():
+        return fresh.read_text()
+    if not previous:
+        return None
+    if previous.get("kd_methods_md"):
+        return previous["kd_methods_md"]
+    text = md.read_text() if md.exists() else ""
+    start = text.find(KD_SECTION)
+    if start < 0:
+        return None
+    end = text.find("\n## ", start + len(KD_SECTION))
+    return (text[start:] if end < 0 else text[start:end]).rstrip("\n") + "\n"
+
+
 def markdown(results: dict[str, Any]) -> str:
     """``BENCHMARKS.md``: machine, component benchmarks, the pipeline over seeds, failures."""
     lines = _machine_lines(results) + _component_lines(results["components"])
-    kd_methods = HERE / "results" / "kd_methods.md"   # written by python -m benchmarks.kd_methods
-    if "kd_methods" in results["components"] and kd_methods.exists():
-        lines += ["", kd_methods.read_text()]
+    if results.get("kd_methods_md"):
+        lines += ["", results["kd_methods_md"]]
     agg = results.get("pipeline")
     if agg and agg["n_runs"]:
         ok = [r for r in results["pipeline_runs"] if r.get("returncode") == 0]
@@ -364,10 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     command = "python -m benchmarks.run_all" + (" --quick" if args.quick else "") + \
-        (f" --only {' '.join(args.only)}" if args.only != list(COMPONENTS) else "") + \
+        (f" --only {' '.join(args.only)}".rstrip() if args.only != list(COMPONENTS) else "") + \
         (f" --seeds {' '.join(map(str, args.seeds))}".rstrip() if args.seeds != [0, 1, 2] else "") + \
         (" --merge" if args.merge else "") + (" --reuse" if args.reuse else "") + \
-        (" --quality" if args.quality else "")
+        (" --quality" if args.quality else "") + \
+        (f" --quality-args={' '.join(args.quality_args)}" if args.quality and args.quality_args else "")
     results: dict[str, Any] = {"command": command, "date": dt.date.today().isoformat(), "machine": machine(),
                                "components": {}, "pipeline_runs": []}
     for name in args.only:
@@ -381,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     results["pipeline_command"] = f"specdistill run {args.config} run.seed=S"
     if args.quality:
         results["quality"] = run_quality(args.reuse, args.quality_args)
+    previous: dict[str, Any] = {}
     if args.merge and args.out.exists():
         previous = json.loads(args.out.read_text())
         results["components"] = {**previous.get("components", {}), **results["components"]}
@@ -390,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quality and previous.get("quality"):
             results["quality"] = previous["quality"]
         results["command"] = f"{previous['command']}`, then `{command}" if previous.get("command") else command
+    results["kd_methods_md"] = kd_methods_section(results, previous if args.merge and args.out.exists() else {},
+                                                  args.md)
     results["pipeline"] = aggregate(results["pipeline_runs"])
     results["wall_seconds"] = time.perf_counter() - started
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -100,3 +100,13 @@ def test_collect_reads_a_finished_run_directory(tmp_path):
     assert result["groups"] == {"n_groups": 2, "num_classes": 6, "method": "spectral", "min_size": 2,
                                 "max_size": 3, "unassigned": 1, "stability_ari": 0.5}
     assert result["ensemble"]["ensemble_top1"] == 0.92 and result["table4"] == [{"specialists_covering": 1}]
+
+
+def test_the_distillation_methods_table_is_kept_when_merging_without_re_running_it(tmp_path):
+    section = "## Distillation methods side by side\n\n| method | top-1 |\n|---|---:|\n| kd | 0.5 |\n"
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\n" + section + "\n## The same on CIFAR-100 with a GPU\n\ntext\n")
+    kept = RUN_ALL["kd_methods_section"]({"components": {}}, {"command": "earlier"}, md)
+    assert kept == section
+    assert RUN_ALL["kd_methods_section"]({"components": {}}, {"kd_methods_md": "## stored\n"}, md) == "## stored\n"
+    assert RUN_ALL["kd_methods_section"]({"components": {}}, {}, md) is None  # no --merge: nothing carried over
