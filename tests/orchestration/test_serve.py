@@ -33,6 +33,7 @@ from ray.exceptions import RayTaskError
 
 from generalist.data import create_dataset
 from orchestration.ensemble_api import Ensemble
+from orchestration.local_ray import descendants
 from orchestration.serve import ServeError, ServeOptions
 from orchestration.serve_protocol import (
     RequestError,
@@ -50,26 +51,6 @@ START_TIMEOUT_S = 180
 def _private_ray_env() -> dict[str, str]:
     """The environment, minus RAY_ADDRESS: the server starts its own local Ray."""
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
 
 
 def _alive(pids: set[int]) -> set[int]:
@@ -148,7 +129,7 @@ def _start_server(run_dir: Path, log: Path, *options: str) -> Server:
 def _stop(server: Server) -> None:
     """SIGTERM the server (SIGKILL if it hangs) and SIGKILL whatever of it is left."""
     if server.proc.poll() is None:
-        family = _descendants(server.proc.pid)
+        family = descendants(server.proc.pid)
         server.proc.send_signal(signal.SIGTERM)
         try:
             server.proc.wait(timeout=60)
@@ -297,7 +278,7 @@ def test_health_and_classes(server, run_dir, ensemble):
 def test_the_private_ray_listens_on_loopback_only(server):
     """Every socket the server's processes listen on (GCS, raylet, workers, Serve controller and
     proxy, dashboard and runtime-env agents, metrics ports, the HTTP proxy) is on 127.0.0.1."""
-    family = _descendants(server.proc.pid) | {server.proc.pid}
+    family = descendants(server.proc.pid) | {server.proc.pid}
     sockets = _listening(family)
     names = {Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode() for pid, *_ in sockets}
     assert len(sockets) >= 8 and any("gcs_server" in n for n in names) and any("raylet" in n for n in names), sockets
@@ -410,7 +391,7 @@ def test_concurrent_clients_share_batches(server, ensemble, images):
 
 
 def test_sigint_stops_the_server_and_its_processes(server):
-    family = _descendants(server.proc.pid)
+    family = descendants(server.proc.pid)
     assert family, "Ray should run as the server's child processes"
     server.proc.send_signal(signal.SIGINT)
     assert server.proc.wait(timeout=90) == 0, server.output()[-3000:]
@@ -448,7 +429,7 @@ def test_leftovers_of_a_killed_server_are_stopped_by_the_next_start(run_dir, tmp
     """kill -9 of the driver leaves Ray's dashboard and runtime-env agents running; the next
     private local Ray stops them (and only them: nothing of a live driver is touched)."""
     first = _start_server(run_dir, tmp_path / "first.log")
-    family = _descendants(first.proc.pid)
+    family = descendants(first.proc.pid)
     first.proc.kill()
     first.proc.wait()
     second = _start_server(run_dir, tmp_path / "second.log")
