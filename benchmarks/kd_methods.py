@@ -220,16 +220,25 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def section_span(text: str) -> tuple[int, int] | None:
+    """Where this benchmark's section of a BENCHMARKS.md text starts and the next section starts
+    (``len(text)`` when it is the last); None when it has none."""
+    start = text.find(SECTION)
+    if start < 0:
+        return None
+    following = text.find("\n## ", start + len(SECTION))
+    return start, len(text) if following < 0 else following + 1
+
+
 def write_section(md: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
     """Put ``md`` in place of the section in ``path`` (appended when it has none)."""
     text = path.read_text() if path.exists() else ""
-    start = text.find(SECTION)
-    if start < 0:
+    span = section_span(text)
+    if span is None:
         path.write_text(text.rstrip("\n") + "\n\n" + md)
         return
-    following = text.find("\n## ", start + len(SECTION))
-    rest = "" if following < 0 else text[following + 1:]
-    path.write_text(text[:start] + md + ("\n" + rest if rest else ""))
+    rest = text[span[1]:]
+    path.write_text(text[:span[0]] + md + ("\n" + rest if rest else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmarks.kd_methods import SECTION as KD_SECTION
+from benchmarks.kd_methods import section_span as kd_section_span
 from benchmarks.quality_report import markdown as quality_markdown
 
 HERE = Path(__file__).resolve().parent
@@ -213,11 +213,8 @@ def kd_methods_section(results: dict[str, Any], previous: dict[str, Any], md: Pa
     if previous.get("kd_methods_md"):
         return previous["kd_methods_md"]
     text = md.read_text() if md.exists() else ""
-    start = text.find(KD_SECTION)
-    if start < 0:
-        return None
-    end = text.find("\n## ", start + len(KD_SECTION))
-    return (text[start:] if end < 0 else text[start:end]).rstrip("\n") + "\n"
+    span = kd_section_span(text)
+    return None if span is None else text[span[0]:span[1]].rstrip("\n") + "\n"
 
 
 def markdown(results: dict[str, Any]) -> str:
