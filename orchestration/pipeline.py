@@ -72,6 +72,12 @@ class StageContext:
     def data(self):
         return self.load_data()
 
+    def source(self):
+        """The data as an :class:`~generalist.data.source.ExampleSource` (batches by split)."""
+        from generalist.data.source import InMemorySource
+
+        return InMemorySource(self.load_data())
+
 
 @dataclass(frozen=True)
 class Stage:

@@ -13,12 +13,11 @@ import math
 from typing import Any
 
 from generalist.data import DataError
-from generalist.data.augment import augmented_batches
+from generalist.data.loader import loader
 from generalist.models import summarize_model
 from generalist.train import (
     EarlyStopping,
     evaluate,
-    iterate_batches,
     plateau_epoch_end,
     set_seed,
     train_one_epoch,
@@ -144,18 +143,16 @@ def _convergence(ctx, stopper: EarlyStopping, epochs_trained: int) -> dict[str, 
 
 def _train_epoch(ctx, model, optimizer, scheduler, stopper, epoch, steps_per_epoch) -> bool:
     cfg, data, device = ctx.config.generalist, ctx.data(), ctx.device
-    batches = augmented_batches(iterate_batches(
-        data.train.images, data.train.labels, batch_size=cfg.batch_size, shuffle=True,
-        seed=ctx.config.run.seed, epoch=epoch, device=device,
-    ), augment_spec(ctx.config.data.augment, data, cfg.augment),
-        seed=ctx.config.run.seed, epoch=epoch)
+    batches = loader(ctx.source(), "train", batch_size=cfg.batch_size, shuffle=True,
+                     seed=ctx.config.run.seed, epoch=epoch, device=device,
+                     augment=augment_spec(ctx.config.data.augment, data, cfg.augment))
     with step_progress(ctx, epoch, steps_per_epoch) as advance:
         result = train_one_epoch(
             model, batches, optimizer, scheduler, epoch=epoch, device=device,
             label_smoothing=cfg.label_smoothing, amp=cfg.amp and device.type == "cuda",
             on_step=advance,
         )
-    holdout = evaluate(model, _eval_batches(ctx, data.holdout), device=device)
+    holdout = evaluate(model, _eval_batches(ctx, "holdout"), device=device)
     plateau_epoch_end(scheduler, holdout["loss"])
     stop = stopper.step(holdout["loss"], epoch + 1)
     metrics = {
@@ -220,7 +217,7 @@ def _write(ctx, model, spec, summary, convergence: dict[str, Any], best_epoch: i
     """Evaluate the final generalist on the test split and write its files."""
     data, device = ctx.data(), ctx.device
     model = model.to(device)
-    test = evaluate(model, _eval_batches(ctx, data.test), device=device)
+    test = evaluate(model, _eval_batches(ctx, "test"), device=device)
     metrics = {
         "test_top1": test["top1"],
         "test_top5": test["top5"],
@@ -251,11 +248,9 @@ def _write(ctx, model, spec, summary, convergence: dict[str, Any], best_epoch: i
     return StageResult(outputs=outputs, metrics=metrics, details={"data": data.describe()})
 
 
-def _eval_batches(ctx, split):
-    return iterate_batches(
-        split.images, split.labels, batch_size=ctx.config.generalist.eval_batch_size,
-        shuffle=False, device=ctx.device,
-    )
+def _eval_batches(ctx, split: str):
+    return loader(ctx.source(), split, batch_size=ctx.config.generalist.eval_batch_size,
+                  shuffle=False, device=ctx.device)
 
 
 STAGE = Stage(
