@@ -5,7 +5,7 @@
     bundle.train.labels                                # (N,) int64 in [0, K)
 """
 
-from generalist.data import external, glyphs, hierarchy, image_folder  # noqa: F401  (registers)
+from generalist.data import external, glyphs, hierarchy, image_folder, packed  # noqa: F401  (registers)
 from generalist.data.core import DataBundle, DataError, Split, to_float
 from generalist.data.registry import (
     create_dataset,
