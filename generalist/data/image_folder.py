@@ -142,6 +142,13 @@ def build_image_folder(*, root: str | None = None, seed: int = 0, image_size: in
 def carve_by_source(train: Split, files: dict[str, list[Path]], pattern: str, fraction: float,
                     seed: int) -> tuple[Split, Split, list[str]]:
     """(train, holdout, holdout sources): every image of a random `fraction` of the sources."""
+    mask, held = holdout_source_mask(files, pattern, fraction, seed)
+    return train.subset(~torch.from_numpy(mask)), train.subset(torch.from_numpy(mask)), held
+
+
+def holdout_source_mask(files: dict[str, list[Path]], pattern: str, fraction: float,
+                        seed: int) -> tuple[np.ndarray, list[str]]:
+    """(mask over the files of `files` in load_split's order (N,) bool, the holdout sources)."""
     try:
         regex = re.compile(pattern)
     except re.error as err:
@@ -154,8 +161,7 @@ def carve_by_source(train: Split, files: dict[str, list[Path]], pattern: str, fr
     rng = np.random.default_rng(derive_seed(seed, SPLIT_STREAM["holdout"]))
     take = min(len(names) - 1, max(1, round(fraction * len(names))))
     held = sorted(rng.choice(names, size=take, replace=False).tolist())
-    mask = torch.tensor([s in held for s in sources])
-    return train.subset(~mask), train.subset(mask), held
+    return np.array([s in held for s in sources], dtype=bool), held
 
 
 def _source(regex: re.Pattern, path: Path) -> str:
