@@ -9,6 +9,7 @@
     specdistill serve RUN [--host H] [--port P] [...]    # HTTP API on Ray Serve (docs/serve.md)
     specdistill predict MODEL IMAGE... [--top-k K] [--json]   # the student (RUN or models:/NAME@ALIAS)
     specdistill config [CONFIG] [key=value ...]          # print the resolved config
+    specdistill data pack SRC OUT [--option K=V] [--shard-size N]   # packed shards (docs/data.md)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from orchestration import data_cli
 from orchestration.artifacts import CONFIG
 from orchestration.config import ConfigError, check_data_options, load_config
 from orchestration.stages import STAGES, stage_names
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(stage)
     show = sub.add_parser("config", help="print the fully resolved config")
     _add_config_args(show)
+    data_cli.add_parser(sub)
     groups = sub.add_parser("groups", help="print, export, edit (apply) or approve the confusable groups of a run")
     groups.add_argument("run", metavar="RUN", help="run directory (or a run name under runs/)")
     action = groups.add_mutually_exclusive_group()
@@ -351,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_serve(ns, console)
         if ns.command == "predict":
             return _cmd_predict(ns, console)
+        if ns.command == "data":
+            return data_cli.run(ns, console)
         return _cmd_run(ns, console)
     except ConfigError as exc:
         errors.print(f"error: {exc}", markup=False, highlight=False)

@@ -146,6 +146,10 @@ class DataConfig(Section):
         False, description="Data on disk: decide whether it changed by the files' sha256 (reads every "
         "file) instead of their names, sizes and modification times. Not part of any fingerprint."
     )
+    workers: int = Field(
+        0, ge=0, description="Loader worker processes that decode and augment batches (0 = in the "
+        "training process; > 0 draws each batch's augmentation from (seed, epoch, batch index))."
+    )
 
 
 class GeneralistConfig(Section):

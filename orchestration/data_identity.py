@@ -5,7 +5,9 @@ pins them. Data a user brings (``image_folder``, CIFAR, the MNIST family) can ch
 same config, e.g. a class folder added or an image replaced. Its identity is the list of files
 it is read from, each with its path under ``data.root``, its size and its modification time
 (``stat`` only, nothing is decoded), or with ``data.verify_content`` its sha256 instead of the
-time (every file is read). Every stage takes it as its input ``data``
+time (every file is read). Packed data (``data.name=packed``) is pinned by its manifest: the
+sha256 of every shard and class index it lists (only the manifest is read, local or remote).
+Every stage takes it as its input ``data``
 (:func:`orchestration.pipeline.stage_fingerprint`), so changed data re-runs what depends on it.
 Data sets registered elsewhere are pinned by their config alone.
 """
@@ -42,6 +44,8 @@ def data_files(config: Config) -> tuple[Path, list[Path]] | None:
 
 def data_fingerprint(config: Config) -> str | None:
     """sha256 of the data's file list (see the module docstring); None for built-in data."""
+    if normalise_name(config.data.name) == "packed":
+        return packed_fingerprint(config.data.root)
     found = data_files(config)
     if found is None:
         return None
@@ -49,6 +53,20 @@ def data_fingerprint(config: Config) -> str | None:
     entries = [_entry(root, path, config.data.verify_content) for path in files]
     blob = json.dumps({"files": entries, "content": config.data.verify_content}, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def packed_fingerprint(root: str | None) -> str:
+    """sha256 of the checksums a packed set's manifest lists (see the module docstring)."""
+    from generalist.data.packed import build_packed
+    from generalist.data.packed_format import read_manifest
+    from generalist.data.storage import Storage
+
+    if root is None:
+        build_packed(root=None)          # raises the DataError that says what to pass
+    manifest = read_manifest(Storage.open(str(root)))
+    sums = {split: {"shards": [s["sha256"] for s in entry["shards"]], "index": entry["index"]["sha256"]}
+            for split, entry in sorted(manifest["splits"].items())}
+    return hashlib.sha256(json.dumps({"packed": sums}, sort_keys=True).encode()).hexdigest()
 
 
 def _entry(root: Path, path: Path, content: bool) -> list[str | int]:

@@ -68,15 +68,18 @@ class StageContext:
     load_data: Callable[[], Any]
     upstream: dict[str, Manifest]
     tracker: PipelineTracker | None = None      # parent run id and client, for per-item child runs
+    _source: Any = field(default=None, init=False, repr=False)
 
     def data(self):
         return self.load_data()
 
     def source(self):
-        """The data as an :class:`~generalist.data.source.ExampleSource` (batches by split)."""
-        from generalist.data.source import InMemorySource
-
-        return InMemorySource(self.load_data())
+        """The data as an :class:`~generalist.data.source.ExampleSource` (batches by split):
+        packed data and folder trees stream from storage (``PackedSource``, ``FolderSource``),
+        every other data set is loaded once into memory (``InMemorySource``)."""
+        if self._source is None:
+            self._source = open_source(self.config, self.load_data)
+        return self._source
 
 
 @dataclass(frozen=True)
@@ -382,6 +385,21 @@ def _set_aside(run: _Pass, stage: Stage, reason: str, inputs: dict[str, str]) ->
 def _run_keys(config: Config) -> list[str]:
     """Everything but tracking decides the identity of a pipeline run."""
     return [k for k in type(config).model_fields if k != "tracking"]
+
+
+def open_source(config: Config, load_data: Callable[[], Any]):
+    """The configured data as an ExampleSource (see :meth:`StageContext.source`)."""
+    from generalist.data.folder_source import FolderSource
+    from generalist.data.packed import PackedSource
+    from generalist.data.source import InMemorySource
+    from generalist.registry import normalise_name
+
+    name = normalise_name(config.data.name)
+    if name == "packed":
+        return PackedSource(config.data.root)
+    if name == "image_folder":
+        return FolderSource(config.data.root, seed=config.run.seed, **config.data.options)
+    return InMemorySource(load_data())
 
 
 def _load_data(config: Config):
