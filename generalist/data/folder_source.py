@@ -95,13 +95,20 @@ class FolderSource:
     def __init__(self, root: str | None, *, seed: int = 0, image_size: int = 32, channels: int = 3,
                  holdout_fraction: float = 0.1, test_fraction: float = 0.1,
                  num_classes: int | None = None, source_pattern: str | None = None) -> None:
-        self.layout = folder_layout(root, seed=seed, image_size=image_size, channels=channels,
-                                    holdout_fraction=holdout_fraction, test_fraction=test_fraction,
-                                    num_classes=num_classes, source_pattern=source_pattern)
+        self.options = {"seed": seed, "image_size": image_size, "channels": channels,
+                        "holdout_fraction": holdout_fraction, "test_fraction": test_fraction,
+                        "num_classes": num_classes, "source_pattern": source_pattern}
+        self.root = root
+        self.layout = folder_layout(root, **self.options)
         self.name = "image_folder"
         self.class_names = self.layout.class_names
         self.info = self.layout.info
         self.image_shape = (channels, self.info["image_size"], self.info["image_size"])
+
+    def __reduce__(self) -> tuple:
+        """Pickled as its root and options (not its N paths): a process it is sent to lists the
+        tree again, which it must be able to read anyway."""
+        return _reopen, (self.root, self.options)
 
     @property
     def num_classes(self) -> int:
@@ -163,3 +170,7 @@ class FolderSource:
             splits[split] = {"size": self.size(split), "sha256": hashlib.sha256(listing.encode()).hexdigest()}
         return {"name": self.name, "num_classes": self.num_classes, "image_shape": list(self.image_shape),
                 "class_names_sha256": names, "format": "folder", "splits": splits}
+
+
+def _reopen(root: str | None, options: dict[str, Any]) -> FolderSource:
+    return FolderSource(root, **options)

@@ -65,6 +65,10 @@ class PackedSource:
         self.row_group_size = int(self.manifest["row_group_size"])
         self._indexes: dict[str, ClassIndex] = {}
 
+    def __getstate__(self) -> dict:
+        """Pickled (e.g. to Ray workers) without the loaded class indexes: each process maps its own."""
+        return {**self.__dict__, "_indexes": {}}
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)

@@ -1,5 +1,7 @@
 """FolderSource: the image_folder data set's splits, read file by file."""
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -57,7 +59,8 @@ def test_train_and_test_folders_equal_the_image_folder_data_set(tmp_path):
 
 def test_two_ranks_split_each_global_batch(tmp_path):
     _png_tree(tmp_path, ["a", "b"], per_class=10)
-    folder = FolderSource(str(tmp_path), image_size=4)
+    folder = pickle.loads(pickle.dumps(FolderSource(str(tmp_path), image_size=4, seed=3)))
+    assert folder.options["seed"] == 3 and len(pickle.dumps(folder)) < 1000
     parts = [list(folder.batches("train", batch_size=4, shuffle=True, rank=r, world_size=2)) for r in (0, 1)]
     whole = list(folder.batches("train", batch_size=4, shuffle=True))
     assert len(parts[0]) == len(parts[1]) == folder.size("train") // 4

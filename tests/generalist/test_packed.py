@@ -3,6 +3,7 @@ streaming for data-parallel ranks, resuming a pack, and damaged or missing data.
 
 import hashlib
 import json
+import pickle
 
 import numpy as np
 import pyarrow as pa
@@ -62,7 +63,7 @@ def test_manifest_and_shards(tmp_path):
 
 def test_source_equals_the_data_it_was_packed_from(tmp_path):
     bundle = _bundle(channels=3)
-    _pack(bundle, tmp_path)
+    _pack(bundle, f"file://{tmp_path}")
     source, memory = PackedSource(f"file://{tmp_path}"), InMemorySource(bundle)
     assert isinstance(source, ExampleSource)
     assert (source.name, source.class_names, source.image_shape) == ("toy", bundle.class_names, (3, 5, 5))
@@ -77,6 +78,8 @@ def test_source_equals_the_data_it_was_packed_from(tmp_path):
     whole = list(source.batches("train", batch_size=16, shuffle=False))
     assert [len(y) for _, y in whole] == [16, 16, 16, 12]
     assert torch.equal(torch.cat([x for x, _ in whole]), bundle.train.images)
+    source.class_positions("test", [0])
+    assert pickle.loads(pickle.dumps(source))._indexes == {}        # each process maps its own index
     loaded = create_dataset("packed", root=str(tmp_path))
     assert loaded.describe()["splits"] == bundle.describe()["splits"]
 
