@@ -57,13 +57,11 @@ def data_fingerprint(config: Config) -> str | None:
 
 def packed_fingerprint(root: str | None) -> str:
     """sha256 of the checksums a packed set's manifest lists (see the module docstring)."""
-    from generalist.data.packed import build_packed
+    from generalist.data.packed import require_root
     from generalist.data.packed_format import read_manifest
     from generalist.data.storage import Storage
 
-    if root is None:
-        build_packed(root=None)          # raises the DataError that says what to pass
-    manifest = read_manifest(Storage.open(str(root)))
+    manifest = read_manifest(Storage.open(require_root(root)))
     sums = {split: {"shards": [s["sha256"] for s in entry["shards"]], "index": entry["index"]["sha256"]}
             for split, entry in sorted(manifest["splits"].items())}
     return hashlib.sha256(json.dumps({"packed": sums}, sort_keys=True).encode()).hexdigest()

@@ -202,14 +202,19 @@ def _records(table: pa.Table, shard: int, rows: np.ndarray) -> Records:
     return Records(payloads, labels, origin)
 
 
+def require_root(root: str | None) -> str:
+    """``root``, or the DataError saying that packed data needs one."""
+    if root is None:
+        raise DataError("data set 'packed' needs root=<folder or URI> written by `specdistill data pack "
+                        "SRC OUT`; pass data.root=OUT")
+    return str(root)
+
+
 @register_dataset("packed")
 def build_packed(*, root: str | None = None, seed: int = 0) -> DataBundle:
     """A packed data set (``specdistill data pack``) loaded into memory, for small sets. ``seed``
     is not used: the splits were fixed when the data was packed (manifest ``split``)."""
-    if root is None:
-        raise DataError("data set 'packed' needs root=<folder or URI> written by `specdistill data pack "
-                        "SRC OUT`; pass data.root=OUT")
-    source = PackedSource(root)
+    source = PackedSource(require_root(root))
     splits = {split: source.take(split, np.arange(source.size(split))) for split in SPLIT_NAMES}
     info = {**source.info, "packed_root": str(root), "split": source.manifest.get("split", {})}
     return DataBundle(source.name, source.class_names, splits["train"], splits["holdout"], splits["test"], info)

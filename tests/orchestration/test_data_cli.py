@@ -61,7 +61,7 @@ def test_pack_a_built_in_set_and_its_identity(workdir, capsys):
     assert data_fingerprint(config) != first
 
 
-def test_bad_input_exits_with_a_message(workdir, capsys):
+def test_bad_input_exits_with_a_message(tiny_args, workdir, capsys):
     assert main(["data", "pack", "hierarchy", str(workdir / "o"), "--option", "nonsense"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
     assert main(["data", "pack", str(workdir / "missing-tree"), str(workdir / "o")]) == 2
@@ -70,3 +70,6 @@ def test_bad_input_exits_with_a_message(workdir, capsys):
     _tree(workdir / "t" / "test", classes=("a", "b", "z"), per_class=1)
     assert main(["data", "pack", str(workdir / "t"), str(workdir / "o")]) == 2
     assert "['z']" in capsys.readouterr().err
+    missing = tiny_args("data.name=packed", f"data.root={workdir / 'nowhere'}", "data.options={}")
+    assert main(["run", *missing, "--only", "generalist"]) == 2
+    assert "no packed data at" in capsys.readouterr().err and not (workdir / "run").exists()
