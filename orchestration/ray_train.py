@@ -30,13 +30,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from orchestration.config import ConfigError
 from orchestration.config_sections import RayConfig, RayTrainConfig
 
 STORAGE = "ray_train"          # Ray Train's own storage, inside the stage folder
 
 
-class RayTrainError(RuntimeError):
-    """Data-parallel training cannot start on this cluster; says which keys to change."""
+class RayTrainError(ConfigError):
+    """Data-parallel training cannot run with these settings on this cluster; names the keys to change."""
 
 
 def on_ray_train(cfg: RayTrainConfig) -> bool:
@@ -160,8 +161,15 @@ def check_cluster(cfg: RayTrainConfig) -> None:
 
 def fit(worker: Callable[[dict[str, Any]], None], payload: dict[str, Any], cfg: RayConfig, *,
         storage: Path, name: str) -> None:
-    """Run ``worker(payload)`` on ``cfg.train.workers`` Ray Train workers; re-raises a worker's error."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    """Run ``worker(payload)`` on ``cfg.train.workers`` Ray Train workers; once the restarts
+    (``max_failures``) are spent, raises the first failed rank's own error (e.g. a NaN loss)."""
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+        WorkerGroupError,
+    )
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from orchestration.parallel import connect
@@ -179,7 +187,16 @@ def fit(worker: Callable[[dict[str, Any]], None], payload: dict[str, Any], cfg: 
                              failure_config=FailureConfig(max_failures=train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except WorkerGroupError as exc:
+        raise first_failure(exc) from exc
+
+
+def first_failure(exc: Any) -> BaseException:
+    """The lowest failed rank's own exception (unwrapped from Ray's task error), else ``exc``."""
+    failures = [getattr(e, "cause", None) or e for _, e in sorted(exc.worker_failures.items())]
+    return failures[0] if failures else exc
 
 
 def absolute_uri(uri: str) -> str:
