@@ -81,3 +81,16 @@ def test_two_workers_hold_the_same_weights_and_match_one_worker(local_ray, tiny_
     first = [next(m.value for m in history[r] if m.step == 1) for r in (parallel, single)]
     assert abs(first[0] - first[1]) < 0.05                 # same model, data and learning rate
     assert "test_top1" in parallel.data.metrics
+
+
+def test_throughput_of_one_worker_in_the_driver(tiny_args, workdir):
+    from orchestration.config import load_config
+    from orchestration.ray_train_bench import generalist_throughput
+
+    config = load_config(None, tiny_args("generalist.epochs=3", "generalist.patience=3"))
+    result = generalist_throughput(config, workers=1, cpus_per_worker=1, run_dir=workdir / "bench")
+    metrics = json.loads((workdir / "bench" / "generalist" / "metrics.json").read_text())
+    assert result["epochs"] == 3 == metrics["epochs_trained"]
+    assert result["images_per_s"] > 0 and 0 < result["holdout_loss"] < 10
+    with pytest.raises(ValueError, match="fresh run_dir"):
+        generalist_throughput(config, workers=1, cpus_per_worker=1, run_dir=workdir / "bench")
