@@ -102,8 +102,22 @@ class TrackingConfig(Section):
     experiment: str = Field("specdistill", description="MLflow experiment name.")
 
 
+class RayTrainConfig(Section):
+    """Data-parallel training of the generalist and the students on Ray Train (TorchTrainer,
+    DDP): each worker reads its own part of every global batch. workers = 1 without use_gpu
+    trains in the driver process, without Ray."""
+
+    workers: int = Field(1, ge=1, description="Data-parallel workers; 1 = train in the driver process.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs per worker (also its torch threads).")
+    use_gpu: bool = Field(False, description="One GPU per worker (nccl); false = CPU workers (gloo).")
+    max_failures: int = Field(
+        2, ge=0, description="Restarts of the worker group after a worker dies; each resumes from the last epoch."
+    )
+
+
 class RayConfig(Section):
-    """The Ray cluster every stage that uses Ray connects to (specialists, the soft-target cache)."""
+    """The Ray cluster every stage that uses Ray connects to (specialists, the soft-target cache,
+    data-parallel training)."""
 
     address: str | None = Field(
         None, description="Ray cluster; None = the job's cluster under `ray job submit`, else a private local Ray."
@@ -111,6 +125,8 @@ class RayConfig(Section):
     local_num_cpus: int | None = Field(
         None, ge=1, description="CPUs of the private local Ray (address=None); None = all cores."
     )
+    train: RayTrainConfig = Field(default_factory=RayTrainConfig,
+                                  description="Data-parallel training of the generalist and students.")
 
 
 class AugmentConfig(Section):

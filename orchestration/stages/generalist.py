@@ -4,13 +4,17 @@ Reads top to bottom: build the model from the config; with ``generalist.init`` l
 weights (:mod:`orchestration.generalist_init`: checked against the data, source and checksum
 recorded) and either only evaluate them or fine-tune from them; resume from the last epoch
 checkpoint if one fits, train with early stopping on the holdout loss, evaluate the best weights on the
-test split, and write ``model.safetensors`` + ``model.json`` + ``metrics.json``.
+test split, and write ``model.safetensors`` + ``model.json`` + ``metrics.json``. With
+``ray.train.workers`` > 1 (or ``ray.train.use_gpu``) the same loop runs on Ray Train workers
+(:mod:`orchestration.ray_train`), each reading its part of every global batch; the driver then
+evaluates and writes the files as for one worker.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
+
+import ray
 
 from generalist.data import DataError
 from generalist.data.loader import loader
@@ -28,22 +32,32 @@ from orchestration.checkpoints import (
     Checkpointer,
     CheckpointError,
     build_model,
+    load_snapshot,
     save_model,
 )
 from orchestration.files import write_json
 from orchestration.generalist_init import InitWeights, check_fits, init_identity, read_init
 from orchestration.pipeline import Stage, StageContext, StageResult, step_progress
+from orchestration.ray_train import (
+    SINGLE,
+    STORAGE,
+    Parallel,
+    fit,
+    on_ray_train,
+    stage_payload,
+    worker_context,
+)
 from orchestration.tracking import resolve_tracking_uri
 
 NAME = "generalist"
 
 
 def model_spec(ctx: StageContext) -> dict[str, Any]:
-    cfg, data = ctx.config.generalist, ctx.data()
-    channels, height, _ = data.image_shape
+    cfg, source = ctx.config.generalist, ctx.source()
+    channels, height, _ = source.image_shape
     return {
         "name": cfg.model,
-        "num_classes": data.num_classes,
+        "num_classes": source.num_classes,
         "in_channels": channels,
         "image_size": height,
         "width": cfg.width,
@@ -51,58 +65,106 @@ def model_spec(ctx: StageContext) -> dict[str, Any]:
     }
 
 
-def check_splits(data) -> None:
+def check_splits(source) -> None:
     """Every split must hold examples: holdout drives early stopping and clustering."""
     for split in ("train", "holdout", "test"):
-        if len(getattr(data, split)) == 0:
+        if source.size(split) == 0:
             raise DataError(
-                f"the {split} split is empty ({data.name}); early stopping and clustering need "
+                f"the {split} split is empty ({source.name}); early stopping and clustering need "
                 f"held-out examples and evaluation needs a test split: raise "
                 f"data.options.{split}_per_class (built-in sets) or the {split} fraction"
             )
 
 
 def run(ctx: StageContext) -> StageResult:
-    cfg, data = ctx.config.generalist, ctx.data()
-    check_splits(data)
+    cfg, source = ctx.config.generalist, ctx.source()
+    check_splits(source)
     set_seed(ctx.config.run.seed)
     spec = model_spec(ctx)
     model = build_model(spec).to(ctx.device)
-    summary = summarize_model(model, data.image_shape, device=str(ctx.device))
+    summary = summarize_model(model, source.image_shape, device=str(ctx.device))
     ctx.console.print(
         f"  model {cfg.model} width={cfg.width} depth={cfg.depth}: {summary.params:,} parameters, "
-        f"{summary.latency_ms:.3f} ms/example; data {data.name}: {data.num_classes} classes, "
-        f"{len(data.train):,} train / {len(data.holdout):,} holdout / {len(data.test):,} test"
+        f"{summary.latency_ms:.3f} ms/example; data {source.name}: {source.num_classes} classes, "
+        f"{source.size('train'):,} train / {source.size('holdout'):,} holdout / {source.size('test'):,} test"
     )
     init = _bring_your_own(ctx, model, spec) if cfg.init else None
     if init is not None and cfg.init_mode == "evaluate":
         return _write(ctx, model, spec, summary, {"epochs_trained": 0, "early_stopped": False,
                                                   "still_improving": False, "train_examples_seen": 0}, 0, init)
-    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    checkpoints = Checkpointer(ctx.stage_dir / CHECKPOINTS)
+    if on_ray_train(ctx.config.ray.train):
+        stopper = _train_on_workers(ctx, model, spec, checkpoints)
+    else:
+        stopper = train(ctx, model, spec, SINGLE)
+    convergence = _convergence(ctx, stopper, checkpoints.latest_epoch())
+    return _finish(ctx, checkpoints, spec, summary, convergence, init)
+
+
+def train(ctx: StageContext, model, spec: dict[str, Any], par: Parallel) -> EarlyStopping:
+    """Train ``model`` with early stopping from the last epoch snapshot on, as rank ``par.rank``
+    (rank 0 saves the snapshots); returns the early-stopping state."""
+    cfg = ctx.config.generalist
+    steps_per_epoch = par.steps_per_epoch(ctx.source().size("train"), cfg.batch_size)
     optimizer, scheduler = optimizer_and_schedule(model, cfg.optimizer, steps_per_epoch=steps_per_epoch,
                                                   epochs=cfg.epochs)
     stopper = EarlyStopping(patience=cfg.patience)
     checkpoints = Checkpointer(ctx.stage_dir / CHECKPOINTS)
     stateful = {"optimizer": optimizer, "scheduler": scheduler, "early_stopping": stopper}
-    start_epoch = _resume(ctx, checkpoints, model, stateful)
+    start_epoch = _resume(ctx, checkpoints, model, stateful, steps_per_epoch, par)
+    net = par.wrap(model)
 
     for epoch in range(start_epoch, cfg.epochs):
-        stop = _train_epoch(ctx, model, optimizer, scheduler, stopper, epoch, steps_per_epoch)
-        checkpoints.save(epoch + 1, model, stateful, metadata={"model": spec},
-                         best=stopper.best_epoch == epoch + 1)
+        stop, metrics = _train_epoch(ctx, net, model, optimizer, scheduler, stopper, epoch, steps_per_epoch, par)
+        snapshot = checkpoints.save(epoch + 1, model, stateful, metadata={"model": spec},
+                                    best=stopper.best_epoch == epoch + 1) if par.is_main else None
+        par.report(metrics, snapshot)
         if stop:
             ctx.console.print(f"  early stop after epoch {epoch + 1}: holdout loss did not improve")
             break
+    return stopper
 
-    convergence = _convergence(ctx, stopper, checkpoints.latest_epoch())
-    return _finish(ctx, checkpoints, spec, summary, convergence, init)
+
+def _train_on_workers(ctx: StageContext, model, spec: dict[str, Any], checkpoints: Checkpointer) -> EarlyStopping:
+    """:func:`train` on Ray Train workers, all starting from ``model``'s weights; returns the
+    early-stopping state of the last epoch snapshot."""
+    cfg = ctx.config.ray.train
+    ctx.console.print(f"  data-parallel on Ray Train: {cfg.workers} workers x {cfg.cpus_per_worker:g} CPUs"
+                      f"{' + 1 GPU' if cfg.use_gpu else ''}, global batch {ctx.config.generalist.batch_size}")
+    initial = ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    fit(train_worker, stage_payload(ctx, spec=spec, initial=initial), ctx.config.ray,
+        storage=ctx.stage_dir / STORAGE, name=NAME)
+    stopper = EarlyStopping(patience=ctx.config.generalist.patience)
+    load_snapshot(checkpoints.latest_dir(), build_model(spec), {"early_stopping": stopper})
+    return stopper
+
+
+def train_worker(payload: dict[str, Any]) -> None:
+    """One Ray Train worker of the generalist: :func:`train` as its rank, then a check that every
+    rank holds the same weights (their sha256 is tagged on the stage's MLflow run)."""
+    ctx, par = worker_context(payload)
+    set_seed(ctx.config.run.seed)
+    model = build_model(payload["spec"]).to(ctx.device)
+    model.load_state_dict(ray.get(payload["initial"]))
+    train(ctx, model, payload["spec"], par)
+    check_replicas(ctx, par, model)
+
+
+def check_replicas(ctx: StageContext, par: Parallel, model) -> None:
+    """RuntimeError when the ranks' weights differ after training; rank 0 tags their sha256."""
+    digests = par.checksums(model)
+    if par.is_main:
+        ctx.logger.set_tags({"specdistill.ray_train.weights_sha256": ",".join(digests)})
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"the {par.world_size} data-parallel replicas hold different weights after "
+                           f"training (sha256 by rank: {digests}); DDP did not keep them in step")
 
 
 def _bring_your_own(ctx: StageContext, model, spec: dict[str, Any]) -> InitWeights:
     """Load ``generalist.init`` into ``model`` after checking it fits the data; record its source."""
     cfg = ctx.config.generalist
     weights = read_init(cfg.init, _tracking_uri(ctx))
-    check_fits(weights, model.cpu(), spec, list(ctx.data().class_names))
+    check_fits(weights, model.cpu(), spec, list(ctx.source().class_names))
     model.to(ctx.device)
     ctx.logger.set_tags({"specdistill.generalist_source": weights.source,
                          "specdistill.generalist_sha256": weights.sha256})
@@ -132,7 +194,7 @@ def _convergence(ctx, stopper: EarlyStopping, epochs_trained: int) -> dict[str, 
     still_falling = not early and stopper.best_epoch >= epochs_trained
     record = {"early_stopped": early, "epochs_trained": epochs_trained,
               "still_improving": still_falling,
-              "train_examples_seen": epochs_trained * len(ctx.data().train)}
+              "train_examples_seen": epochs_trained * ctx.source().size("train")}
     if still_falling:
         ctx.console.print(
             f"  [yellow]not converged[/]: the generalist stopped at the epoch limit "
@@ -141,49 +203,58 @@ def _convergence(ctx, stopper: EarlyStopping, epochs_trained: int) -> dict[str, 
     return record
 
 
-def _train_epoch(ctx, model, optimizer, scheduler, stopper, epoch, steps_per_epoch) -> bool:
-    cfg, data, device = ctx.config.generalist, ctx.data(), ctx.device
-    batches = loader(ctx.source(), "train", batch_size=cfg.batch_size, shuffle=True,
-                     seed=ctx.config.run.seed, epoch=epoch, device=device,
-                     augment=augment_spec(ctx.config.data.augment, data, cfg.augment))
+def _train_epoch(ctx, net, model, optimizer, scheduler, stopper, epoch, steps_per_epoch,
+                 par: Parallel) -> tuple[bool, dict[str, float]]:
+    """One epoch of ``net`` (``model``, or its DDP wrapper) on this rank's part of every batch,
+    then the holdout loss on rank 0, which every rank's early stopping and plateau see."""
+    cfg, source, device = ctx.config.generalist, ctx.source(), ctx.device
+    batches = loader(source, "train", batch_size=cfg.batch_size, shuffle=True,
+                     seed=ctx.config.run.seed, epoch=epoch, rank=par.rank, world_size=par.world_size,
+                     device=device, augment=augment_spec(ctx.config.data.augment, source, cfg.augment))
     with step_progress(ctx, epoch, steps_per_epoch) as advance:
         result = train_one_epoch(
-            model, batches, optimizer, scheduler, epoch=epoch, device=device,
+            net, batches, optimizer, scheduler, epoch=epoch, device=device,
             label_smoothing=cfg.label_smoothing, amp=cfg.amp and device.type == "cuda",
             on_step=advance,
         )
-    holdout = evaluate(model, _eval_batches(ctx, "holdout"), device=device)
+    par.sync_buffers(model)
+    holdout = par.from_main(lambda: evaluate(model, _eval_batches(ctx, "holdout"), device=device))
     plateau_epoch_end(scheduler, holdout["loss"])
     stop = stopper.step(holdout["loss"], epoch + 1)
+    train_mean = par.mean({"loss": result.loss, "accuracy": result.accuracy})
     metrics = {
-        "train_loss": result.loss,
-        "train_accuracy": result.accuracy,
+        "train_loss": train_mean["loss"],
+        "train_accuracy": train_mean["accuracy"],
         "holdout_loss": holdout["loss"],
         "holdout_top1": holdout["top1"],
-        "examples_per_s": result.examples_per_s,
+        "examples_per_s": par.total(result.examples_per_s),
         "lr": optimizer.param_groups[0]["lr"],
     }
-    ctx.logger.log_metrics(metrics, step=epoch + 1)
+    if par.is_main:
+        ctx.logger.log_metrics(metrics, step=epoch + 1)
     ctx.console.print(
-        f"  epoch {epoch + 1}/{cfg.epochs}  loss {result.loss:.4f}  train acc {result.accuracy:.3f}  "
-        f"holdout loss {holdout['loss']:.4f}  holdout top1 {holdout['top1']:.3f}  "
-        f"{result.examples_per_s:,.0f} img/s  {result.seconds:.1f}s"
+        f"  epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  train acc "
+        f"{metrics['train_accuracy']:.3f}  holdout loss {holdout['loss']:.4f}  holdout top1 "
+        f"{holdout['top1']:.3f}  {metrics['examples_per_s']:,.0f} img/s  {result.seconds:.1f}s"
     )
-    return stop
+    return stop, metrics
 
 
-def _resume(ctx, checkpoints: Checkpointer, model, stateful) -> int:
-    """Continue from the last epoch snapshot; a corrupt one is reported and training restarts."""
+def _resume(ctx, checkpoints: Checkpointer, model, stateful, steps_per_epoch: int,
+            par: Parallel) -> int:
+    """Continue from the last epoch snapshot; a corrupt one is reported and training restarts
+    (rank 0 clears it)."""
     try:
         snapshot = checkpoints.resume(model, stateful)
         if snapshot is not None:
             checkpoints.load_best(build_model(model_spec(ctx)))  # the best snapshot must be readable too
     except CheckpointError as exc:
         ctx.console.print(f"[yellow]warning[/] cannot resume ({exc}); training from scratch")
-        checkpoints.clear()
+        if par.is_main:
+            checkpoints.clear()
         set_seed(ctx.config.run.seed)
         model.load_state_dict(build_model(model_spec(ctx)).state_dict())
-        for name, obj in _fresh_state(ctx, model).items():
+        for name, obj in _fresh_state(ctx, model, steps_per_epoch).items():
             stateful[name].load_state_dict(obj.state_dict())
         return 0
     if snapshot is None:
@@ -192,10 +263,9 @@ def _resume(ctx, checkpoints: Checkpointer, model, stateful) -> int:
     return snapshot.epoch
 
 
-def _fresh_state(ctx, model) -> dict[str, Any]:
+def _fresh_state(ctx, model, steps_per_epoch: int) -> dict[str, Any]:
     """Optimizer, schedule and early stopping as a fresh start has them."""
     cfg = ctx.config.generalist
-    steps_per_epoch = math.ceil(len(ctx.data().train) / cfg.batch_size)
     optimizer, scheduler = optimizer_and_schedule(model, cfg.optimizer, steps_per_epoch=steps_per_epoch,
                                                   epochs=cfg.epochs)
     return {"optimizer": optimizer, "scheduler": scheduler,
@@ -215,7 +285,7 @@ def _finish(ctx, checkpoints: Checkpointer, spec, summary, convergence: dict[str
 def _write(ctx, model, spec, summary, convergence: dict[str, Any], best_epoch: int,
            init: InitWeights | None) -> StageResult:
     """Evaluate the final generalist on the test split and write its files."""
-    data, device = ctx.data(), ctx.device
+    source, device = ctx.source(), ctx.device
     model = model.to(device)
     test = evaluate(model, _eval_batches(ctx, "test"), device=device)
     metrics = {
@@ -229,8 +299,8 @@ def _write(ctx, model, spec, summary, convergence: dict[str, Any], best_epoch: i
     }
     metadata = {
         "model": spec,
-        "class_names": list(data.class_names),
-        "data": data.describe(),
+        "class_names": list(source.class_names),
+        "data": source.describe(),
         "config": ctx.config.generalist.model_dump(mode="json"),
         "metrics": metrics,
         **({"init": init.record()} if init else {}),
@@ -245,7 +315,7 @@ def _write(ctx, model, spec, summary, convergence: dict[str, Any], best_epoch: i
         f"params {summary.params:,}  (best epoch {best_epoch})"
     )
     outputs = [f"{MODEL}.safetensors", f"{MODEL}.json", METRICS]
-    return StageResult(outputs=outputs, metrics=metrics, details={"data": data.describe()})
+    return StageResult(outputs=outputs, metrics=metrics, details={"data": source.describe()})
 
 
 def _eval_batches(ctx, split: str):
