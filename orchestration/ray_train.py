@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from generalist.data.source import InMemorySource
 from orchestration.config import ConfigError
 from orchestration.config_sections import RayConfig, RayTrainConfig
 
@@ -218,14 +219,24 @@ def stage_payload(ctx, **extra: Any) -> dict[str, Any]:
     return {"config": ctx.config, "run_dir": str(ctx.run_dir.path.resolve()),
             "stage_dir": str(ctx.stage_dir.resolve()), "run_id": ctx.logger.run_id,
             "tracking_uri": absolute_uri(uri),
-            "data": ray.put(ctx.data()), **extra}
+            "source": ray.put(ctx.source()), **extra}
 
 
-def worker_data(handle: Any) -> Any:
-    """The stage's data in a worker: the bundle the driver put in the object store once."""
+def worker_source(handle: Any) -> Any:
+    """The stage's ExampleSource in a worker, put in the object store once by the driver: a
+    streaming source travels as its location (a few KB) and each worker reads its own shards;
+    an in-memory one (small data) carries its arrays."""
     import ray
 
     return ray.get(handle)
+
+
+def _in_memory_only(source: Any) -> Callable[[], Any]:
+    def load() -> Any:
+        if isinstance(source, InMemorySource):
+            return source.bundle
+        raise RuntimeError("a data-parallel worker reads streamed data through ctx.source(), never ctx.data()")
+    return load
 
 
 # ------------------------------------------------------------------------------- worker
@@ -247,11 +258,12 @@ def worker_context(payload: dict[str, Any]):
     par = Parallel(context.get_world_rank(), context.get_world_size(), on_ray=True)
     run_dir, uri = Path(payload["run_dir"]), payload["tracking_uri"]
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    data = worker_data(payload["data"])
+    source = worker_source(payload["source"])
     ctx = StageContext(
         config=payload["config"], run_dir=RunDir(run_dir), stage_dir=Path(payload["stage_dir"]),
         logger=RunLogger(client, payload["run_id"], Connection(client, uri, run_dir)),
         console=Console(soft_wrap=True, quiet=not par.is_main, highlight=False),
-        device=get_device(), load_data=lambda: data, upstream={}, tracker=None,
+        device=get_device(), load_data=_in_memory_only(source), upstream={}, tracker=None,
     )
+    ctx._source = source
     return ctx, par

@@ -210,7 +210,8 @@ def _train_epoch(ctx, net, model, optimizer, scheduler, stopper, epoch, steps_pe
     cfg, source, device = ctx.config.generalist, ctx.source(), ctx.device
     batches = loader(source, "train", batch_size=cfg.batch_size, shuffle=True,
                      seed=ctx.config.run.seed, epoch=epoch, rank=par.rank, world_size=par.world_size,
-                     device=device, augment=augment_spec(ctx.config.data.augment, source, cfg.augment))
+                     device=device, augment=augment_spec(ctx.config.data.augment, source, cfg.augment),
+                     workers=ctx.config.data.workers)
     with step_progress(ctx, epoch, steps_per_epoch) as advance:
         result = train_one_epoch(
             net, batches, optimizer, scheduler, epoch=epoch, device=device,
@@ -320,7 +321,7 @@ def _write(ctx, model, spec, summary, convergence: dict[str, Any], best_epoch: i
 
 def _eval_batches(ctx, split: str):
     return loader(ctx.source(), split, batch_size=ctx.config.generalist.eval_batch_size,
-                  shuffle=False, device=ctx.device)
+                  shuffle=False, device=ctx.device, workers=ctx.config.data.workers)
 
 
 STAGE = Stage(
