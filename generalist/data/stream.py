@@ -4,15 +4,16 @@ The rule a sharded source follows (:class:`generalist.data.packed.PackedSource`)
 
 1. Shard order: the shards of the split in storage order, or with ``shuffle`` a permutation
    seeded by ``(seed, epoch)``; the same on every rank.
-2. Ranks: of that order, the first ``w * (S // w)`` shards go round-robin, whole, to the ``w``
-   ranks; each of the ``S mod w`` shards left over is cut into ``w`` row ranges, one per rank.
+2. Ranks: the shards in that order form one sequence of N records; rank r reads its contiguous
+   part, records ``[N r // w, N (r + 1) // w)``: whole shards, and at most a part of one shard at
+   each end, so every rank holds N // w or N // w + 1 records whatever the shard sizes.
 3. Shuffle buffer (``shuffle`` only): records enter a buffer of ``buffer_size`` records; each
    arriving chunk of n records lets n records, drawn at random from the buffer, out (a generator
    seeded by ``(seed, epoch, rank)``); the rest leaves in a random order at the end.
 4. Batches: ``batch_size`` examples with one rank, the last one possibly smaller. With ``w > 1``
    every rank yields exactly ``min_r(records of rank r) // (batch_size // w)`` batches of
    ``batch_size // w``: a rank stops there, so no rank waits for another, and the records past it
-   (at most about one shard per rank) are skipped this epoch and read in another.
+   (fewer than one batch per rank) are skipped this epoch and read in another.
 
 Everything is decided by ``(seed, epoch, rank, world_size)``: a resumed epoch repeats itself.
 """
@@ -76,13 +77,14 @@ def shard_order(num_shards: int, *, shuffle: bool, seed: int, epoch: int) -> lis
 
 def rank_pieces(shard_sizes: list[int], order: list[int], rank: int, world_size: int) -> list[Piece]:
     """The rows rank ``rank`` reads, in order (rule 2)."""
-    whole = len(order) // world_size * world_size
-    pieces = [Piece(s, 0, shard_sizes[s]) for s in order[rank:whole:world_size]]
-    for s in order[whole:]:
-        n = shard_sizes[s]
-        start, stop = n * rank // world_size, n * (rank + 1) // world_size
+    total = sum(shard_sizes[s] for s in order)
+    low, high = total * rank // world_size, total * (rank + 1) // world_size
+    pieces, offset = [], 0
+    for s in order:
+        start, stop = max(low, offset), min(high, offset + shard_sizes[s])
         if stop > start:
-            pieces.append(Piece(s, start, stop))
+            pieces.append(Piece(s, start - offset, stop - offset))
+        offset += shard_sizes[s]
     return pieces
 
 

@@ -103,15 +103,22 @@ def test_ranks_get_equal_disjoint_batches(tmp_path):
     source = PackedSource(str(tmp_path), buffer_size=8)
     parts = [list(source.encoded_batches("train", batch_size=12, shuffle=True, seed=4, epoch=1, rank=r,
                                          world_size=3)) for r in range(3)]
-    # 3 ranks: one whole shard each, the 4th shard cut into thirds -> at least 12 + 4 = 16 records,
-    # 16 // (12 // 3) = 4 batches of 4 on every rank
-    assert [len(p) for p in parts] == [4, 4, 4]
+    # 60 records in shard order, 20 contiguous ones per rank -> 20 // (12 // 3) = 5 batches of 4
+    assert [len(p) for p in parts] == [5, 5, 5]
     assert all(len(r) == 4 for part in parts for _, r in part)
     seen = [tuple(o) for part in parts for _, r in part for o in r.origin.tolist()]
-    assert len(seen) == len(set(seen)) == 48
+    assert len(seen) == len(set(seen)) == 60
     again = list(source.encoded_batches("train", batch_size=12, shuffle=True, seed=4, epoch=1, rank=1,
                                         world_size=3))
     assert [r.origin.tolist() for _, r in again] == [r.origin.tolist() for _, r in parts[1]]
+
+
+def test_uneven_shards_still_give_every_rank_half_the_records():
+    # one big shard and one small one: each rank gets 2,500 records, not 4,096 and 904
+    pieces = [stream.rank_pieces([4096, 904], [1, 0], r, 2) for r in (0, 1)]
+    assert pieces[0] == [stream.Piece(1, 0, 904), stream.Piece(0, 0, 1596)]
+    assert pieces[1] == [stream.Piece(0, 1596, 4096)]
+    assert stream.batches_per_rank([4096, 904], [1, 0], 256, 2) == 2500 // 128
 
 
 def test_streaming_holds_a_bounded_number_of_records(tmp_path, monkeypatch):
