@@ -7,7 +7,9 @@ fingerprint, :func:`specialist_fingerprint`, still matches are kept), open an ML
 per specialist, connect to Ray and fail fast if no node can fit a specialist's resources, run
 every job as a Ray task (``orchestration.specialist_job.train_specialist``: resumable epochs,
 early stopping, prior correction) while printing each specialist's epochs, then write the
-index ``specialists.json``. Each group's folder holds its prior-corrected
+index ``specialists.json``. Every task gets the same small descriptor of the data
+(:func:`orchestration.data_access.source_descriptor`: in-memory arrays put in the object store
+once, or a streaming source) and reads from it only its group's examples and the sampled rest. Each group's folder holds its prior-corrected
 ``model.safetensors`` + ``model.json``; all of them are outputs checksummed by the manifest.
 """
 
@@ -39,6 +41,7 @@ from orchestration.artifacts import (
 from orchestration.builders import augment_spec
 from orchestration.checkpoints import CheckpointError, read_metadata, verify_model_files
 from orchestration.config import ConfigError, SpecialistsConfig, flatten, leaf_keys
+from orchestration.data_access import source_descriptor
 from orchestration.files import read_json, write_json
 from orchestration.parallel import (
     TaskResources,
@@ -140,7 +143,7 @@ def _plan(ctx: StageContext, group: dict[str, Any]) -> SpecialistJob:
         run_dir=str(ctx.run_dir.path.resolve()),
         seed=ctx.config.run.seed * 100_003 + int(group["id"]),
         settings=ctx.config.specialists,
-        augment=augment_spec(ctx.config.data.augment, ctx.data(), ctx.config.specialists.augment),
+        augment=augment_spec(ctx.config.data.augment, ctx.source(), ctx.config.specialists.augment),
         tracking_uri=_absolute_uri(tracker.uri) if tracker else None,
     )
 
@@ -168,7 +171,7 @@ def _train_in_parallel(ctx: StageContext, jobs: list[SpecialistJob]) -> None:
     jobs = [_open_child_run(ctx, job) for job in sorted(jobs, key=lambda j: -len(j.classes))]
     printer = ProgressPrinter(ctx.console, jobs, cfg.epochs)
     failures = run_tasks(
-        train_specialist, jobs, shared=_shared_data(ctx), resources=resources,
+        train_specialist, jobs, shared=source_descriptor(ctx.source(), ("train", "holdout")), resources=resources,
         max_concurrency=cfg.max_concurrency, max_retries=cfg.max_retries,
         on_result=partial(_on_result, ctx, printer), on_tick=printer.poll,
     )
@@ -225,6 +228,7 @@ def _require(resources: TaskResources) -> None:
 
 
 def _shared_data(ctx: StageContext) -> dict[str, torch.Tensor]:
+    """The train and holdout arrays the same-compute baseline fine-tunes on (in memory)."""
     data = ctx.data()
     return {"train_images": data.train.images, "train_labels": data.train.labels,
             "holdout_images": data.holdout.images, "holdout_labels": data.holdout.labels}
