@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from clustering import CovarianceAccumulator, SparseCoPredictionAccumulator
@@ -38,6 +37,7 @@ from orchestration.data_access import open_descriptor, source_descriptor
 
 SPLIT = "holdout"
 MAX_BLOCK = 16_384      # examples per block at most: a block's statistics are a few K x K matrices
+ARROW_LOGGER = "ray.data._internal.tensor_extensions.arrow"
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,9 @@ class _ScoringActor:
                  block: int, n: int):
         import ray
 
+        # A block's statistics are Python objects Arrow has no type for: Ray Data stores them
+        # pickled, as it should, after announcing that once per worker; say nothing instead.
+        logging.getLogger(ARROW_LOGGER).setLevel(logging.ERROR)
         on_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         if not on_gpu:
             torch.set_num_threads(1)
@@ -182,12 +185,11 @@ class _ScoringActor:
         self.half_of = ray.get(half_of[0])      # (N,) uint8, or None for the sparse pass
         self.settings, self.block, self.n = settings, block, n
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
-        """One row per block start: the block's :class:`HoldoutPartial` (a pandas block holds the
-        Python object as it is, where an Arrow block would pickle it after a failed conversion)."""
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One row per block start: the block's :class:`HoldoutPartial`."""
         parts = [block_statistics(self.model, self.source, int(s), min(int(s) + self.block, self.n),
                                   self.half_of, self.settings, self.device) for s in batch["start"]]
-        return pd.DataFrame({"start": batch["start"], "partial": parts})
+        return {"start": batch["start"], "partial": np.array(parts, dtype=object)}
 
 
 def holdout_statistics(run_dir: str, source: ExampleSource, *, settings: PassSettings,
@@ -230,8 +232,8 @@ def holdout_statistics(run_dir: str, source: ExampleSource, *, settings: PassSet
     return total
 
 
-def _batches(parts: Any) -> Iterator[pd.DataFrame]:
-    yield from parts.iter_batches(batch_size=None, batch_format="pandas")
+def _batches(parts: Any) -> Iterator[dict[str, np.ndarray]]:
+    yield from parts.iter_batches(batch_size=None, batch_format="numpy")
 
 
 @contextlib.contextmanager

@@ -218,8 +218,8 @@ def _holdout_pass(ctx: StageContext, source: ExampleSource, num_classes: int) ->
 def _actor_pool(ctx: StageContext, source: ExampleSource) -> tuple[int, float]:
     """Actors and GPUs per actor of the Ray Data pass: one actor per GPU of the cluster (none
     with ``run.device=cpu``), else one per CPU. ``(0, 0)`` for in-memory data, scored in this
-    process: on 2 cores starting the actors costs about 15 s, scoring a few thousand examples
-    here well under one."""
+    process: on 2 cores a pass on Ray Data actors costs 8 to 15 s of start-up (worker processes,
+    torch, the model), scoring a few hundred examples here well under a second."""
     if isinstance(source, InMemorySource):
         return 0, 0.0
     import ray

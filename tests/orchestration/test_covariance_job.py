@@ -1,11 +1,16 @@
-"""The clustering holdout pass on Ray Data (orchestration.covariance_job): its merged block
-statistics equal one in-memory accumulator over the same predictions, dense and sparse."""
+"""The clustering holdout pass (orchestration.covariance_job): its merged block statistics equal
+one in-memory accumulator over the same predictions, dense and sparse, and the stage's pass over
+a streaming source on Ray Data actors equals its in-process pass over the same examples."""
 
 from __future__ import annotations
+
+import io
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 from clustering import CovarianceAccumulator, SparseCoPredictionAccumulator
 from clustering.confusion import ConfusionAccumulator
@@ -13,14 +18,15 @@ from generalist.data import create_dataset
 from generalist.data.source import InMemorySource
 from generalist.models import create_model
 from orchestration.checkpoints import save_model
+from orchestration.config import load_config
 from orchestration.covariance_job import (
     HoldoutPartial,
     PassSettings,
     block_starts,
-    holdout_statistics,
     local_statistics,
 )
 from orchestration.parallel import connect
+from orchestration.stages.clustering import _holdout_pass
 
 K, BATCH = 9, 16
 
@@ -66,9 +72,10 @@ def test_block_starts_cover_the_split_in_whole_batches():
     assert block == 128 and starts == list(range(0, 1000, 128))      # ceil(1000 / 8) = 125 -> 8 batches
 
 
-def test_ray_data_pass_equals_the_in_memory_accumulators(setup):
-    partial = holdout_statistics(str(setup["run"]), setup["source"], settings=PassSettings(K, BATCH),
-                                 half_of=setup["half_of"], actors=2)
+def test_local_pass_equals_the_in_memory_accumulators(setup):
+    """The blocks an actor scores, merged in order here, against one accumulator each."""
+    partial = local_statistics(setup["model"], setup["source"], settings=PassSettings(K, BATCH),
+                               half_of=setup["half_of"], device=torch.device("cpu"))
     cov, halves = _expected(setup["probs"], setup["labels"], setup["half_of"])
     assert partial.count == len(setup["labels"]) == 99
     np.testing.assert_allclose(partial.covariance(), np.cov(setup["probs"], rowvar=False), rtol=0, atol=1e-12)
@@ -84,6 +91,33 @@ def test_ray_data_pass_equals_the_in_memory_accumulators(setup):
     np.testing.assert_array_equal(hard["count"], counts)
 
 
+def test_a_streaming_source_is_scored_on_ray_data_like_in_memory_data(setup):
+    """The stage's pass over a source that is not in memory runs on Ray Data actors (2 here)
+    and gives the statistics of the in-process pass."""
+
+    class Streamed:  # defined here: Ray ships it to the actors by value
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            if name == "inner":
+                raise AttributeError(name)
+            return getattr(self.inner, name)
+
+    config = load_config(None, ["run.device=cpu", f"clustering.batch_size={BATCH}", "ray.local_num_cpus=2"])
+    ctx = SimpleNamespace(config=config, run_dir=SimpleNamespace(path=setup["run"]), device=torch.device("cpu"),
+                          console=Console(file=io.StringIO()))
+    streamed = _holdout_pass(ctx, Streamed(setup["source"]), K)
+    in_memory = _holdout_pass(ctx, setup["source"], K)
+    assert "on 2 Ray Data actors" in ctx.console.file.getvalue() and "in this process" in ctx.console.file.getvalue()
+    np.testing.assert_allclose(streamed.cov, np.cov(setup["probs"], rowvar=False), rtol=0, atol=1e-12)
+    for got, expected in ((streamed.confusion, in_memory.confusion), (streamed.copred, in_memory.copred)):
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+    for key, value in in_memory.hard_counts.items():
+        np.testing.assert_array_equal(streamed.hard_counts[key], value)
+
+
 def test_sparse_blocks_equal_the_sparse_accumulator(setup):
     """The blocks an actor scores, merged in order here (the Ray Data pass runs this code)."""
     partial = local_statistics(setup["model"], setup["source"], settings=PassSettings(K, BATCH, sparse_top_k=3),
@@ -92,12 +126,6 @@ def test_sparse_blocks_equal_the_sparse_accumulator(setup):
     expected.update(setup["probs"])
     assert partial.confusions() == [] and partial.copredictions() == []
     np.testing.assert_allclose(partial.covariance().toarray(), expected.matrix().toarray(), rtol=0, atol=1e-12)
-
-
-def test_local_pass_scores_the_same_blocks(setup):
-    partial = local_statistics(setup["model"], setup["source"], settings=PassSettings(K, BATCH),
-                               half_of=setup["half_of"], device=torch.device("cpu"))
-    np.testing.assert_allclose(partial.covariance(), np.cov(setup["probs"], rowvar=False), rtol=0, atol=1e-12)
 
 
 def test_merging_counts_adds_the_examples_of_each_code():
