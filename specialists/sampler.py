@@ -124,7 +124,9 @@ class HalfAndHalfBatchSampler(Sampler[list[int]]):
     boundary a batch can contain the same index twice.
 
     Deterministic given ``(seed, epoch)``; call :meth:`set_epoch` each epoch for new draws.
-    Not sharded across distributed workers: give each rank a different ``seed``.
+    Not sharded across distributed workers: give each rank a different ``seed``. Memory: the
+    group's positions, plus one permutation of the rest's ranks per pass over it (8 bytes per
+    example outside the group, no labels); :meth:`from_positions` needs no labels at all.
 
     Args:
         labels: ``(N,)`` integer labels of the training set (tensor or numpy array).

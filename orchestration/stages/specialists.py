@@ -196,7 +196,7 @@ def _same_compute(ctx: StageContext, summaries: list[dict[str, Any]]) -> dict[st
     job = SameComputeJob(
         run_dir=str(ctx.run_dir.path.resolve()), out_dir=str((ctx.stage_dir / SAME_COMPUTE_DIR).resolve()),
         budget=budget, seed=ctx.config.run.seed * 100_003 + 99_991, settings=cfg,
-        augment=augment_spec(ctx.config.data.augment, ctx.data(), cfg.augment), threads=threads)
+        augment=augment_spec(ctx.config.data.augment, ctx.source(), cfg.augment), threads=threads)
     if not same_compute_finished(job):
         ctx.console.print(f"  same-compute baseline: the generalist fine-tuned for up to {budget:,} examples "
                           f"(what the {len(summaries)} specialists saw) with their recipe")
