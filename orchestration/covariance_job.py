@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,13 +154,12 @@ def block_starts(n: int, settings: PassSettings, actors: int) -> tuple[int, list
 
 def local_statistics(model: torch.nn.Module, source: ExampleSource, *, settings: PassSettings,
                      half_of: np.ndarray | None, device: torch.device,
-                     on_block: Any = None) -> HoldoutPartial:
+                     on_block: Callable[[], None] | None = None) -> HoldoutPartial:
     """The same blocks scored in this process (what each actor does), merged in order."""
-    total = HoldoutPartial.empty(settings)
-    block, starts = block_starts(source.size(SPLIT), settings, actors=1)
+    total, n = HoldoutPartial.empty(settings), source.size(SPLIT)
+    block, starts = block_starts(n, settings, actors=1)
     for start in starts:
-        total.merge(block_statistics(model, source, start, min(start + block, source.size(SPLIT)),
-                                     half_of, settings, device))
+        total.merge(block_statistics(model, source, start, min(start + block, n), half_of, settings, device))
         if on_block is not None:
             on_block()
     return total
@@ -194,7 +193,7 @@ class _ScoringActor:
 
 def holdout_statistics(run_dir: str, source: ExampleSource, *, settings: PassSettings,
                        half_of: np.ndarray | None, actors: int, gpus_per_actor: float = 0.0,
-                       on_block: Any = None) -> HoldoutPartial:
+                       on_block: Callable[[], None] | None = None) -> HoldoutPartial:
     """Score the holdout split of ``source`` with run ``run_dir``'s generalist on Ray Data.
 
     Args:

@@ -3,17 +3,17 @@
 Reads top to bottom: run the generalist over the holdout split once, block by block
 (:mod:`orchestration.covariance_job`: in this process for in-memory data, on Ray Data actors for
 a streaming source), accumulating the covariance of its softmax outputs and (for the default
-``clustering.affinity: confusion``) the soft confusion of two halves of the holdout examples; group the classes (:class:`AffinityGroups`:
-spectral clustering of the confusion affinity, the number of groups chosen by the excess
-confusion it captures on the other half, unrelated groups dissolved, optional overlap; or the
-covariance columns with :class:`ConfusableGroups`); judge the grouping by the share of holdout
-confusion mass it keeps inside groups against random groups of the same sizes; measure its
-stability across seeds; write ``groups.json`` (what the specialists stage reads) plus the review
-artifacts: a table with class names, a reordered covariance heatmap, a group-size histogram, and
-per group a montage and a page (:mod:`orchestration.review`). With ``clustering.groups_file`` the
-edited groups replace the computed ones (:mod:`orchestration.groups_record`); with
-``clustering.require_approval`` the pipeline waits after this stage for ``specdistill groups RUN
---approve``.
+``clustering.affinity: confusion``) the soft confusion of two halves of the holdout examples;
+group the classes (:class:`AffinityGroups`: spectral clustering of the confusion affinity, the
+number of groups chosen by the excess confusion it captures on the other half, unrelated groups
+dissolved, optional overlap; or the covariance columns with :class:`ConfusableGroups`); judge
+the grouping by the share of holdout confusion mass it keeps inside groups against random groups
+of the same sizes; measure its stability across seeds; write ``groups.json`` (what the
+specialists stage reads) plus the review artifacts: a table with class names, a reordered
+covariance heatmap, a group-size histogram, and per group a montage and a page
+(:mod:`orchestration.review`). With ``clustering.groups_file`` the edited groups replace the
+computed ones (:mod:`orchestration.groups_record`); with ``clustering.require_approval`` the
+pipeline waits after this stage for ``specdistill groups RUN --approve``.
 """
 
 from __future__ import annotations

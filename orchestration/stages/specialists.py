@@ -3,14 +3,16 @@
 Reads top to bottom: check the clustering stage's groups against the generalist, plan one job
 per group (finished groups are never retrained; when an edit or another change replaced the
 stage's result, the specialists of the replaced result in ``RUN/history/specialists/`` whose
-fingerprint, :func:`specialist_fingerprint`, still matches are kept), open an MLflow child run of the pipeline run
-per specialist, connect to Ray and fail fast if no node can fit a specialist's resources, run
-every job as a Ray task (``orchestration.specialist_job.train_specialist``: resumable epochs,
-early stopping, prior correction) while printing each specialist's epochs, then write the
-index ``specialists.json``. Every task gets the same small descriptor of the data
+fingerprint, :func:`specialist_fingerprint`, still matches are kept), open an MLflow child run
+of the pipeline run per specialist, connect to Ray and fail fast if no node can fit a
+specialist's resources, run every job as a Ray task
+(``orchestration.specialist_job.train_specialist``: resumable epochs, early stopping, prior
+correction) while printing each specialist's epochs, then write the index ``specialists.json``.
+Every task gets the same small descriptor of the data
 (:func:`orchestration.data_access.source_descriptor`: in-memory arrays put in the object store
-once, or a streaming source) and reads from it only its group's examples and the sampled rest. Each group's folder holds its prior-corrected
-``model.safetensors`` + ``model.json``; all of them are outputs checksummed by the manifest.
+once, or a streaming source) and reads from it only its group's examples and the sampled rest.
+Each group's folder holds its prior-corrected ``model.safetensors`` + ``model.json``; all of
+them are outputs checksummed by the manifest.
 """
 
 from __future__ import annotations
