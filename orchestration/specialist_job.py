@@ -1,6 +1,8 @@
 """What one specialist's worker does (a Ray task of the specialists stage; no Ray in here).
 
-Reads top to bottom: build the specialist from the generalist checkpoint, resume from the
+Reads top to bottom: open the data (:mod:`orchestration.data_access`) and read only the group's
+own examples (``class_positions`` of its classes, then ``take`` of each half-and-half batch and
+of the balanced holdout), build the specialist from the generalist checkpoint, resume from the
 last epoch snapshot if there is one, train on half-and-half batches with early stopping on
 the balanced holdout loss, prior-correct the best epoch, and write ``model.safetensors`` +
 ``model.json`` (written last: the group is done). Everything lives in the group's folder on
@@ -19,13 +21,17 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import Tensor
 
 from generalist.data.augment import AugmentSpec, augmented_batches
+from generalist.data.source import ExampleSource
 from generalist.train import EarlyStopping, plateau_epoch_end, set_seed, train_one_epoch
 from orchestration.artifacts import CHECKPOINTS, MODEL, PID_FILE, PROGRESS, load_generalist
 from orchestration.builders import optimizer_and_schedule
@@ -37,21 +43,19 @@ from orchestration.checkpoints import (
     verify_model_files,
 )
 from orchestration.config import SpecialistsConfig
+from orchestration.data_access import SourceDescriptor, open_descriptor
 from orchestration.files import read_json, write_json
 from specialists.model import build_specialist
 from specialists.prior import (
     apply_prior_correction,
     dustbin_log_correction,
-    group_prior,
     shift_to_training_mix,
 )
-from specialists.sampler import HalfAndHalfBatchSampler, specialist_targets
+from specialists.sampler import HalfAndHalfBatchSampler, balanced_positions, specialist_targets
 from specialists.train import (
     SoftTargetLoss,
-    balanced_holdout,
     evaluate_specialist,
     init_invariant_maxdiff,
-    sampled_batches,
 )
 
 INVARIANT_EXAMPLES = 64
@@ -90,11 +94,12 @@ def is_finished(job: SpecialistJob) -> bool:
     return meta.get("specialist", {}).get("classes") == list(job.classes)
 
 
-def train_specialist(job: SpecialistJob, data: dict[str, torch.Tensor]) -> dict[str, Any]:
+def train_specialist(job: SpecialistJob, data: SourceDescriptor) -> dict[str, Any]:
     """Train, correct and save one specialist; returns the summary written to ``model.json``.
 
-    ``data`` holds ``train_images (N, C, H, W) uint8``, ``train_labels (N,)``,
-    ``holdout_images``, ``holdout_labels``.
+    ``data`` is a descriptor of :func:`orchestration.data_access.source_descriptor` (in-memory
+    ``train_images (N, C, H, W) uint8``, ``train_labels (N,)``, ``holdout_images``,
+    ``holdout_labels``, or a streaming source); only the group's examples are read from it.
     """
     cfg = job.settings
     torch.set_num_threads(max(1, int(cfg.cpus_per_specialist)))
@@ -105,14 +110,14 @@ def train_specialist(job: SpecialistJob, data: dict[str, torch.Tensor]) -> dict[
     set_seed(job.seed)
     model = build_specialist(generalist, job.classes, finetune=cfg.finetune, last_n=cfg.last_n).to(device)
 
-    train_targets = specialist_targets(data["train_labels"], job.classes)  # (N,)
-    holdout_idx = balanced_holdout(data["holdout_labels"], job.classes, seed=job.seed)
-    holdout = (data["holdout_images"][holdout_idx],
-               specialist_targets(data["holdout_labels"][holdout_idx], job.classes))
+    source = open_descriptor(data)
+    holdout = _balanced_holdout(source, job)
     invariant = init_invariant_maxdiff(generalist, model, holdout[0][:INVARIANT_EXAMPLES])
-    sampler = HalfAndHalfBatchSampler(data["train_labels"], job.classes, batch_size=cfg.batch_size,
-                                      num_batches=cfg.num_batches, seed=job.seed)
-    shift_to_training_mix(model, group_prior(data["train_labels"], job.classes), sampler.in_group_fraction)
+    sampler = HalfAndHalfBatchSampler.from_positions(
+        source.class_positions("train", job.classes), source.size("train"), job.classes,
+        batch_size=cfg.batch_size, num_batches=cfg.num_batches, seed=job.seed)
+    pi_m = len(sampler.in_indices) / source.size("train")  # the group's share of the training set
+    shift_to_training_mix(model, pi_m, sampler.in_group_fraction)
     optimizer, scheduler = optimizer_and_schedule(model, cfg.optimizer, steps_per_epoch=len(sampler),
                                                   epochs=cfg.epochs)
     stopper = EarlyStopping(patience=cfg.patience)
@@ -123,12 +128,12 @@ def train_specialist(job: SpecialistJob, data: dict[str, torch.Tensor]) -> dict[
         write_json(job.dir / PROGRESS, progress)
         _log(job, {f"holdout_{k}": v for k, v in progress["init"].items()}, step=0)
 
-    soft = _soft_loss(job, generalist.to(device), sampler, data["train_labels"])
+    soft = _soft_loss(job, generalist.to(device), sampler, pi_m)
     for epoch in range(len(progress["epochs"]) + 1, cfg.epochs + 1):
         if stopper.should_stop:
             break
         sampler.set_epoch(epoch)
-        batches = augmented_batches(sampled_batches(data["train_images"], train_targets, sampler, device=device),
+        batches = augmented_batches(_group_batches(source, job.classes, sampler, device),
                                     job.augment, seed=job.seed, epoch=epoch)
         result = train_one_epoch(model, _teach(batches, soft), optimizer, scheduler, epoch=epoch,
                                  device=device, loss_fn=soft)
@@ -142,15 +147,35 @@ def train_specialist(job: SpecialistJob, data: dict[str, torch.Tensor]) -> dict[
         _log(job, {k: v for k, v in record.items() if k != "epoch"}, step=epoch)  # at least once
         progress["epochs"].append(record)
         _checkpoint(job, model, stateful, progress, improved)
-    return _finish(job, model, gen_meta, data["train_labels"], sampler, progress, invariant)
+    return _finish(job, model, gen_meta, pi_m, sampler, progress, invariant)
 
 
-def _soft_loss(job: SpecialistJob, generalist, sampler, train_labels) -> SoftTargetLoss | None:
+def _balanced_holdout(source: ExampleSource, job: SpecialistJob) -> tuple[Tensor, Tensor]:
+    """The group's holdout examples and as many others: ``(M, C, H, W)`` uint8 images and
+    ``(M,)`` specialist targets (:func:`specialists.sampler.balanced_positions`)."""
+    inside = source.class_positions("holdout", job.classes)
+    if len(inside) == 0:
+        raise ValueError(f"no holdout example has a label in group {job.classes}; the specialist "
+                         "cannot be early-stopped: raise the holdout size")
+    split = source.take("holdout", balanced_positions(inside, source.size("holdout"), seed=job.seed))
+    return split.images, specialist_targets(split.labels, job.classes)
+
+
+def _group_batches(source: ExampleSource, classes: tuple[int, ...], sampler: HalfAndHalfBatchSampler,
+                   device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(x (B, C, H, W) float32 in [0, 1], y (B,) specialist targets)`` of the sampler's batches,
+    each read from the training split with one ``take``."""
+    for positions in sampler:
+        split = source.take("train", np.asarray(positions, dtype=np.int64))
+        yield split.images.to(device).float().div_(255.0), specialist_targets(split.labels, classes).to(device)
+
+
+def _soft_loss(job: SpecialistJob, generalist, sampler, pi_m: float) -> SoftTargetLoss | None:
     """The hard + soft target loss (``specialists.soft_targets`` > 0), else None (cross-entropy)."""
     cfg = job.settings
     if cfg.soft_targets <= 0:
         return None
-    shift = -dustbin_log_correction(group_prior(train_labels, job.classes), sampler.in_group_fraction)
+    shift = -dustbin_log_correction(pi_m, sampler.in_group_fraction)
     return SoftTargetLoss(generalist, job.classes, weight=cfg.soft_targets, temperature=cfg.temperature,
                           dustbin_shift=shift)
 
@@ -218,7 +243,7 @@ def _mirrored_resumes(job: SpecialistJob) -> list[dict[str, Any]]:
         return []
 
 
-def _finish(job, model, gen_meta, train_labels, sampler, progress, invariant) -> dict[str, Any]:
+def _finish(job, model, gen_meta, pi_m: float, sampler, progress, invariant) -> dict[str, Any]:
     """Prior-correct the best epoch, write the final model, return its summary."""
     checkpoints = Checkpointer(job.dir / CHECKPOINTS)
     if checkpoints.best_dir() is None:
@@ -226,7 +251,6 @@ def _finish(job, model, gen_meta, train_labels, sampler, progress, invariant) ->
         raise CheckpointError(f"specialist group {job.group_id} has no best epoch: no epoch gave a "
                               f"finite holdout loss ({losses}); lower specialists.optimizer.lr")
     best_epoch = checkpoints.load_best(model)
-    pi_m = group_prior(train_labels, job.classes)
     corrected = apply_prior_correction(model.cpu(), pi_m, sampler.in_group_fraction)
     best = progress["epochs"][best_epoch - 1]
     metrics = {

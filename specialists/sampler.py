@@ -4,6 +4,11 @@ A specialist is trained on batches where half the examples have a label in its g
 ``S_m`` and the other half come from the rest of the training set (the paper's 50/50 mix).
 Within each half, examples are drawn uniformly. The resulting prior shift is undone after
 training with :mod:`specialists.prior`, using :attr:`HalfAndHalfBatchSampler.in_group_fraction`.
+
+Only the positions of the group's own examples and the split size are needed
+(:meth:`HalfAndHalfBatchSampler.from_positions`, :func:`balanced_positions`): the rest are the
+positions not in the group, drawn by rank (:func:`rest_positions`) without reading a label, so
+a specialist reads from a streamed data set only the examples it trains on.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from torch.utils.data import Sampler
 
 from specialists.model import validate_group
 
-__all__ = ["HalfAndHalfBatchSampler", "in_group_mask", "specialist_targets"]
+__all__ = ["HalfAndHalfBatchSampler", "balanced_positions", "in_group_mask", "rest_positions",
+           "specialist_targets"]
 
 
 def _as_label_tensor(labels: Tensor | np.ndarray) -> Tensor:
@@ -73,11 +79,33 @@ def in_group_mask(labels: Tensor | np.ndarray, group: Sequence[int]) -> Tensor:
     return _lookup_table(lab, ids)[lab.long()] < len(ids)
 
 
-def _stream(pool: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` draws from ``pool``: concatenated random permutations (each example is used once
-    per pass; it repeats only after the whole pool has been used)."""
-    reps = math.ceil(n / len(pool))
-    return np.concatenate([rng.permutation(pool) for _ in range(reps)])[:n]
+def rest_positions(in_positions: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """The positions of rank ``ranks (M,)`` among those not in ``in_positions`` (sorted, (G,)):
+    rank r is the r-th position of ``0, 1, 2, ...`` that is not in the group."""
+    shifted = in_positions - np.arange(len(in_positions))    # (G,) non-decreasing
+    return ranks + np.searchsorted(shifted, ranks, side="right")
+
+
+def _stream(size: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` draws of ranks ``0..size-1``: concatenated random permutations (each example is used
+    once per pass; it repeats only after the whole pool has been used)."""
+    reps = math.ceil(n / size)
+    return np.concatenate([rng.permutation(size) for _ in range(reps)])[:n]
+
+
+def balanced_positions(in_positions: np.ndarray, size: int, *, seed: int) -> np.ndarray:
+    """Positions ``(M,)`` in a split of ``size`` examples whose group examples are at
+    ``in_positions`` (sorted): all of them, then an equal number (or all, if fewer) drawn uniformly
+    without replacement from the others, sorted. Deterministic given ``seed``; the same examples
+    as :func:`specialists.train.balanced_holdout` of the split's labels."""
+    inside = np.asarray(in_positions, dtype=np.int64)
+    if len(inside) == 0:
+        raise ValueError("no holdout example has a label in the group; the specialist cannot be "
+                         "early-stopped: raise the holdout size")
+    n_out = size - len(inside)
+    rng = np.random.default_rng([seed, size])
+    ranks = rng.choice(n_out, size=min(len(inside), n_out), replace=False)
+    return np.concatenate([inside, np.sort(rest_positions(inside, ranks))])
 
 
 class HalfAndHalfBatchSampler(Sampler[list[int]]):
@@ -96,7 +124,9 @@ class HalfAndHalfBatchSampler(Sampler[list[int]]):
     boundary a batch can contain the same index twice.
 
     Deterministic given ``(seed, epoch)``; call :meth:`set_epoch` each epoch for new draws.
-    Not sharded across distributed workers: give each rank a different ``seed``.
+    Not sharded across distributed workers: give each rank a different ``seed``. Memory: the
+    group's positions, plus one permutation of the rest's ranks per pass over it (8 bytes per
+    example outside the group, no labels); :meth:`from_positions` needs no labels at all.
 
     Args:
         labels: ``(N,)`` integer labels of the training set (tensor or numpy array).
@@ -114,17 +144,33 @@ class HalfAndHalfBatchSampler(Sampler[list[int]]):
         if lab.dim() != 1:
             raise ValueError(f"labels must be 1-D (N,), got shape {tuple(lab.shape)}; "
                              "flatten them with labels.reshape(-1)")
+        mask = in_group_mask(lab, validate_group(group)).cpu().numpy()
+        self._setup(np.flatnonzero(mask), len(mask), group, batch_size, num_batches, seed, epoch)
+
+    @classmethod
+    def from_positions(cls, in_positions: np.ndarray, size: int, group: Sequence[int], *, batch_size: int,
+                       num_batches: int | None = None, seed: int = 0, epoch: int = 0) -> HalfAndHalfBatchSampler:
+        """The sampler of a training set of ``size`` examples whose group examples are at the
+        sorted ``in_positions (M,)`` (e.g. ``source.class_positions("train", group)``); the same
+        batches as the sampler of the set's labels."""
+        sampler = cls.__new__(cls)
+        Sampler.__init__(sampler)
+        sampler._setup(np.asarray(in_positions, dtype=np.int64), int(size), group, batch_size,
+                       num_batches, seed, epoch)
+        return sampler
+
+    def _setup(self, in_positions: np.ndarray, size: int, group: Sequence[int], batch_size: int,
+               num_batches: int | None, seed: int, epoch: int) -> None:
         self.group: tuple[int, ...] = validate_group(group)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
             raise ValueError(f"batch_size must be an int >= 2 (half in-group, half out), got "
                              f"{batch_size!r}")
-        mask = in_group_mask(lab, self.group).cpu().numpy()
-        self.in_indices: np.ndarray = np.flatnonzero(mask)
-        self.out_indices: np.ndarray = np.flatnonzero(~mask)
+        self.in_indices: np.ndarray = in_positions          # (M,) sorted positions in the group
+        self.n_out = size - len(in_positions)               # examples of the rest
         if len(self.in_indices) == 0:
             raise ValueError(f"no training example has a label in group {self.group}; check "
                              "the group's class ids against the training labels")
-        if len(self.out_indices) == 0:
+        if self.n_out == 0:
             raise ValueError(f"every training example has a label in group {self.group}, so "
                              "there is nothing to fill the out-of-group half; a specialist "
                              "needs examples outside its group")
@@ -159,8 +205,8 @@ class HalfAndHalfBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        ins = _stream(self.in_indices, self.num_batches * self.in_per_batch, rng)
-        outs = _stream(self.out_indices, self.num_batches * self.out_per_batch, rng)
+        ins = self.in_indices[_stream(len(self.in_indices), self.num_batches * self.in_per_batch, rng)]
+        outs = rest_positions(self.in_indices, _stream(self.n_out, self.num_batches * self.out_per_batch, rng))
         ins = ins.reshape(self.num_batches, self.in_per_batch)
         outs = outs.reshape(self.num_batches, self.out_per_batch)
         for b in range(self.num_batches):

@@ -1,23 +1,23 @@
 """Stage 2, clustering: confusable class groups from the generalist's holdout predictions.
 
-Reads top to bottom: run the generalist over the holdout split once, accumulating the covariance
-of its softmax outputs and (for the default ``clustering.affinity: confusion``) the soft
-confusion of two halves of the holdout examples; group the classes (:class:`AffinityGroups`:
-spectral clustering of the confusion affinity, the number of groups chosen by the excess
-confusion it captures on the other half, unrelated groups dissolved, optional overlap; or the
-covariance columns with :class:`ConfusableGroups`); judge the grouping by the share of holdout
-confusion mass it keeps inside groups against random groups of the same sizes; measure its
-stability across seeds; write ``groups.json`` (what the specialists stage reads) plus the review
-artifacts: a table with class names, a reordered covariance heatmap, a group-size histogram, and
-per group a montage and a page (:mod:`orchestration.review`). With ``clustering.groups_file`` the
-edited groups replace the computed ones (:mod:`orchestration.groups_record`); with
-``clustering.require_approval`` the pipeline waits after this stage for ``specdistill groups RUN
---approve``.
+Reads top to bottom: run the generalist over the holdout split once, block by block
+(:mod:`orchestration.covariance_job`: in this process for in-memory data, on Ray Data actors for
+a streaming source), accumulating the covariance of its softmax outputs and (for the default
+``clustering.affinity: confusion``) the soft confusion of two halves of the holdout examples;
+group the classes (:class:`AffinityGroups`: spectral clustering of the confusion affinity, the
+number of groups chosen by the excess confusion it captures on the other half, unrelated groups
+dissolved, optional overlap; or the covariance columns with :class:`ConfusableGroups`); judge
+the grouping by the share of holdout confusion mass it keeps inside groups against random groups
+of the same sizes; measure its stability across seeds; write ``groups.json`` (what the
+specialists stage reads) plus the review artifacts: a table with class names, a reordered
+covariance heatmap, a group-size histogram, and per group a montage and a page
+(:mod:`orchestration.review`). With ``clustering.groups_file`` the edited groups replace the
+computed ones (:mod:`orchestration.groups_record`); with ``clustering.require_approval`` the
+pipeline waits after this stage for ``specdistill groups RUN --approve``.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,27 +29,34 @@ from sklearn.metrics import adjusted_rand_score
 
 from clustering import (
     ConfusableGroups,
-    CovarianceAccumulator,
-    SparseCoPredictionAccumulator,
     covariance_heatmap,
     group_size_histogram,
     group_table,
     stability_score,
 )
 from clustering.affinity_groups import AffinityGroups
-from clustering.confusion import ConfusionAccumulator, grouping_quality
+from clustering.confusion import grouping_quality
 from clustering.review import ConfusionCounts
-from generalist.data import DataError
+from generalist.data import DataError, Split
+from generalist.data.source import ExampleSource, InMemorySource
 from generalist.data.splits import derive_seed
-from generalist.train import iterate_batches
 from orchestration.artifacts import (
     COVARIANCE,
     GROUPS,
     GROUPS_TABLE,
     HOLDOUT_CONFUSION,
+    generalist_metadata,
     load_generalist,
 )
 from orchestration.config import ConfigError
+from orchestration.covariance_job import (
+    SPLIT,
+    HoldoutPartial,
+    PassSettings,
+    block_starts,
+    holdout_statistics,
+    local_statistics,
+)
 from orchestration.files import read_json, sha256_file, write_json
 from orchestration.groups_edit import SOURCE_COMPUTED, SOURCE_EDITED
 from orchestration.groups_record import (
@@ -61,8 +68,15 @@ from orchestration.groups_record import (
     approval_message,
     edit_outputs,
 )
+from orchestration.parallel import connect
 from orchestration.pipeline import Stage, StageContext, StageResult, task_progress
-from orchestration.review import log_review
+from orchestration.review import (
+    IMAGES_PER_CLASS,
+    MONTAGE_CLASSES,
+    MONTAGES,
+    log_review,
+    review_entries,
+)
 from orchestration.tables import groups_table, table_cell
 
 NAME = "clustering"
@@ -75,18 +89,13 @@ class HoldoutStats:
     cov: Any                                  # (K, K) covariance, or sparse top-k co-prediction
     confusion: list[np.ndarray] = field(default_factory=list)   # soft confusion of 2 halves
     copred: list[np.ndarray] = field(default_factory=list)      # E[p p^T] of the 2 halves
-    pairs: np.ndarray | None = None           # (N,) label * K + argmax prediction per example
-    num_classes: int = 0
+    # The holdout confusion counts, sparse: ``true``, ``predicted`` class ids and ``count``
+    # (examples of ``true`` the generalist predicted as ``predicted``), any K.
+    hard_counts: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def total_confusion(self) -> np.ndarray | None:
         return self.confusion[0] + self.confusion[1] if self.confusion else None
-
-    def hard_counts(self) -> dict[str, np.ndarray]:
-        """The holdout confusion counts, sparse: ``true``, ``predicted`` class ids and ``count``
-        (examples of ``true`` the generalist predicted as ``predicted``), any K."""
-        codes, counts = np.unique(self.pairs, return_counts=True)
-        return {"true": codes // self.num_classes, "predicted": codes % self.num_classes, "count": counts}
 
 
 @dataclass(frozen=True)
@@ -104,29 +113,29 @@ class Grouping:
 
 
 def run(ctx: StageContext) -> StageResult:
-    cfg, data = ctx.config.clustering, ctx.data()
-    if len(data.holdout) == 0:
+    cfg, source = ctx.config.clustering, ctx.source()
+    n_holdout = source.size(SPLIT)
+    if n_holdout == 0:
         raise DataError(
             "the holdout split is empty: clustering needs held-out examples; "
             "raise data.options.holdout_per_class (built-in sets) or holdout_fraction"
         )
     _check_affinity(cfg)
-    model, meta = load_generalist(ctx.run_dir.path)
-    class_names = meta["class_names"]
-    stats = _holdout_pass(ctx, model.to(ctx.device), data.holdout, len(class_names))
+    class_names = generalist_metadata(ctx.run_dir.path)["class_names"]
+    stats = _holdout_pass(ctx, source, len(class_names))
     grouping = _group(ctx, stats)
     rows = group_table(stats.cov, grouping.groups, class_names) if _dense(stats.cov) else []
-    metrics = _metrics(grouping, stats, rows, len(data.holdout))
+    metrics = _metrics(grouping, stats, rows, n_holdout)
     outputs = _write_outputs(ctx, stats, grouping, rows, class_names, metrics)
     _log_review(ctx, stats.cov, grouping, rows, class_names, metrics)
-    source = SOURCE_COMPUTED
+    groups_source = SOURCE_COMPUTED
     if cfg.groups_file:
-        outputs, metrics, source = _apply_groups_file(ctx, Path(cfg.groups_file), outputs)
+        outputs, metrics, groups_source = _apply_groups_file(ctx, Path(cfg.groups_file), outputs)
         rows = read_json(ctx.stage_dir / GROUPS_TABLE)
-    ctx.logger.set_tags({SOURCE_TAG: source})
-    _log_group_pages(ctx, data.train, class_names, source)
+    ctx.logger.set_tags({SOURCE_TAG: groups_source})
+    _log_group_pages(ctx, source, class_names, groups_source)
     _print_summary(ctx, grouping, metrics, rows)
-    return StageResult(outputs=outputs, metrics=metrics, details={"groups_source": source})
+    return StageResult(outputs=outputs, metrics=metrics, details={"groups_source": groups_source})
 
 
 def _apply_groups_file(ctx: StageContext, path: Path, outputs: list[str]) -> tuple[list[str], dict[str, Any], str]:
@@ -139,11 +148,23 @@ def _apply_groups_file(ctx: StageContext, path: Path, outputs: list[str]) -> tup
     return sorted({*outputs, *written}), metrics, SOURCE_EDITED
 
 
-def _log_group_pages(ctx: StageContext, train, class_names: list[str], source: str) -> None:
+def _log_group_pages(ctx: StageContext, source: ExampleSource, class_names: list[str], groups_source: str) -> None:
     """Per-group montages and pages and their overview, for the groups the specialists train on."""
     groups = [g["classes"] for g in read_json(ctx.stage_dir / GROUPS)["groups"]]
-    with np.load(ctx.stage_dir / HOLDOUT_CONFUSION) as counts:
-        log_review(ctx.logger, groups, class_names, ConfusionCounts(**counts), train, source)
+    with np.load(ctx.stage_dir / HOLDOUT_CONFUSION) as loaded:
+        counts = ConfusionCounts(**loaded)
+    train = _montage_examples(source, groups, class_names, counts)
+    log_review(ctx.logger, groups, class_names, counts, train, groups_source)
+
+
+def _montage_examples(source: ExampleSource, groups: list[list[int]], class_names: list[str],
+                      counts: ConfusionCounts) -> Split:
+    """The first IMAGES_PER_CLASS training examples of each class a montage shows (the first
+    MONTAGE_CLASSES classes of the MONTAGES groups with the most confusion), in split order."""
+    shown = {c for entry in review_entries(groups, class_names, counts)[:MONTAGES]
+             for c in groups[entry["id"]][:MONTAGE_CLASSES]}
+    positions = [source.class_positions("train", [c])[:IMAGES_PER_CLASS] for c in sorted(shown)]
+    return source.take("train", np.sort(np.concatenate([np.zeros(0, np.int64), *positions])))
 
 
 def groups_file_digest(config) -> dict[str, str]:
@@ -174,41 +195,49 @@ def _dense(cov: Any) -> bool:
     return isinstance(cov, np.ndarray)
 
 
-@torch.no_grad()
-def _holdout_pass(ctx: StageContext, model: torch.nn.Module, split, num_classes: int) -> HoldoutStats:
+def _holdout_pass(ctx: StageContext, source: ExampleSource, num_classes: int) -> HoldoutStats:
     """Covariance of the holdout predictions (dense, or sparse top-k for very large K), and the
     soft confusion and co-prediction of two random halves of the holdout examples."""
     cfg = ctx.config.clustering
-    sparse = cfg.sparse_top_k is not None
-    acc = (SparseCoPredictionAccumulator(num_classes, top_k=cfg.sparse_top_k) if sparse
-           else CovarianceAccumulator(num_classes))
-    halves = [] if sparse else [(ConfusionAccumulator(num_classes), CovarianceAccumulator(num_classes))
-                                for _ in range(2)]
+    settings = PassSettings(num_classes, cfg.batch_size, cfg.sparse_top_k)
+    n = source.size(SPLIT)
     gen = torch.Generator().manual_seed(derive_seed(ctx.config.run.seed, 0xC1))
-    half_of = torch.randperm(len(split), generator=gen) % 2  # (N,) 0 or 1
-    start, pairs, started = 0, [], time.perf_counter()
-    batches = iterate_batches(split.images, split.labels, batch_size=cfg.batch_size, shuffle=False,
-                              device=ctx.device)
-    with task_progress(ctx, "holdout pass", math.ceil(len(split) / cfg.batch_size)) as advance:
-        for x, y in batches:
-            probs = torch.softmax(model(x).double(), dim=1).cpu()  # (B, K) at T = 1
-            acc.update(probs.numpy())
-            pairs.append((y.cpu() * num_classes + probs.argmax(dim=1)).numpy())
-            which = half_of[start:start + len(y)]
-            for h, (confusion, copred) in enumerate(halves):
-                rows = which == h
-                if rows.any():
-                    confusion.update(probs[rows].numpy(), y[rows].cpu().numpy())
-                    copred.update(probs[rows].numpy())
-            start += len(y)
-            advance()
-    ctx.console.print(f"  holdout pass: {len(split):,} examples, {num_classes:,} classes in "
-                      f"{time.perf_counter() - started:.1f}s; grouping them ({cfg.affinity} affinity, "
+    half_of = (torch.randperm(n, generator=gen) % 2).numpy().astype(np.uint8) if settings.halves else None
+    actors, gpus = _actor_pool(ctx, source)
+    started = time.perf_counter()
+    with task_progress(ctx, "holdout pass", len(block_starts(n, settings, max(1, actors))[1])) as advance:
+        partial = _score(ctx, source, settings, half_of, actors, gpus, advance)
+    where = f"on {actors} Ray Data actors" if actors else "in this process"
+    ctx.console.print(f"  holdout pass: {n:,} examples, {num_classes:,} classes in "
+                      f"{time.perf_counter() - started:.1f}s {where}; grouping them ({cfg.affinity} affinity, "
                       f"stability over {cfg.stability_seeds} seeds)")
-    cov = acc.matrix() if sparse else acc.covariance()
-    return HoldoutStats(cov, [c.confusion() for c, _ in halves],
-                        [p.covariance() + np.outer(p.mean(), p.mean()) for _, p in halves],
-                        np.concatenate(pairs), num_classes)
+    return HoldoutStats(partial.covariance(), partial.confusions(), partial.copredictions(),
+                        partial.hard_counts())
+
+
+def _actor_pool(ctx: StageContext, source: ExampleSource) -> tuple[int, float]:
+    """Actors and GPUs per actor of the Ray Data pass: one actor per GPU of the cluster (none
+    with ``run.device=cpu``), else one per CPU. ``(0, 0)`` for in-memory data, scored in this
+    process: on 2 cores a pass on Ray Data actors costs 8 to 15 s of start-up (worker processes,
+    torch, the model), scoring a few hundred examples here well under a second."""
+    if isinstance(source, InMemorySource):
+        return 0, 0.0
+    import ray
+
+    connect(ctx.config.ray.address, local_num_cpus=ctx.config.ray.local_num_cpus)
+    resources = ray.cluster_resources()
+    gpus = 0 if ctx.config.run.device == "cpu" else int(resources.get("GPU", 0))
+    return (gpus, 1.0) if gpus else (max(1, int(resources.get("CPU", 1))), 0.0)
+
+
+def _score(ctx: StageContext, source: ExampleSource, settings: PassSettings, half_of: np.ndarray | None,
+           actors: int, gpus: float, advance) -> HoldoutPartial:
+    if not actors:
+        model = load_generalist(ctx.run_dir.path)[0].to(ctx.device)
+        return local_statistics(model, source, settings=settings, half_of=half_of, device=ctx.device,
+                                on_block=advance)
+    return holdout_statistics(str(ctx.run_dir.path.resolve()), source, settings=settings, half_of=half_of,
+                              actors=actors, gpus_per_actor=gpus, on_block=advance)
 
 
 def _group(ctx: StageContext, stats: HoldoutStats) -> Grouping:
@@ -315,7 +344,7 @@ def _write_outputs(ctx, stats: HoldoutStats, grouping: Grouping, rows, class_nam
     (ctx.stage_dir / GROUPS_COMPUTED).unlink(missing_ok=True)   # left by an edit of an earlier attempt
     write_json(ctx.stage_dir / GROUPS, _groups_record(grouping, class_names, metrics))
     write_json(ctx.stage_dir / GROUPS_TABLE, rows)
-    np.savez(ctx.stage_dir / HOLDOUT_CONFUSION, **stats.hard_counts())
+    np.savez(ctx.stage_dir / HOLDOUT_CONFUSION, **stats.hard_counts)
     outputs = [GROUPS, GROUPS_TABLE, HOLDOUT_CONFUSION]
     if _dense(stats.cov):
         np.save(ctx.stage_dir / COVARIANCE, stats.cov)

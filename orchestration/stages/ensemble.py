@@ -2,7 +2,7 @@
 
 Reads top to bottom: load the generalist, the clustering stage's groups and the trained
 specialists (checked against each other), route the test split through the ensemble batch by
-batch (each specialist runs only on the examples whose generalist top-``n`` class is in its
+batch as the stage's :class:`~generalist.data.source.ExampleSource` yields it (each specialist runs only on the examples whose generalist top-``n`` class is in its
 group; a frozen shared trunk runs once), then report generalist vs ensemble top-1, the
 conditional accuracy on covered examples and the paper's Table 4 breakdown by the number of
 specialists covering the true class. Writes ``evaluation.json``, ``table4.json`` and
@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from generalist.train import iterate_batches
+from generalist.data.loader import loader
+from generalist.data.source import ExampleSource
 from orchestration.artifacts import (
     CACHE_DIR,
     COMBINATION,
@@ -46,21 +47,20 @@ EXECUTION_KEYS = ("cache.actors", "cache.gpus_per_actor")
 
 
 def run(ctx: StageContext) -> StageResult:
-    cfg, data = ctx.config.ensemble, ctx.data()
+    cfg, source = ctx.config.ensemble, ctx.source()
     loaded = load_ensemble(ctx.run_dir.path, top_n=cfg.top_n, tol=cfg.tol, max_iter=cfg.max_iter,
                            device=ctx.device)
-    ensemble, temperature_record = _combine_at(ctx, loaded.ensemble, data.holdout)
+    ensemble, temperature_record = _combine_at(ctx, loaded.ensemble, source)
     ctx.console.print(
         f"  generalist + {len(ensemble.specialists)} specialists, top_n={cfg.top_n}, "
         f"{'shared frozen trunk (heads only)' if ensemble.shared_trunk else 'full specialists'}; "
-        f"{len(data.test):,} test examples"
+        f"{source.size('test'):,} test examples"
     )
     started = time.perf_counter()
-    general_pred, ensemble_pred, n_active = _predict(ctx, ensemble, data.test)
+    labels, general_pred, ensemble_pred, n_active = _predict(ctx, ensemble, source)
     seconds = time.perf_counter() - started
-    baseline_pred = _same_compute_predictions(ctx, data.test)
-    report = evaluate_predictions(data.test.labels, general_pred, ensemble_pred, ensemble.membership,
-                                  baseline_pred)
+    baseline_pred = _same_compute_predictions(ctx, source)
+    report = evaluate_predictions(labels, general_pred, ensemble_pred, ensemble.membership, baseline_pred)
     report.update(_routing_stats(n_active, seconds, ensemble))
     report.update(temperature_record)
     outputs = _write_outputs(ctx, report) + [COMBINATION]
@@ -68,36 +68,42 @@ def run(ctx: StageContext) -> StageResult:
     print_report(ctx.console, report)
     metrics = _metrics(report)
     if cfg.cache.enabled:
-        cache_outputs, cache_metrics = _build_cache(ctx, data)
+        cache_outputs, cache_metrics = _build_cache(ctx, ctx.data())
         outputs, metrics = outputs + cache_outputs, {**metrics, **cache_metrics}
     return StageResult(outputs=outputs, metrics=metrics)
 
 
+def _batches(ctx: StageContext, source: ExampleSource, split: str):
+    """``(x (B, C, H, W) float32 in [0, 1], y (B,))`` of ``split`` in order, on the stage's device."""
+    return loader(source, split, batch_size=ctx.config.ensemble.batch_size, shuffle=False, device=ctx.device)
+
+
 @torch.no_grad()
-def _predict(ctx: StageContext, ensemble: RoutedEnsemble, split) -> tuple[torch.Tensor, ...]:
-    """Top-1 of the generalist and of the ensemble, and active specialists per example, (N,) each."""
-    general, combined, n_active = [], [], []
-    batches = iterate_batches(split.images, split.labels, batch_size=ctx.config.ensemble.batch_size,
-                              shuffle=False, device=ctx.device)
-    for x, _ in batches:
+def _predict(ctx: StageContext, ensemble: RoutedEnsemble, source: ExampleSource) -> tuple[torch.Tensor, ...]:
+    """The test labels, the top-1 of the generalist and of the ensemble, and the active
+    specialists per example, (N,) each."""
+    labels, general, combined, n_active = [], [], [], []
+    for x, y in _batches(ctx, source, "test"):
         out = ensemble_forward(ensemble, x)
+        labels.append(y.cpu())
         general.append(out.p_general.argmax(dim=1).cpu())
         combined.append(out.q.argmax(dim=1).cpu())
         n_active.append(out.active.sum(dim=1).cpu())
         if not out.info["converged"]:
             ctx.console.print(f"  [yellow]warning[/] fixed point not converged in {ensemble.max_iter} "
                               f"iterations (max change {out.info['max_change']:.2e}); raise ensemble.max_iter")
-    return torch.cat(general), torch.cat(combined), torch.cat(n_active)
+    return torch.cat(labels), torch.cat(general), torch.cat(combined), torch.cat(n_active)
 
 
 TEMPERATURES = (1.0, 1.25, 1.5, 2.0, 3.0)
 
 
-def _combine_at(ctx: StageContext, ensemble: RoutedEnsemble, holdout) -> tuple[RoutedEnsemble, dict[str, Any]]:
+def _combine_at(ctx: StageContext, ensemble: RoutedEnsemble,
+                source: ExampleSource) -> tuple[RoutedEnsemble, dict[str, Any]]:
     """The ensemble at ``ensemble.specialist_temperature`` (or the one of TEMPERATURES with the
     best holdout log-likelihood of q), recorded in ``combination.json`` for every later user."""
     fixed = ctx.config.ensemble.specialist_temperature
-    scores = {} if fixed is not None else {t: _holdout_nll(ctx, replace(ensemble, specialist_temperature=t), holdout)
+    scores = {} if fixed is not None else {t: _holdout_nll(ctx, replace(ensemble, specialist_temperature=t), source)
                                            for t in TEMPERATURES}
     chosen = fixed if fixed is not None else min(scores, key=scores.get)
     write_json(ctx.stage_dir / COMBINATION, {"specialist_temperature": chosen,
@@ -109,10 +115,9 @@ def _combine_at(ctx: StageContext, ensemble: RoutedEnsemble, holdout) -> tuple[R
 
 
 @torch.no_grad()
-def _holdout_nll(ctx: StageContext, ensemble: RoutedEnsemble, split) -> float:
+def _holdout_nll(ctx: StageContext, ensemble: RoutedEnsemble, source: ExampleSource) -> float:
     total, n = 0.0, 0
-    for x, y in iterate_batches(split.images, split.labels, batch_size=ctx.config.ensemble.batch_size,
-                                shuffle=False, device=ctx.device):
+    for x, y in _batches(ctx, source, "holdout"):
         q = ensemble_forward(ensemble, x).q  # (B, K)
         total -= float(q.gather(1, y.view(-1, 1).to(q.device)).clamp_min(1e-12).log().sum())
         n += len(y)
@@ -120,15 +125,14 @@ def _holdout_nll(ctx: StageContext, ensemble: RoutedEnsemble, split) -> float:
 
 
 @torch.no_grad()
-def _same_compute_predictions(ctx: StageContext, split) -> torch.Tensor | None:
-    """Top-1 ``(N,)`` of the same-compute generalist, if the specialists stage trained one."""
+def _same_compute_predictions(ctx: StageContext, source: ExampleSource) -> torch.Tensor | None:
+    """Top-1 ``(N,)`` of the same-compute generalist on the test split, if the specialists stage
+    trained one."""
     loaded = load_same_compute(ctx.run_dir.path)
     if loaded is None:
         return None
     model = loaded[0].to(ctx.device)
-    batches = iterate_batches(split.images, split.labels, batch_size=ctx.config.ensemble.batch_size,
-                              shuffle=False, device=ctx.device)
-    return torch.cat([model(x).argmax(dim=1).cpu() for x, _ in batches])
+    return torch.cat([model(x).argmax(dim=1).cpu() for x, _ in _batches(ctx, source, "test")])
 
 
 def _build_cache(ctx: StageContext, data) -> tuple[list[str], dict[str, Any]]:

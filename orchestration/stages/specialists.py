@@ -3,12 +3,16 @@
 Reads top to bottom: check the clustering stage's groups against the generalist, plan one job
 per group (finished groups are never retrained; when an edit or another change replaced the
 stage's result, the specialists of the replaced result in ``RUN/history/specialists/`` whose
-fingerprint, :func:`specialist_fingerprint`, still matches are kept), open an MLflow child run of the pipeline run
-per specialist, connect to Ray and fail fast if no node can fit a specialist's resources, run
-every job as a Ray task (``orchestration.specialist_job.train_specialist``: resumable epochs,
-early stopping, prior correction) while printing each specialist's epochs, then write the
-index ``specialists.json``. Each group's folder holds its prior-corrected
-``model.safetensors`` + ``model.json``; all of them are outputs checksummed by the manifest.
+fingerprint, :func:`specialist_fingerprint`, still matches are kept), open an MLflow child run
+of the pipeline run per specialist, connect to Ray and fail fast if no node can fit a
+specialist's resources, run every job as a Ray task
+(``orchestration.specialist_job.train_specialist``: resumable epochs, early stopping, prior
+correction) while printing each specialist's epochs, then write the index ``specialists.json``.
+Every task gets the same small descriptor of the data
+(:func:`orchestration.data_access.source_descriptor`: in-memory arrays put in the object store
+once, or a streaming source) and reads from it only its group's examples and the sampled rest.
+Each group's folder holds its prior-corrected ``model.safetensors`` + ``model.json``; all of
+them are outputs checksummed by the manifest.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from orchestration.artifacts import (
 from orchestration.builders import augment_spec
 from orchestration.checkpoints import CheckpointError, read_metadata, verify_model_files
 from orchestration.config import ConfigError, SpecialistsConfig, flatten, leaf_keys
+from orchestration.data_access import source_descriptor
 from orchestration.files import read_json, write_json
 from orchestration.parallel import (
     TaskResources,
@@ -140,7 +145,7 @@ def _plan(ctx: StageContext, group: dict[str, Any]) -> SpecialistJob:
         run_dir=str(ctx.run_dir.path.resolve()),
         seed=ctx.config.run.seed * 100_003 + int(group["id"]),
         settings=ctx.config.specialists,
-        augment=augment_spec(ctx.config.data.augment, ctx.data(), ctx.config.specialists.augment),
+        augment=augment_spec(ctx.config.data.augment, ctx.source(), ctx.config.specialists.augment),
         tracking_uri=_absolute_uri(tracker.uri) if tracker else None,
     )
 
@@ -168,7 +173,7 @@ def _train_in_parallel(ctx: StageContext, jobs: list[SpecialistJob]) -> None:
     jobs = [_open_child_run(ctx, job) for job in sorted(jobs, key=lambda j: -len(j.classes))]
     printer = ProgressPrinter(ctx.console, jobs, cfg.epochs)
     failures = run_tasks(
-        train_specialist, jobs, shared=_shared_data(ctx), resources=resources,
+        train_specialist, jobs, shared=source_descriptor(ctx.source(), ("train", "holdout")), resources=resources,
         max_concurrency=cfg.max_concurrency, max_retries=cfg.max_retries,
         on_result=partial(_on_result, ctx, printer), on_tick=printer.poll,
     )
@@ -193,7 +198,7 @@ def _same_compute(ctx: StageContext, summaries: list[dict[str, Any]]) -> dict[st
     job = SameComputeJob(
         run_dir=str(ctx.run_dir.path.resolve()), out_dir=str((ctx.stage_dir / SAME_COMPUTE_DIR).resolve()),
         budget=budget, seed=ctx.config.run.seed * 100_003 + 99_991, settings=cfg,
-        augment=augment_spec(ctx.config.data.augment, ctx.data(), cfg.augment), threads=threads)
+        augment=augment_spec(ctx.config.data.augment, ctx.source(), cfg.augment), threads=threads)
     if not same_compute_finished(job):
         ctx.console.print(f"  same-compute baseline: the generalist fine-tuned for up to {budget:,} examples "
                           f"(what the {len(summaries)} specialists saw) with their recipe")
@@ -225,6 +230,7 @@ def _require(resources: TaskResources) -> None:
 
 
 def _shared_data(ctx: StageContext) -> dict[str, torch.Tensor]:
+    """The train and holdout arrays the same-compute baseline fine-tunes on (in memory)."""
     data = ctx.data()
     return {"train_images": data.train.images, "train_labels": data.train.labels,
             "holdout_images": data.holdout.images, "holdout_labels": data.holdout.labels}
