@@ -10,7 +10,10 @@ a data-free (DAFL) one. Each is evaluated at T = 1 on the test split
 (top-1, top-5, parameters, per-example latency at batch 1) beside the generalist and the
 ensemble. Writes ``student.safetensors`` + ``student.json`` (baselines under ``baselines/``),
 ``results.json`` and ``results.md``; logs per-epoch metrics prefixed by row and registers the
-student in the MLflow model registry (alias ``candidate``).
+student in the MLflow model registry (alias ``candidate``). With ``ray.train.workers`` > 1 (or
+``ray.train.use_gpu``) the student and the two baselines train on Ray Train workers, each
+loading the teachers itself (:mod:`orchestration.student_train`); the scheme and data-free rows,
+the evaluation and everything after it stay in the driver.
 """
 
 from __future__ import annotations

@@ -27,7 +27,9 @@ from orchestration.ray_train import RayTrainError
 from orchestration.student_train import Row, check_data_parallel
 
 SPECDISTILL = str(Path(sys.executable).parent / "specdistill")
-STUDENT = ("distill.epochs=2", "distill.baselines=true")
+# The student's hint term has a learnable regressor: the objective is a DDP module too.
+STUDENT = ("distill.epochs=2", "distill.baselines=true", "distill.student=cnn",
+           "distill.losses={hint: 1.0}", "distill.hint_layers=[blocks.1, blocks.1]")
 ROWS = ("student", "hard_labels", "generalist_kd")
 
 
@@ -85,9 +87,10 @@ def test_students_train_on_two_workers_with_identical_weights_like_one(local_ray
     assert list(rows[parallel]) == list(rows[single])
     for row in ROWS:
         # Same teachers, initial weights, global batch and schedule; two workers drop the last
-        # incomplete batch (216 = 6 x 32 + 24) and normalise BatchNorm over 16 examples, and on
-        # 72 test images of 9 classes after 2 short epochs one image is 0.014: a loose bound.
-        assert abs(rows[parallel][row]["top1"] - rows[single][row]["top1"]) <= 0.25, row
+        # incomplete batch (216 = 6 x 32 + 24) and normalise BatchNorm over 16 examples. On 72
+        # test images (one is 0.014) after 2 short epochs from a 2-epoch generalist, top-1 is
+        # near chance and moves by a few images: a loose bound (measured: <= 0.014 apart).
+        assert abs(rows[parallel][row]["top1"] - rows[single][row]["top1"]) <= 0.15, row
         assert (parallel / "distill" / rows[parallel][row]["path"]).exists()
 
     client = MlflowClient(tracking_uri=uri)
@@ -100,10 +103,11 @@ def test_students_train_on_two_workers_with_identical_weights_like_one(local_ray
     for row in ROWS:
         digests = run.data.tags[f"specdistill.ray_train.{row}.weights_sha256"].split(",")
         assert len(digests) == 2 and digests[0] == digests[1]
-    history = {r.info.run_id: client.get_metric_history(r.info.run_id, "student/train_loss") for r in (run, other)}
-    assert sorted(m.step for m in history[run.info.run_id]) == [1, 2]
-    first = [next(m.value for m in history[r.info.run_id] if m.step == 1) for r in (run, other)]
-    assert abs(first[0] - first[1]) < 0.1                       # same model, data and learning rate
+    for row in ROWS:                                            # measured: <= 0.008 apart
+        history = {r.info.run_id: client.get_metric_history(r.info.run_id, f"{row}/train_loss") for r in (run, other)}
+        assert sorted(m.step for m in history[run.info.run_id]) == [1, 2]
+        first = [next(m.value for m in history[r.info.run_id] if m.step == 1) for r in (run, other)]
+        assert abs(first[0] - first[1]) < 0.05, row             # same model, data and learning rate
 
 
 def _train_workers(pid: int) -> list[int]:
