@@ -30,6 +30,7 @@ from distill.objective import (
     probe_feature_shapes,
 )
 from generalist.data.augment import AugmentSpec, augmented_batches
+from generalist.data.source import epoch_order, rank_batches
 from generalist.train import iterate_batches, train_one_epoch
 
 __all__ = [
@@ -71,14 +72,35 @@ def iterate_indexed_batches(
     seed: int = 0,
     epoch: int = 0,
     device: str | torch.device = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[IndexedBatch]:
     """:func:`generalist.train.iterate_batches` (same order for the same ``(seed, epoch)``) that
-    also yields each example's position in ``images``, for per-example cached targets."""
+    also yields each example's position in ``images``, for per-example cached targets.
+
+    With ``world_size`` w > 1, ``batch_size`` is the global batch and rank ``rank`` gets its
+    ``batch_size // w`` slice of every complete global batch of that order
+    (:func:`generalist.data.source.rank_batches`): the ranks' examples are disjoint and every
+    rank takes the same number of steps."""
+    if world_size > 1:
+        yield from _rank_indexed(images, labels, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                                 epoch=epoch, device=device, rank=rank, world_size=world_size)
+        return
     positions = torch.arange(images.shape[0])
     batches = iterate_batches(images, positions, batch_size=batch_size, shuffle=shuffle,
                               seed=seed, epoch=epoch, device=device)
     for x, ids in batches:
         ids = ids.cpu()
+        yield IndexedBatch(x, labels[ids].to(x.device).long(), ids)
+
+
+def _rank_indexed(images: Tensor, labels: Tensor, *, batch_size: int, shuffle: bool, seed: int,
+                  epoch: int, device: str | torch.device, rank: int,
+                  world_size: int) -> Iterator[IndexedBatch]:
+    order = epoch_order(images.shape[0], shuffle=shuffle, seed=seed, epoch=epoch)  # (N,)
+    for ids in rank_batches(order, batch_size, rank, world_size):                  # (B / w,)
+        x = images[ids].to(device)                                                 # (B / w, C, H, W)
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         yield IndexedBatch(x, labels[ids].to(x.device).long(), ids)
 
 
@@ -179,25 +201,30 @@ def distill_one_epoch(
     device: str | torch.device = "cpu",
     amp: bool = False,
     on_step: Callable[[int, float], None] | None = None,
+    features_of: nn.Module | None = None,
+    objective_fn: Callable[..., tuple[Tensor, dict[str, Tensor]]] | None = None,
 ) -> DistillEpochResult:
     """Train ``student`` for one pass over ``batches`` on ``objective``.
 
     ``teacher(x, ids)`` runs on each batch before the student (None only when the objective
     needs no teacher: alpha = 0 and no extra terms). The optimizer must hold the student's and
     the objective's parameters. Stepping, mixed precision and the NaN guard are those of
-    :func:`generalist.train.train_one_epoch`.
+    :func:`generalist.train.train_one_epoch`. Data-parallel: ``student`` and ``objective_fn`` may
+    be DDP wrappers of the student (``features_of``, whose layers the objective's paths name) and
+    of ``objective``.
     """
     if teacher is None and objective.needs_teacher:
         raise ValueError(f"alpha={objective.alpha} and extra terms {sorted(objective.pairs)} "
                          "need a teacher; pass teacher=...")
     meter = _Meter()
     paths = objective.student_paths
-    hooks = FeatureExtractor(student, paths) if paths else None
+    hooks = FeatureExtractor(features_of or student, paths) if paths else None
+    compute = objective_fn or objective
     empty = TeacherOutput()
 
     def loss_fn(logits: Tensor, target: tuple[Tensor, TeacherOutput, Tensor]) -> Tensor:
         labels, said, ids = target
-        total, terms = objective(logits, labels, said, hooks.features if hooks else None, ids)
+        total, terms = compute(logits, labels, said, hooks.features if hooks else None, ids)
         meter.add(terms, logits, labels)
         return total
 

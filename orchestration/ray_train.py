@@ -136,6 +136,17 @@ def weights_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def check_replicas(logger: Any, par: Parallel, model: nn.Module, *, tag: str) -> None:
+    """RuntimeError when the ranks' weights differ after training; rank 0 first tags their
+    sha256 (by rank, comma-separated) as ``tag`` on ``logger``'s MLflow run."""
+    digests = par.checksums(model)
+    if par.is_main:
+        logger.set_tags({tag: ",".join(digests)})
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"the {par.world_size} data-parallel replicas hold different weights after "
+                           f"training (sha256 by rank: {digests}); DDP did not keep them in step")
+
+
 # ------------------------------------------------------------------------------- driver
 
 

@@ -10,14 +10,15 @@ a data-free (DAFL) one. Each is evaluated at T = 1 on the test split
 (top-1, top-5, parameters, per-example latency at batch 1) beside the generalist and the
 ensemble. Writes ``student.safetensors`` + ``student.json`` (baselines under ``baselines/``),
 ``results.json`` and ``results.md``; logs per-epoch metrics prefixed by row and registers the
-student in the MLflow model registry (alias ``candidate``).
+student in the MLflow model registry (alias ``candidate``). With ``ray.train.workers`` > 1 (or
+``ray.train.use_gpu``) the student and the two baselines train on Ray Train workers, each
+loading the teachers itself (:mod:`orchestration.student_train`); the scheme and data-free rows,
+the evaluation and everything after it stay in the driver.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +28,10 @@ from torch import nn
 from distill.data_free_train import DataFreeSettings, DataFreeTrainer
 from distill.latency import latencies_side_by_side
 from distill.train import (
-    DistillObjective,
-    TeacherFn,
-    augmented_indexed,
     build_objective,
-    distill_one_epoch,
     evaluate_predictor,
     feature_pairs,
-    iterate_indexed_batches,
     pair_paths,
-    prepare_objective,
     probe_feature_shapes,
 )
 from generalist.models import count_parameters
@@ -55,13 +50,14 @@ from orchestration.artifacts import (
     load_same_compute,
     stage_dir,
 )
-from orchestration.builders import augment_spec, optimizer_and_schedule
 from orchestration.checkpoints import Checkpointer, CheckpointError, build_model, save_model
 from orchestration.distill_schemes import SchemeModel, scheme_rows
 from orchestration.files import read_json, write_json
 from orchestration.model_card import model_card
 from orchestration.onnx_export import ONNX_CHECK, export_student
-from orchestration.pipeline import Stage, StageContext, StageResult, step_progress
+from orchestration.pipeline import Stage, StageContext, StageResult
+from orchestration.ray_train import SINGLE, check_replicas, on_ray_train, worker_context
+from orchestration.student_train import Row, train_on_workers, train_row
 from orchestration.tables import models_table
 from orchestration.teachers import DistillError, Teachers, load_teachers, teacher_fns
 from orchestration.tracking import TrackingError
@@ -74,25 +70,15 @@ LATENCY_REPEATS = 20
 LATENCY_ROUNDS = 5                       # round-robin rounds of the final latency comparison
 
 
-@dataclass(frozen=True)
-class Row:
-    """One student of the comparison: how it is taught and where it is saved."""
-
-    name: str
-    teacher: str                        # shown in the results table
-    alpha: float
-    teach: TeacherFn | None
-    extra_losses: bool
-    folder: str                         # relative to the stage dir; "" for the main student
-
-
 def run(ctx: StageContext) -> StageResult:
     cfg, data = ctx.config.distill, ctx.data()
     teachers = load_teachers(ctx)
     spec = student_spec(ctx)
     pairs, shapes = check_extra_losses(ctx, teachers.generalist, spec)
     _print_plan(ctx, teachers, spec, pairs)
-    rows = [_train_row(ctx, row, spec, pairs, shapes) for row in plan_rows(ctx, teachers, pairs)]
+    on_workers = on_ray_train(ctx.config.ray.train)
+    rows = [_train_row(ctx, row, spec, pairs, shapes, on_workers=on_workers)
+            for row in plan_rows(ctx, teachers, pairs)]
     rows += scheme_rows(ctx, teachers, spec, train=lambda m: _train_row(ctx, _scheme_row(m), m.spec, {}, ({}, {})),
                         finish=lambda m, net: _finish_row(ctx, _scheme_row(m), ctx.stage_dir / m.folder, net, m.spec))
     if cfg.data_free.enabled:
@@ -182,50 +168,30 @@ def _print_plan(ctx: StageContext, teachers: Teachers, spec: dict[str, Any], pai
 # ------------------------------------------------------------------------------ training
 
 
-def _objective(ctx: StageContext, row: Row, pairs: dict, shapes: tuple) -> DistillObjective:
-    cfg = ctx.config.distill
-    losses = dict(cfg.losses) if row.extra_losses else {}
-    return build_objective(temperature=cfg.temperature, alpha=row.alpha, losses=losses,
-                           pairs={k: pairs[k] for k in losses}, student_shapes=shapes[0],
-                           teacher_shapes=shapes[1], options=cfg.loss_options if losses else {},
-                           num_examples=len(ctx.data().train))
-
-
-def _train_row(ctx: StageContext, row: Row, spec: dict[str, Any], pairs: dict, shapes: tuple) -> dict[str, Any]:
-    cfg, data, row_dir = ctx.config.distill, ctx.data(), ctx.stage_dir / row.folder
+def _train_row(ctx: StageContext, row: Row, spec: dict[str, Any], pairs: dict, shapes: tuple, *,
+               on_workers: bool = False) -> dict[str, Any]:
+    """Train (or keep) one row and finish it in the driver; ``on_workers``: on Ray Train."""
+    row_dir = ctx.stage_dir / row.folder
     if (kept := _finished_earlier(ctx, row.name, row_dir)) is not None:
         return kept
-    set_seed(ctx.config.run.seed)       # every row starts from the same weights and batch order
-    student = build_model(spec).to(ctx.device)
-    objective = _objective(ctx, row, pairs, shapes).to(ctx.device)
-    trained = nn.ModuleDict({"student": student, "objective": objective})
-    steps = math.ceil(len(data.train) / cfg.batch_size)
-    optimizer, scheduler = optimizer_and_schedule(trained, cfg.optimizer, steps_per_epoch=steps,
-                                                  epochs=cfg.epochs)
-    checkpoints = Checkpointer(row_dir / CHECKPOINTS)
-    stateful = {"optimizer": optimizer, "scheduler": scheduler}
-    start = _resume(ctx, row, checkpoints, trained, stateful)
-    if start == 0:   # terms that learn before the student does (factor transfer's paraphraser)
-        fitted = prepare_objective(objective, lambda e: iterate_indexed_batches(
-            data.train.images, data.train.labels, batch_size=cfg.batch_size, shuffle=True,
-            seed=ctx.config.run.seed, epoch=e, device=ctx.device), row.teach)
-        for term, losses in fitted.items():
-            ctx.console.print(f"  {row.name}: {term} paraphraser reconstruction MSE by epoch "
-                              + " ".join(f"{v:.4f}" for v in losses))
-    for epoch in range(start, cfg.epochs):
-        with step_progress(ctx, epoch, steps) as advance:
-            batches = augmented_indexed(
-                iterate_indexed_batches(data.train.images, data.train.labels, batch_size=cfg.batch_size,
-                                        shuffle=True, seed=ctx.config.run.seed, epoch=epoch, device=ctx.device),
-                augment_spec(ctx.config.data.augment, data, cfg.augment),
-                seed=ctx.config.run.seed, epoch=epoch)
-            result = distill_one_epoch(
-                student, batches,
-                optimizer, scheduler, objective=objective, teacher=row.teach, epoch=epoch,
-                device=ctx.device, amp=ctx.device.type == "cuda", on_step=advance)
-        _end_epoch(ctx, row, trained, optimizer, result)
-        checkpoints.save(result.epoch + 1, trained, stateful, metadata={"model": spec, "row": row.name})
+    if on_workers:
+        student = train_on_workers(ctx, row, spec, pairs, shapes, row_worker)
+    else:
+        student = train_row(ctx, row, spec, pairs, shapes, SINGLE)["student"]
     return _finish_row(ctx, row, row_dir, student, spec)
+
+
+def row_worker(payload: dict[str, Any]) -> None:
+    """One Ray Train worker of a row: the teachers loaded from the run directory, the row
+    rebuilt as the driver built it, :func:`train_row` as its rank, then a check that every rank
+    holds the same weights (their sha256 is tagged on the stage's MLflow run)."""
+    ctx, par = worker_context(payload)
+    teachers = load_teachers(ctx)
+    spec = payload["spec"]
+    pairs, shapes = check_extra_losses(ctx, teachers.generalist, spec)
+    row = next(r for r in plan_rows(ctx, teachers, pairs) if r.name == payload["row"])
+    trained = train_row(ctx, row, spec, pairs, shapes, par)
+    check_replicas(ctx.logger, par, trained, tag=f"specdistill.ray_train.{row.name}.weights_sha256")
 
 
 def _finished_earlier(ctx: StageContext, name: str, row_dir: Path) -> dict[str, Any] | None:
@@ -242,43 +208,6 @@ def _finished_earlier(ctx: StageContext, name: str, row_dir: Path) -> dict[str, 
 def _scheme_row(model: SchemeModel) -> Row:
     """A scheme's model as a row of the comparison: logit KD only (no extra losses)."""
     return Row(model.name, model.teacher, model.alpha, model.teach, False, model.folder)
-
-
-def _end_epoch(ctx, row, trained, optimizer, result) -> None:
-    """Evaluate on the holdout split, log and print the epoch."""
-    cfg, student = ctx.config.distill, trained["student"]
-    student.eval()
-    holdout = evaluate_predictor(student, ctx.data().holdout.images, ctx.data().holdout.labels,
-                                 batch_size=cfg.eval_batch_size, device=ctx.device)
-    metrics = {"train_loss": result.loss, "train_accuracy": result.accuracy, **result.terms,
-               "holdout_top1": holdout["top1"], "examples_per_s": result.examples_per_s,
-               "lr": optimizer.param_groups[0]["lr"]}
-    ctx.logger.log_metrics({f"{row.name}/{k}": v for k, v in metrics.items()}, step=result.epoch + 1)
-    terms = "  ".join(f"{k} {v:.4f}" for k, v in result.terms.items())
-    ctx.console.print(
-        f"  {row.name} epoch {result.epoch + 1}/{cfg.epochs}  loss {result.loss:.4f} ({terms})  "
-        f"train acc {result.accuracy:.3f}  holdout top1 {holdout['top1']:.3f}  "
-        f"{result.examples_per_s:,.0f} img/s  {result.seconds:.1f}s"
-    )
-
-
-def _resume(ctx, row, checkpoints: Checkpointer, trained, stateful) -> int:
-    """Continue after the last finished epoch; a corrupt checkpoint restarts the row."""
-    initial = {k: v.clone() for k, v in trained.state_dict().items()}
-    initial_state = {name: obj.state_dict() for name, obj in stateful.items()}
-    try:
-        snapshot = checkpoints.resume(trained, stateful)
-    except CheckpointError as exc:
-        ctx.console.print(f"[yellow]warning[/] {row.name}: cannot resume ({exc}); training from scratch")
-        checkpoints.clear()
-        trained.load_state_dict(initial)
-        for name, obj in stateful.items():
-            obj.load_state_dict(initial_state[name])
-        return 0
-    if snapshot is None:
-        return 0
-    ctx.console.print(f"  {row.name}: resuming after epoch {snapshot.epoch}")
-    return snapshot.epoch
 
 
 def _finish_row(ctx: StageContext, row: Row, row_dir: Path, student: nn.Module,
