@@ -16,7 +16,8 @@ the batches arrive in the same order as with one process. Sources that stream
 them; other sources hand them decoded uint8 batches. Each batch's augmentation then draws from
 its own generator seeded by ``(seed, epoch, batch index)``: the numbers are deterministic and the
 same for any worker count, but differ from ``workers=0``'s. With ``rank`` / ``world_size`` each
-data-parallel worker gets its own part of every global batch (see :mod:`generalist.data.source`).
+data-parallel worker gets its own part of every global batch (see :mod:`generalist.data.source`)
+and, with more than one rank, augmentation draws of its own (:func:`augment_seed`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from generalist.data.source import ExampleSource
 from generalist.data.splits import derive_seed
 
 BATCH_AUGMENT_STREAM = 0xA07
+RANK_AUGMENT_STREAM = 0xA08
 
 
 def _to_float(batches, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
@@ -52,7 +54,8 @@ def loader(source: ExampleSource, split: str, *, batch_size: int, shuffle: bool,
         raise ValueError(f"workers must be >= 0 (0 = in this process), got {workers}")
     if workers == 0:
         raw = source.batches(split, **read)
-        return augmented_batches(_to_float(raw, torch.device(device)), augment, seed=seed, epoch=epoch)
+        return augmented_batches(_to_float(raw, torch.device(device)), augment,
+                                 seed=augment_seed(seed, rank, world_size), epoch=epoch)
     stream = WorkerBatches(source, split, read, augment, workers)
     batches = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=_one_thread)
     return _to_device(batches, torch.device(device))
@@ -80,9 +83,17 @@ class WorkerBatches(IterableDataset):
     def _augmented(self, x: Tensor, index: int) -> Tensor:
         if self.augment is None or not self.augment.active:
             return x
-        seed, epoch = self.read["seed"], self.read["epoch"]
+        seed = augment_seed(self.read["seed"], self.read["rank"], self.read["world_size"])
+        epoch = self.read["epoch"]
         generator = torch.Generator().manual_seed(derive_seed(seed, epoch, index, BATCH_AUGMENT_STREAM))
         return augment_batch(x, self.augment, generator)
+
+
+def augment_seed(seed: int, rank: int, world_size: int) -> int:
+    """The augmentation seed of one data-parallel rank: ``seed`` itself for one rank, else one of
+    its own per rank, so the ranks' parts of a global batch get independent draws rather than
+    the same sequence of transforms."""
+    return seed if world_size == 1 else derive_seed(seed, rank, world_size, RANK_AUGMENT_STREAM)
 
 
 def _one_thread(worker_id: int) -> None:

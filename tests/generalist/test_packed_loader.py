@@ -59,3 +59,19 @@ def test_in_memory_sources_work_with_workers(packed):
     assert torch.equal(x0, x2) and torch.equal(y0, y2)
     with pytest.raises(ValueError, match="workers must be >= 0"):
         loader(source, "train", batch_size=16, shuffle=False, workers=-1)
+
+
+def test_data_parallel_ranks_draw_their_own_augmentation():
+    """Two ranks see different examples; the same example on both would still be jittered
+    differently: the augmentation seed depends on the rank when there are several."""
+    from generalist.data import DataBundle, Split
+    from generalist.data.augment import AugmentSpec
+    from generalist.data.loader import augment_seed, loader
+    from generalist.data.source import InMemorySource
+
+    assert augment_seed(7, 0, 1) == 7
+    same = Split(torch.arange(64, dtype=torch.uint8).reshape(1, 1, 8, 8).repeat(8, 1, 1, 1), torch.arange(8) % 2)
+    source = InMemorySource(DataBundle("same", ("a", "b"), same, same, same))
+    views = [next(loader(source, "train", batch_size=4, shuffle=False, seed=7, rank=r, world_size=2,
+                         augment=AugmentSpec(kind="affine")))[0] for r in (0, 1)]
+    assert not torch.allclose(views[0], views[1])      # identical images, different draws
