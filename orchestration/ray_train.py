@@ -22,6 +22,8 @@ Ray's object store) and runs the same loop as the driver would, told its place b
 from __future__ import annotations
 
 import hashlib
+import importlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,6 +255,22 @@ def _in_memory_only(source: Any) -> Callable[[], Any]:
 # ------------------------------------------------------------------------------- worker
 
 
+RAY_TRAIN_CHATTY = ("ray.train.v2._internal.execution.context", "ray.train.v2._internal.execution.storage")
+
+
+def _quiet_reports() -> None:
+    """Ray Train logs a line per report and per checkpoint from every worker (two per epoch and
+    rank); the stage prints its own epoch line, so those go to WARNING in this worker."""
+    for name in RAY_TRAIN_CHATTY:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:       # another Ray version: its own logging stays as it is
+            continue
+        chatty = getattr(module, "logger", None)
+        if isinstance(chatty, logging.Logger):
+            chatty.setLevel(logging.WARNING)
+
+
 def worker_context(payload: dict[str, Any]):
     """This worker's StageContext (rank 0 prints and logs; the others stay quiet) and Parallel."""
     import ray.train
@@ -265,6 +283,7 @@ def worker_context(payload: dict[str, Any]):
     from orchestration.tracking import Connection, RunLogger
 
     torch.set_num_threads(max(1, int(payload["cpus_per_worker"])))
+    _quiet_reports()
     context = ray.train.get_context()
     par = Parallel(context.get_world_rank(), context.get_world_size(), on_ray=True)
     run_dir, uri = Path(payload["run_dir"]), payload["tracking_uri"]
