@@ -7,7 +7,8 @@
    on Ray), combine (production solver vs the per-example reference; routed inference
    throughput in the full mode), distill (time per KD step from the cache vs plain
    cross-entropy), kd_methods (every distillation method and scheme side by side; its table is
-   a section of ``BENCHMARKS.md``). Each prints its figures and a last ``key=value`` line, kept verbatim.
+   a section of ``BENCHMARKS.md``), scale (memory as packed data grows 10x, the generalist on 2 Ray
+   Train workers against 1, input throughput; its output is a section too). Each prints its figures and a last ``key=value`` line, kept verbatim.
 2. The whole pipeline (``specdistill run CONFIG run.seed=S``) once per seed in a fresh run
    directory under ``benchmarks/results/runs/``: wall time, seconds per stage (from the stage
    manifests) and the model table of each run (``RUN/distill/results.json``); accuracy figures
@@ -38,7 +39,7 @@ from benchmarks.quality_report import markdown as quality_markdown
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-COMPONENTS = ("clustering", "specialists", "combine", "distill", "kd_methods")
+COMPONENTS = ("clustering", "specialists", "combine", "distill", "kd_methods", "scale")
 QUALITY_OUT = HERE / "results" / "quality.json"
 STAGES = ("generalist", "clustering", "specialists", "ensemble", "distill")
 PACKAGES = ("torch", "torchvision", "ray", "mlflow", "scikit-learn", "faiss-gpu", "faiss-cpu", "numpy")
@@ -219,7 +220,7 @@ def kd_methods_section(results: dict[str, Any], previous: dict[str, Any], md: Pa
 
 def markdown(results: dict[str, Any]) -> str:
     """``BENCHMARKS.md``: machine, component benchmarks, the pipeline over seeds, failures."""
-    lines = _machine_lines(results) + _component_lines(results["components"])
+    lines = _machine_lines(results) + _component_lines(results["components"]) + _scale_lines(results["components"])
     if results.get("kd_methods_md"):
         lines += ["", results["kd_methods_md"]]
     agg = results.get("pipeline")
@@ -269,6 +270,20 @@ def _component_lines(components: dict[str, dict[str, Any]]) -> list[str]:
         last = comp["last_line"] if comp["returncode"] == 0 else f"FAILED (exit {comp['returncode']})"
         lines.append(f"| {name} | `{comp['command']}` | {comp['seconds']:.0f} | `{last}` |")
     return lines
+
+
+def _scale_lines(components: dict[str, dict[str, Any]]) -> list[str]:
+    """What ``benchmarks.scale`` printed (memory per process as data grows, data-parallel scaling,
+    input throughput), without the Ray workers' own log lines."""
+    scale = components.get("scale")
+    if not scale or scale["returncode"] != 0:
+        return []
+    shown = [line for line in scale["output"].splitlines()
+             if line.strip() and not line.lstrip().startswith(("(", "\x1b[")) and "INFO" not in line]
+    return ["", f"## Scale (`{scale['command']}`)", "",
+            "Goals: `rss_ratio_10x <= 1.3` (peak memory of every process flat as the data grows 10x), "
+            "`ddp_speedup >= 1.6` (2 Ray Train workers x 1 CPU against 1 x 1 CPU, same global batch).", "",
+            "```", *shown, "```"]
 
 
 def _pipeline_lines(results: dict[str, Any], agg: dict[str, Any], ok: list[dict[str, Any]]) -> list[str]:

@@ -110,3 +110,15 @@ def test_the_distillation_methods_table_is_kept_when_merging_without_re_running_
     assert kept == section
     assert RUN_ALL["kd_methods_section"]({"components": {}}, {"kd_methods_md": "## stored\n"}, md) == "## stored\n"
     assert RUN_ALL["kd_methods_section"]({"components": {}}, {}, md) is None  # no --merge: nothing carried over
+
+
+def test_the_scale_output_is_a_section_without_the_ray_workers_lines():
+    from benchmarks.run_all import _scale_lines
+
+    output = ("memory as data grows 10x:\n(RayTrainWorker pid=1) epoch 1/3\n"
+              "2026/12/01 INFO mlflow.store: Creating tables\nrss_ratio_10x=1.05 ddp_speedup=1.8 input_img_per_s_per_core=9000\n")
+    lines = _scale_lines({"scale": {"command": "python -m benchmarks.scale --quick", "returncode": 0, "output": output}})
+    text = "\n".join(lines)
+    assert "## Scale (`python -m benchmarks.scale --quick`)" in text
+    assert "rss_ratio_10x=1.05 ddp_speedup=1.8" in text and "RayTrainWorker" not in text and "INFO" not in text
+    assert _scale_lines({"scale": {"command": "x", "returncode": 1, "output": output}}) == []
