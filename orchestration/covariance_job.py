@@ -20,7 +20,6 @@ and never holds the split or its predictions::
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -34,6 +33,7 @@ from clustering import CovarianceAccumulator, SparseCoPredictionAccumulator
 from generalist.data.source import ExampleSource
 from orchestration.artifacts import load_generalist
 from orchestration.data_access import open_descriptor, source_descriptor
+from orchestration.ray_data import quiet_ordered_data
 
 SPLIT = "holdout"
 MAX_BLOCK = 16_384      # examples per block at most: a block's statistics are a few K x K matrices
@@ -214,7 +214,7 @@ def holdout_statistics(run_dir: str, source: ExampleSource, *, settings: PassSet
     descriptor = ray.put(source_descriptor(source, (SPLIT,)))
     halves = ray.put(None if half_of is None else np.asarray(half_of, dtype=np.uint8))
     total = HoldoutPartial.empty(settings)
-    with _quiet_ordered_data():
+    with quiet_ordered_data():
         blocks = ray.data.from_numpy([np.array([s], dtype=np.int64) for s in starts])  # a Ray block each
         blocks = blocks.rename_columns({"data": "start"})
         parts = blocks.map_batches(
@@ -233,24 +233,3 @@ def holdout_statistics(run_dir: str, source: ExampleSource, *, settings: PassSet
 
 def _batches(parts: Any) -> Iterator[dict[str, np.ndarray]]:
     yield from parts.iter_batches(batch_size=None, batch_format="numpy")
-
-
-@contextlib.contextmanager
-def _quiet_ordered_data() -> Iterator[None]:
-    """Ray Data without progress bars or per-dataset log lines, its outputs in input order (the
-    blocks merge in the same order every run)."""
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    saved = context.enable_progress_bars, context.execution_options.preserve_order
-    context.enable_progress_bars, context.execution_options.preserve_order = False, True
-    loggers = [logging.getLogger("ray.data"), logging.getLogger("ray.data._internal.progress")]
-    levels = [logger.level for logger in loggers]
-    loggers[0].setLevel(logging.WARNING)
-    loggers[1].setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        context.enable_progress_bars, context.execution_options.preserve_order = saved
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)

@@ -16,19 +16,15 @@ from typing import Any
 
 import torch
 
-from generalist.data.augment import AugmentSpec, augmented_batches
-from generalist.train import (
-    EarlyStopping,
-    evaluate,
-    iterate_batches,
-    plateau_epoch_end,
-    set_seed,
-    train_one_epoch,
-)
+from generalist.data.augment import AugmentSpec
+from generalist.data.loader import loader
+from generalist.data.source import ExampleSource
+from generalist.train import EarlyStopping, evaluate, plateau_epoch_end, set_seed, train_one_epoch
 from orchestration.artifacts import CHECKPOINTS, MODEL, load_generalist
 from orchestration.builders import optimizer_and_schedule
 from orchestration.checkpoints import Checkpointer, CheckpointError, read_metadata, save_model
 from orchestration.config import SpecialistsConfig
+from orchestration.data_access import SourceDescriptor, open_descriptor
 
 
 @dataclass(frozen=True)
@@ -57,16 +53,18 @@ def is_finished(job: SameComputeJob) -> bool:
     return (job.dir / f"{MODEL}.safetensors").exists() and meta.get("same_compute", {}).get("budget") == job.budget
 
 
-def train_same_compute(job: SameComputeJob, data: dict[str, torch.Tensor]) -> dict[str, Any]:
+def train_same_compute(job: SameComputeJob, data: SourceDescriptor) -> dict[str, Any]:
     """Fine-tune the run's generalist on all classes for at most ``job.budget`` examples; returns
-    the summary written to ``model.json``. ``data`` as for the specialists."""
+    the summary written to ``model.json``. ``data``: the descriptor of the train and holdout
+    splits (:func:`orchestration.data_access.source_descriptor`), as for the specialists."""
+    source = open_descriptor(data)
     cfg = job.settings
     torch.set_num_threads(max(1, job.threads))
     device = torch.device("cuda" if cfg.gpus_per_specialist > 0 and torch.cuda.is_available() else "cpu")
     model, meta = load_generalist(job.run_dir)
     set_seed(job.seed)
     model = model.to(device)
-    n_train = len(data["train_labels"])
+    n_train = source.size("train")
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     epochs = max(1, math.ceil(job.budget / (steps_per_epoch * cfg.batch_size)))
     optimizer, scheduler = optimizer_and_schedule(model, cfg.optimizer, steps_per_epoch=steps_per_epoch,
@@ -76,15 +74,14 @@ def train_same_compute(job: SameComputeJob, data: dict[str, torch.Tensor]) -> di
     checkpoints = Checkpointer(job.dir / CHECKPOINTS)
     start = _resume(checkpoints, model, stateful)
     if start == 0:
-        stopper.step(_holdout_loss(model, data, cfg, device), 0)
+        stopper.step(_holdout_loss(model, source, cfg, device), 0)
         checkpoints.save(0, model, stateful, best=True)
     for epoch in range(start, epochs):
         if stopper.should_stop:
             break
-        batches = augmented_batches(_limited(data, cfg, job, epoch, device), job.augment,
-                                    seed=job.seed, epoch=epoch)
+        batches = _limited(source, cfg, job, epoch, device)
         train_one_epoch(model, batches, optimizer, scheduler, epoch=epoch, device=device)
-        loss = _holdout_loss(model, data, cfg, device)
+        loss = _holdout_loss(model, source, cfg, device)
         plateau_epoch_end(scheduler, loss)
         improved = stopper.improves(loss)
         stopper.step(loss, epoch + 1)
@@ -92,11 +89,11 @@ def train_same_compute(job: SameComputeJob, data: dict[str, torch.Tensor]) -> di
     return _finish(job, checkpoints, model, meta, stopper, epochs, n_train)
 
 
-def _limited(data, cfg: SpecialistsConfig, job: SameComputeJob, epoch: int, device) -> Any:
-    """One shuffled pass over the training split, cut where the budget runs out."""
-    left = job.budget - epoch * math.ceil(len(data["train_labels"]) / cfg.batch_size) * cfg.batch_size
-    batches = iterate_batches(data["train_images"], data["train_labels"], batch_size=cfg.batch_size,
-                              shuffle=True, seed=job.seed, epoch=epoch, device=device)
+def _limited(source: ExampleSource, cfg: SpecialistsConfig, job: SameComputeJob, epoch: int, device) -> Any:
+    """One shuffled, augmented pass over the training split, cut where the budget runs out."""
+    left = job.budget - epoch * math.ceil(source.size("train") / cfg.batch_size) * cfg.batch_size
+    batches = loader(source, "train", batch_size=cfg.batch_size, shuffle=True, seed=job.seed, epoch=epoch,
+                     augment=job.augment, device=device)
     for i, batch in enumerate(batches):
         if i * cfg.batch_size >= left:
             return
@@ -104,9 +101,8 @@ def _limited(data, cfg: SpecialistsConfig, job: SameComputeJob, epoch: int, devi
 
 
 @torch.no_grad()
-def _holdout_loss(model, data, cfg: SpecialistsConfig, device) -> float:
-    batches = iterate_batches(data["holdout_images"], data["holdout_labels"], batch_size=cfg.eval_batch_size,
-                              shuffle=False, device=device)
+def _holdout_loss(model, source: ExampleSource, cfg: SpecialistsConfig, device) -> float:
+    batches = loader(source, "holdout", batch_size=cfg.eval_batch_size, shuffle=False, device=device)
     return float(evaluate(model, batches, device=device)["loss"])
 
 

@@ -5,21 +5,22 @@ running the routed ensemble per batch (the format, writer and memory-mapped read
 :mod:`specialists.ensemble`'s: :class:`~specialists.ensemble.SoftTargetCache`)::
 
     cache = SoftTargetCache(cache_dir("runs/quickstart"))
-    cache.check_compatible(data.class_names, data_identity(config, "train", data.train))
+    cache.check_compatible(source.class_names, data_identity(config, "train", source))
 
 :func:`build_cache`: a Ray Data dataset of example ids (in blocks) goes through ``map_batches``
 with a pool of actors; each actor loads the run's ensemble once (on the GPU Ray gave it, else
-on one CPU thread), looks its ids up in the split's images (shared once through the object
-store) and returns ``q`` at ``T = 1``, encoded for the cache, with the ids. The driver hands the
-batches to :func:`specialists.ensemble.write_shards`, which puts the rows back in example order,
-writes shards of ``shard_size`` examples and the manifest, last.
+on one CPU thread) and the split's source (:mod:`orchestration.data_access`: in-memory arrays
+shared once through the object store, or a streaming source that re-opens its files), reads its
+block with ``take`` a batch at a time and returns ``q`` at ``T = 1``, encoded for the cache, with
+the ids. The driver hands the batches to :func:`specialists.ensemble.write_shards`, which puts
+the rows back in example order, writes shards of ``shard_size`` examples and the manifest, last.
+With a streaming source nothing holds the split: an actor decodes one batch of images at a time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -30,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from generalist.data import Split
+from generalist.data.source import ExampleSource
 from orchestration.artifacts import (
     CONFIG,
     MODEL,
@@ -41,39 +44,53 @@ from orchestration.artifacts import (
     stage_dir,
 )
 from orchestration.config import ConfigError, load_config
+from orchestration.data_access import SourceDescriptor, open_descriptor, source_descriptor
 from orchestration.files import sha256_file
 from orchestration.parallel import TaskResources, connect, unmet_request
+from orchestration.ray_data import quiet_ordered_data
 from specialists.ensemble import CacheLayout, ensemble_soft_targets, write_shards
 from specialists.ensemble.cache_writer import check_count
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from generalist.data import Split
     from orchestration.config import Config
 
 
-def data_identity(config: Config, split_name: str, split: Split) -> dict[str, Any]:
+def data_identity(config: Config, split_name: str, examples: Split | ExampleSource) -> dict[str, Any]:
     """What pins the examples of a cache: data set, options, seed, split, size, labels.
 
-    The writer stores it in the manifest and the reader compares it
+    ``examples`` is the split itself or a source whose split ``split_name`` is meant (its labels
+    come from the per-class positions, no image is read); both give the same identity. The
+    writer stores it in the manifest and the reader compares it
     (:meth:`~specialists.ensemble.SoftTargetCache.check_compatible`); both must compute it here.
     """
-    labels = split.labels.numpy().astype("<i8", copy=False)
+    labels = examples.labels.numpy() if isinstance(examples, Split) else split_labels(examples, split_name)
+    labels = labels.astype("<i8", copy=False)                                  # (N,)
     return {
         "name": config.data.name,
         "options": json.loads(json.dumps(config.data.options, sort_keys=True, default=str)),
         "seed": config.run.seed,
         "split": split_name,
-        "n_examples": len(split),
+        "n_examples": len(labels),
         "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
     }
+
+
+def split_labels(source: ExampleSource, split: str) -> np.ndarray:
+    """``(N,)`` int64: the label of every example of ``split``, by position, assembled from the
+    source's per-class positions (no image is read)."""
+    labels = np.empty(source.size(split), dtype=np.int64)                      # (N,)
+    for label in np.flatnonzero(source.class_counts(split)):
+        labels[source.class_positions(split, [int(label)])] = label
+    return labels
 
 
 class _TeacherActor:
     """A Ray Data actor: the run's ensemble, and the encoded ``q`` for each batch of example ids."""
 
-    def __init__(self, run_dir: str, images: list[Any], layout: CacheLayout, settings: dict[str, Any]):
+    def __init__(self, run_dir: str, descriptor: list[Any], split: str, layout: CacheLayout,
+                 settings: dict[str, Any]):
         import ray
 
         on_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
@@ -82,20 +99,25 @@ class _TeacherActor:
         self.batch_size = settings["batch_size"]
         self.ensemble = load_ensemble(Path(run_dir), top_n=settings["top_n"], tol=settings["tol"],
                                       max_iter=settings["max_iter"], device="cuda" if on_gpu else "cpu").ensemble
-        self.images = ray.get(images[0])  # (N, C, H, W) uint8, shared read-only per node
-        self.layout = layout
+        self.source = open_descriptor(ray.get(descriptor[0]))
+        self.split, self.layout = split, layout
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = batch["id"].astype(np.int64)
-        with torch.inference_mode():
-            x = torch.from_numpy(self.images[ids]).float() / 255  # (b, C, H, W) in [0, 1]
-            q = ensemble_soft_targets(self.ensemble, x, batch_size=self.batch_size)  # (b, K) at T = 1
-        return {"id": ids, **self.layout.encode(q)}
+        ids = batch["id"].astype(np.int64)                                      # (b,)
+        parts = [self._encoded(ids[i:i + self.batch_size]) for i in range(0, len(ids), self.batch_size)]
+        return {"id": ids, **{key: np.concatenate([part[key] for part in parts]) for key in parts[0]}}
+
+    @torch.inference_mode()
+    def _encoded(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+        """The cache's arrays of the examples at ``positions`` (one ensemble batch at most)."""
+        x = self.source.take(self.split, positions).images.float() / 255      # (b, C, H, W) in [0, 1]
+        q = ensemble_soft_targets(self.ensemble, x, batch_size=self.batch_size)  # (b, K) at T = 1
+        return self.layout.encode(q)
 
 
 def build_cache(
     run_dir: str | Path,
-    images: Tensor,
+    examples: ExampleSource | Tensor,
     out_dir: str | Path,
     *,
     identity: Mapping[str, Any],
@@ -107,11 +129,12 @@ def build_cache(
     batch_size: int = 512,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """Compute the ensemble's ``q`` of run ``run_dir`` for ``images`` with Ray Data; write the cache.
+    """Compute the ensemble's ``q`` of run ``run_dir`` for a split with Ray Data; write the cache.
 
     Args:
         run_dir: a run finished up to the specialists stage (its ensemble is the teacher).
-        images: ``(N, C, H, W)`` uint8, the split named in ``identity``; example id = position.
+        examples: the data: a source, whose split named in ``identity`` the actors read block by
+            block, or that split's ``(N, C, H, W)`` uint8 images in memory; example id = position.
         out_dir: the cache folder; an older cache there is replaced (its manifest goes first).
         identity: :func:`data_identity` of the split.
         top_k, dense_max_classes: the layout (:class:`~specialists.ensemble.CacheLayout`).
@@ -124,21 +147,34 @@ def build_cache(
     """
     started = time.perf_counter()
     run_path, out = Path(run_dir).resolve(), Path(out_dir)
-    n = int(images.shape[0]) if images.dim() == 4 else -1
-    if images.dtype != torch.uint8 or n != identity["n_examples"]:
-        raise ValueError(f"images must be the (N, C, H, W) uint8 split of the data identity "
-                         f"(N={identity['n_examples']}), got {images.dtype} {tuple(images.shape)}")
+    descriptor, n = _descriptor(examples, identity)
     for name, value in (("top_k", top_k), ("shard_size", shard_size), ("num_actors", num_actors),
                         ("batch_size", batch_size)):
         check_count(name, value)
     teacher, class_names, settings = _teacher(run_path)
     layout = CacheLayout.choose(len(class_names), top_k, dense_max_classes)
-    batches = _compute(run_path, images, layout, settings, num_actors, gpus_per_actor, batch_size,
-                       shard_size) if n else ()
+    batches = _compute(run_path, descriptor, identity["split"], n, layout, settings, num_actors,
+                       gpus_per_actor, batch_size, shard_size) if n else ()
     return write_shards(out, batches, layout, n=n, shard_size=shard_size, teacher=teacher,
                         identity=identity, class_names=class_names,
                         progress=console.print if console is not None else None, started=started,
                         extra={"actors": num_actors, "gpus_per_actor": gpus_per_actor})
+
+
+def _descriptor(examples: ExampleSource | Tensor, identity: Mapping[str, Any]) -> tuple[SourceDescriptor, int]:
+    """What the actors read the split of ``identity`` from, and its number of examples."""
+    split, expected = identity["split"], identity["n_examples"]
+    if not isinstance(examples, Tensor):
+        if examples.size(split) != expected:
+            raise ValueError(f"the {split} split of {examples.name!r} has {examples.size(split)} examples "
+                             f"but the data identity says {expected}; compute the identity from the "
+                             "same data (data_identity)")
+        return source_descriptor(examples, (split,)), expected
+    if examples.dtype != torch.uint8 or examples.dim() != 4 or examples.shape[0] != expected:
+        raise ValueError(f"images must be the (N, C, H, W) uint8 split of the data identity "
+                         f"(N={expected}), got {examples.dtype} {tuple(examples.shape)}")
+    # Images alone: the actors read images only, so their labels are placeholders.
+    return {f"{split}_images": examples, f"{split}_labels": torch.zeros(expected, dtype=torch.int64)}, expected
 
 
 def _teacher(run_path: Path) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
@@ -157,10 +193,10 @@ def _teacher(run_path: Path) -> tuple[dict[str, Any], list[str], dict[str, Any]]
     return teacher, [str(c) for c in meta["class_names"]], settings
 
 
-def _compute(run_path: Path, images: Tensor, layout: CacheLayout, settings: dict[str, Any],
-             num_actors: int, gpus_per_actor: float, batch_size: int,
+def _compute(run_path: Path, descriptor: SourceDescriptor, split: str, n: int, layout: CacheLayout,
+             settings: dict[str, Any], num_actors: int, gpus_per_actor: float, batch_size: int,
              shard_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Yield ``{"id", "values", ...}`` batches from the Ray Data actor pool, in any order."""
+    """Yield ``{"id", "values", ...}`` batches from the Ray Data actor pool, in example order."""
     import ray
     import ray.data
 
@@ -170,27 +206,16 @@ def _compute(run_path: Path, images: Tensor, layout: CacheLayout, settings: dict
     if reason is not None:
         raise ConfigError(f"the soft-target cache actors cannot be scheduled: {reason}; set "
                           "ensemble.cache.gpus_per_actor=0 on CPU machines, or add GPU nodes")
-    n = int(images.shape[0])
     block = max(1, min(shard_size, max(batch_size, math.ceil(n / (4 * num_actors)))))
-    images_ref = ray.put(images.contiguous().numpy())
-    context = ray.data.DataContext.get_current()
-    bars, context.enable_progress_bars = context.enable_progress_bars, False  # one line per shard instead
-    logger, bars_logger = logging.getLogger("ray.data"), logging.getLogger("ray.data._internal.progress")
-    level, bars_level = logger.level, bars_logger.level
-    logger.setLevel(logging.WARNING)  # no per-dataset "Starting execution" lines
-    bars_logger.setLevel(logging.ERROR)  # nor the notice that the bars we turned off are off
-    try:
+    descriptor_ref = ray.put(descriptor)
+    with quiet_ordered_data():  # one progress line per shard instead of Ray Data's
         ids = ray.data.from_numpy([np.arange(a, min(a + block, n)) for a in range(0, n, block)])
         q = ids.rename_columns({"data": "id"}).map_batches(
             _TeacherActor,
-            fn_constructor_kwargs={"run_dir": str(run_path), "images": [images_ref], "layout": layout,
-                                   "settings": settings},
+            fn_constructor_kwargs={"run_dir": str(run_path), "descriptor": [descriptor_ref], "split": split,
+                                   "layout": layout, "settings": settings},
             batch_size=block, batch_format="numpy", num_cpus=1, num_gpus=gpus_per_actor or None,
             # no more actors than blocks: an actor without a block would sit idle (and Ray Data warns)
             compute=ray.data.ActorPoolStrategy(size=min(num_actors, math.ceil(n / block))),
         )
         yield from q.iter_batches(batch_size=None, batch_format="numpy")
-    finally:
-        context.enable_progress_bars = bars
-        logger.setLevel(level)
-        bars_logger.setLevel(bars_level)

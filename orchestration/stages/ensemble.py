@@ -68,7 +68,7 @@ def run(ctx: StageContext) -> StageResult:
     print_report(ctx.console, report)
     metrics = _metrics(report)
     if cfg.cache.enabled:
-        cache_outputs, cache_metrics = _build_cache(ctx, ctx.data())
+        cache_outputs, cache_metrics = _build_cache(ctx, source)
         outputs, metrics = outputs + cache_outputs, {**metrics, **cache_metrics}
     return StageResult(outputs=outputs, metrics=metrics)
 
@@ -135,16 +135,15 @@ def _same_compute_predictions(ctx: StageContext, source: ExampleSource) -> torch
     return torch.cat([model(x).argmax(dim=1).cpu() for x, _ in _batches(ctx, source, "test")])
 
 
-def _build_cache(ctx: StageContext, data) -> tuple[list[str], dict[str, Any]]:
+def _build_cache(ctx: StageContext, source: ExampleSource) -> tuple[list[str], dict[str, Any]]:
     """The soft-target cache of ``ensemble.cache.split``: its manifest (an output) and metrics."""
     cfg, ray_cfg = ctx.config.ensemble.cache, ctx.config.ray
-    split = getattr(data, cfg.split)
     where = connect(ray_cfg.address, local_num_cpus=ray_cfg.local_num_cpus)
-    ctx.console.print(f"  soft-target cache of the {cfg.split} split ({len(split):,} examples) "
+    ctx.console.print(f"  soft-target cache of the {cfg.split} split ({source.size(cfg.split):,} examples) "
                       f"on {where}: {cfg.actors} actors, {cfg.gpus_per_actor:g} GPU each")
     manifest = build_cache(
-        ctx.run_dir.path, split.images, ctx.stage_dir / CACHE_DIR,
-        identity=data_identity(ctx.config, cfg.split, split),
+        ctx.run_dir.path, source, ctx.stage_dir / CACHE_DIR,
+        identity=data_identity(ctx.config, cfg.split, source),
         top_k=cfg.top_k, dense_max_classes=cfg.dense_max_classes,
         shard_size=cfg.shard_size, num_actors=cfg.actors,
         gpus_per_actor=cfg.gpus_per_actor, batch_size=ctx.config.ensemble.batch_size, console=ctx.console,

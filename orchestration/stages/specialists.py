@@ -26,8 +26,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from orchestration.artifacts import (
     GROUP_DIR,
     HISTORY,
@@ -202,7 +200,8 @@ def _same_compute(ctx: StageContext, summaries: list[dict[str, Any]]) -> dict[st
     if not same_compute_finished(job):
         ctx.console.print(f"  same-compute baseline: the generalist fine-tuned for up to {budget:,} examples "
                           f"(what the {len(summaries)} specialists saw) with their recipe")
-        failures = run_tasks(train_same_compute, [job], shared=_shared_data(ctx),
+        data = source_descriptor(ctx.source(), ("train", "holdout"))   # what the specialists read
+        failures = run_tasks(train_same_compute, [job], shared=data,
                              resources=TaskResources(cpus=threads, gpus=cfg.gpus_per_specialist),
                              max_retries=cfg.max_retries)
         if failures:
@@ -227,13 +226,6 @@ def _require(resources: TaskResources) -> None:
             f"specialists cannot be scheduled: {reason}; lower specialists.gpus_per_specialist "
             "(0 on CPU machines) / specialists.cpus_per_specialist, or add nodes that have them"
         )
-
-
-def _shared_data(ctx: StageContext) -> dict[str, torch.Tensor]:
-    """The train and holdout arrays the same-compute baseline fine-tunes on (in memory)."""
-    data = ctx.data()
-    return {"train_images": data.train.images, "train_labels": data.train.labels,
-            "holdout_images": data.holdout.images, "holdout_labels": data.holdout.labels}
 
 
 def _on_result(ctx: StageContext, printer: ProgressPrinter, job: SpecialistJob,
