@@ -150,9 +150,10 @@ def _end_epoch(ctx: StageContext, row: Row, trained: nn.ModuleDict, optimizer,
 
 def evaluate_split(ctx: StageContext, predict: Callable[[Tensor], Tensor], split: str) -> dict[str, float]:
     """Top-1/top-5 of ``predict`` (scores for a float batch) on ``split``, read through the source
-    in ``distill.eval_batch_size`` batches (:func:`distill.train.evaluate_batches`)."""
+    in ``distill.eval_batch_size`` batches, decoded by ``data.workers`` loader processes
+    (:func:`distill.train.evaluate_batches`)."""
     batches = loader(ctx.source(), split, batch_size=ctx.config.distill.eval_batch_size, shuffle=False,
-                     device=ctx.device)
+                     device=ctx.device, workers=ctx.config.data.workers)
     return evaluate_batches(predict, batches)
 
 
