@@ -13,9 +13,10 @@ decoding anything, and yields uint8 batches in a deterministic order::
 Data-parallel reading: with ``world_size`` w > 1 ``batch_size`` is the *global* batch; every rank
 yields the same number of batches, each of ``batch_size // w`` examples (the last, incomplete
 global batch is dropped so no rank waits for another), and the ranks' examples are disjoint
-within an epoch. ``indexed_batches`` yields the batches of ``batches`` with each example's
-position in its split (what ``take`` and the soft-target cache are keyed by). With ``world_size`` 1 the order of :class:`InMemorySource` is exactly that of
+within an epoch. With ``world_size`` 1 the order of :class:`InMemorySource` is exactly that of
 :func:`generalist.train.iterate_batches`, so a single process sees the batches it always saw.
+``indexed_batches`` yields the batches of ``batches`` with each example's position in its split
+(what ``take`` and the soft-target cache are keyed by).
 
 Small data (the built-in sets, a few thousand images) stays in memory behind
 :class:`InMemorySource`; packed shards and folder trees stream behind the same methods.
