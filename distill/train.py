@@ -30,7 +30,7 @@ from distill.objective import (
     probe_feature_shapes,
 )
 from generalist.data.augment import AugmentSpec, augmented_batches
-from generalist.data.source import epoch_order, rank_batches
+from generalist.data.source import ExampleSource, epoch_order, rank_batches
 from generalist.train import iterate_batches, train_one_epoch
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "TeacherOutput",
     "build_objective",
     "distill_one_epoch",
+    "evaluate_batches",
     "evaluate_predictor",
     "feature_pairs",
     "iterate_indexed_batches",
@@ -48,6 +49,7 @@ __all__ = [
     "pair_paths",
     "prepare_objective",
     "probe_feature_shapes",
+    "source_indexed_batches",
 ]
 
 @dataclass(frozen=True)
@@ -82,26 +84,37 @@ def iterate_indexed_batches(
     ``batch_size // w`` slice of every complete global batch of that order
     (:func:`generalist.data.source.rank_batches`): the ranks' examples are disjoint and every
     rank takes the same number of steps."""
-    if world_size > 1:
-        yield from _rank_indexed(images, labels, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                                 epoch=epoch, device=device, rank=rank, world_size=world_size)
-        return
-    positions = torch.arange(images.shape[0])
-    batches = iterate_batches(images, positions, batch_size=batch_size, shuffle=shuffle,
-                              seed=seed, epoch=epoch, device=device)
-    for x, ids in batches:
-        ids = ids.cpu()
-        yield IndexedBatch(x, labels[ids].to(x.device).long(), ids)
-
-
-def _rank_indexed(images: Tensor, labels: Tensor, *, batch_size: int, shuffle: bool, seed: int,
-                  epoch: int, device: str | torch.device, rank: int,
-                  world_size: int) -> Iterator[IndexedBatch]:
     order = epoch_order(images.shape[0], shuffle=shuffle, seed=seed, epoch=epoch)  # (N,)
     for ids in rank_batches(order, batch_size, rank, world_size):                  # (B / w,)
-        x = images[ids].to(device)                                                 # (B / w, C, H, W)
-        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-        yield IndexedBatch(x, labels[ids].to(x.device).long(), ids)
+        yield _indexed(images[ids], labels[ids], ids, device)
+
+
+def source_indexed_batches(
+    source: ExampleSource,
+    split: str,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    device: str | torch.device = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[IndexedBatch]:
+    """The batches of ``source.indexed_batches`` (``ids``: positions in ``split``) as
+    :class:`IndexedBatch`; for an in-memory source the same as :func:`iterate_indexed_batches`
+    over the split's arrays."""
+    batches = source.indexed_batches(split, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                                     epoch=epoch, rank=rank, world_size=world_size)
+    for images, labels, ids in batches:                  # (B, C, H, W) uint8, (B,), (B,) int64
+        yield _indexed(images, labels, ids, device)
+
+
+def _indexed(images: Tensor, labels: Tensor, ids: Tensor, device: str | torch.device) -> IndexedBatch:
+    """One batch on ``device``, uint8 images scaled to [0, 1] after the move; ``ids`` stay on CPU."""
+    x = images.to(device)                                                          # (B, C, H, W)
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    return IndexedBatch(x, labels.to(x.device).long(), ids)
 
 
 def augmented_indexed(batches: Iterable[IndexedBatch], spec: AugmentSpec | None, *, seed: int,
@@ -255,10 +268,23 @@ def evaluate_predictor(
 
     ``k`` is clipped to ``K``. Returns ``{"top<k>": ..., "examples": N}``. Put models in eval mode.
     """
+    batches = iterate_batches(images, labels, batch_size=batch_size, shuffle=False, device=device)
+    return evaluate_batches(predict, batches, topk=topk)
+
+
+@torch.no_grad()
+def evaluate_batches(
+    predict: Callable[[Tensor], Tensor],
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    topk: tuple[int, ...] = (1, 5),
+) -> dict[str, float]:
+    """:func:`evaluate_predictor` over float batches ``(x (B, C, H, W) in [0, 1], y (B,))``
+    already on the model's device (e.g. :func:`generalist.data.loader.loader`)."""
     if not topk or min(topk) < 1:
         raise ValueError(f"topk must be a non-empty tuple of ints >= 1, got {topk}")
     hits, examples = dict.fromkeys(topk, 0), 0
-    for x, y in iterate_batches(images, labels, batch_size=batch_size, shuffle=False, device=device):
+    for x, y in batches:
         scores = predict(x)  # (B, K)
         top = scores.topk(min(max(topk), scores.shape[1]), dim=1).indices == y[:, None]
         for k in topk:

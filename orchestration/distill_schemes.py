@@ -28,13 +28,14 @@ from typing import Any
 from torch import nn
 
 from distill.schemes import MutualGroup, assistant_width, mutual_one_epoch
-from distill.train import TeacherFn, evaluate_predictor, iterate_indexed_batches, make_teacher
+from distill.train import TeacherFn, make_teacher, source_indexed_batches
 from generalist.train import set_seed
 from orchestration.artifacts import CHECKPOINTS, ROW, SCHEMES, STUDENT, generalist_metadata
 from orchestration.builders import optimizer_and_schedule
 from orchestration.checkpoints import Checkpointer, CheckpointError, build_model, load_model
 from orchestration.files import read_json
 from orchestration.pipeline import StageContext, step_progress
+from orchestration.student_train import evaluate_split
 from orchestration.teachers import DistillError, Teachers, teacher_fns
 
 __all__ = ["SchemeModel", "scheme_rows"]
@@ -120,7 +121,7 @@ def _assistant_rows(ctx, teachers: Teachers, spec, train: TrainFn, finish: Finis
 
 
 def _mutual_rows(ctx, teachers: Teachers, spec, train: TrainFn, finish: FinishFn) -> list[dict[str, Any]]:
-    cfg, data = ctx.config.distill, ctx.data()
+    cfg = ctx.config.distill
     size = cfg.schemes.group_size
     models = [SchemeModel(f"mutual_{i}", f"peers (mutual learning, {size} students)", 0.0, None,
                           f"{SCHEMES}/mutual/student_{i}", spec) for i in range(1, size + 1)]
@@ -129,14 +130,14 @@ def _mutual_rows(ctx, teachers: Teachers, spec, train: TrainFn, finish: FinishFn
         return [read_json(ctx.stage_dir / m.folder / ROW) for m in models]
     set_seed(ctx.config.run.seed)   # the members draw different initial weights from one seed
     group = MutualGroup([build_model(spec) for _ in models]).to(ctx.device)
-    steps = math.ceil(len(data.train) / cfg.batch_size)
+    steps = math.ceil(ctx.source().size("train") / cfg.batch_size)
     optimizer, scheduler = optimizer_and_schedule(group, cfg.optimizer, steps_per_epoch=steps, epochs=cfg.epochs)
     stateful = {"optimizer": optimizer, "scheduler": scheduler}
     checkpoints = Checkpointer(ctx.stage_dir / SCHEMES / "mutual" / CHECKPOINTS)
     for epoch in range(_resume(ctx, checkpoints, group, stateful), cfg.epochs):
-        batches = ((b.x, b.y) for b in iterate_indexed_batches(
-            data.train.images, data.train.labels, batch_size=cfg.batch_size, shuffle=True,
-            seed=ctx.config.run.seed, epoch=epoch, device=ctx.device))
+        batches = ((b.x, b.y) for b in source_indexed_batches(
+            ctx.source(), "train", batch_size=cfg.batch_size, shuffle=True, seed=ctx.config.run.seed,
+            epoch=epoch, device=ctx.device))
         with step_progress(ctx, epoch, steps) as advance:
             result = mutual_one_epoch(group, batches, optimizer, scheduler,
                                       temperature=cfg.schemes.mutual_temperature, on_step=advance)
@@ -167,12 +168,10 @@ def _resume(ctx: StageContext, checkpoints: Checkpointer, group: nn.Module, stat
 def _end_mutual_epoch(ctx: StageContext, group: MutualGroup, models: list[SchemeModel],
                       result: dict[str, float], epoch: int) -> None:
     """Each member's holdout top-1; logged as ``mutual_<i>/...`` and printed on one line."""
-    cfg, holdout = ctx.config.distill, ctx.data().holdout
-    shown = []
+    cfg, shown = ctx.config.distill, []
     for i, (model, member) in enumerate(zip(models, group.members, strict=True), start=1):
         member.eval()
-        top1 = evaluate_predictor(member, holdout.images, holdout.labels, batch_size=cfg.eval_batch_size,
-                                  device=ctx.device)["top1"]
+        top1 = evaluate_split(ctx, member, "holdout")["top1"]
         metrics = {"ce": result[f"ce_{i}"], "kl": result[f"kl_{i}"], "train_accuracy": result[f"acc_{i}"],
                    "holdout_top1": top1}
         ctx.logger.log_metrics({f"{model.name}/{k}": v for k, v in metrics.items()}, step=epoch + 1)

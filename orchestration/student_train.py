@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from distill.train import (
     DistillEpochResult,
@@ -26,10 +26,11 @@ from distill.train import (
     augmented_indexed,
     build_objective,
     distill_one_epoch,
-    evaluate_predictor,
-    iterate_indexed_batches,
+    evaluate_batches,
     prepare_objective,
+    source_indexed_batches,
 )
+from generalist.data.loader import loader
 from generalist.train import set_seed
 from orchestration.artifacts import CHECKPOINTS
 from orchestration.builders import augment_spec, optimizer_and_schedule
@@ -59,7 +60,7 @@ def build_trained(ctx: StageContext, row: Row, spec: dict[str, Any], pairs: dict
     objective = build_objective(temperature=cfg.temperature, alpha=row.alpha, losses=losses,
                                 pairs={k: pairs[k] for k in losses}, student_shapes=shapes[0],
                                 teacher_shapes=shapes[1], options=cfg.loss_options if losses else {},
-                                num_examples=len(ctx.data().train)).to(ctx.device)
+                                num_examples=ctx.source().size("train")).to(ctx.device)
     return nn.ModuleDict({"student": student, "objective": objective})
 
 
@@ -70,7 +71,7 @@ def train_row(ctx: StageContext, row: Row, spec: dict[str, Any], pairs: dict, sh
     cfg = ctx.config.distill
     set_seed(ctx.config.run.seed)       # every row starts from the same weights and batch order
     trained = build_trained(ctx, row, spec, pairs, shapes)
-    steps = par.steps_per_epoch(len(ctx.data().train), cfg.batch_size)
+    steps = par.steps_per_epoch(ctx.source().size("train"), cfg.batch_size)
     optimizer, scheduler = optimizer_and_schedule(trained, cfg.optimizer, steps_per_epoch=steps,
                                                   epochs=cfg.epochs)
     checkpoints = Checkpointer(ctx.stage_dir / row.folder / CHECKPOINTS)
@@ -91,10 +92,10 @@ def train_row(ctx: StageContext, row: Row, spec: dict[str, Any], pairs: dict, sh
 def _prepare(ctx: StageContext, row: Row, objective: DistillObjective) -> None:
     """Terms that learn before the student does (factor transfer's paraphraser), on the whole
     training set: every rank fits the same one (same seed, same batches)."""
-    cfg, data = ctx.config.distill, ctx.data()
-    fitted = prepare_objective(objective, lambda e: iterate_indexed_batches(
-        data.train.images, data.train.labels, batch_size=cfg.batch_size, shuffle=True,
-        seed=ctx.config.run.seed, epoch=e, device=ctx.device), row.teach)
+    cfg = ctx.config.distill
+    fitted = prepare_objective(objective, lambda e: source_indexed_batches(
+        ctx.source(), "train", batch_size=cfg.batch_size, shuffle=True, seed=ctx.config.run.seed,
+        epoch=e, device=ctx.device), row.teach)
     for term, losses in fitted.items():
         ctx.console.print(f"  {row.name}: {term} paraphraser reconstruction MSE by epoch "
                           + " ".join(f"{v:.4f}" for v in losses))
@@ -110,13 +111,13 @@ def _wrap_learnable(par: Parallel, objective: DistillObjective) -> nn.Module:
 def _train_epoch(ctx: StageContext, row: Row, trained: nn.ModuleDict, nets: tuple[nn.Module, nn.Module],
                  optimizer, scheduler, epoch: int, steps: int, par: Parallel) -> DistillEpochResult:
     """One epoch on this rank's part of every global batch, augmented before the teacher sees it."""
-    cfg, data, seed = ctx.config.distill, ctx.data(), ctx.config.run.seed
+    cfg, source, seed = ctx.config.distill, ctx.source(), ctx.config.run.seed
     with step_progress(ctx, epoch, steps) as advance:
         batches = augmented_indexed(
-            iterate_indexed_batches(data.train.images, data.train.labels, batch_size=cfg.batch_size,
-                                    shuffle=True, seed=seed, epoch=epoch, device=ctx.device,
-                                    rank=par.rank, world_size=par.world_size),
-            augment_spec(ctx.config.data.augment, data, cfg.augment), seed=seed, epoch=epoch)
+            source_indexed_batches(source, "train", batch_size=cfg.batch_size, shuffle=True, seed=seed,
+                                   epoch=epoch, device=ctx.device, rank=par.rank,
+                                   world_size=par.world_size),
+            augment_spec(ctx.config.data.augment, source, cfg.augment), seed=seed, epoch=epoch)
         result = distill_one_epoch(
             nets[0], batches, optimizer, scheduler, objective=trained["objective"], teacher=row.teach,
             epoch=epoch, device=ctx.device, amp=ctx.device.type == "cuda", on_step=advance,
@@ -130,9 +131,7 @@ def _end_epoch(ctx: StageContext, row: Row, trained: nn.ModuleDict, optimizer,
     """Evaluate on the holdout split (rank 0), log and print the epoch; returns its metrics."""
     cfg, student = ctx.config.distill, trained["student"]
     student.eval()
-    holdout = par.from_main(lambda: evaluate_predictor(
-        student, ctx.data().holdout.images, ctx.data().holdout.labels,
-        batch_size=cfg.eval_batch_size, device=ctx.device))
+    holdout = par.from_main(lambda: evaluate_split(ctx, student, "holdout"))
     train = par.mean({"loss": result.loss, "accuracy": result.accuracy, **result.terms})
     terms = {k: train[k] for k in result.terms}
     metrics = {"train_loss": train["loss"], "train_accuracy": train["accuracy"], **terms,
@@ -147,6 +146,15 @@ def _end_epoch(ctx: StageContext, row: Row, trained: nn.ModuleDict, optimizer,
         f"{metrics['examples_per_s']:,.0f} img/s  {result.seconds:.1f}s"
     )
     return metrics
+
+
+def evaluate_split(ctx: StageContext, predict: Callable[[Tensor], Tensor], split: str) -> dict[str, float]:
+    """Top-1/top-5 of ``predict`` (scores for a float batch) on ``split``, read through the source
+    in ``distill.eval_batch_size`` batches, decoded by ``data.workers`` loader processes
+    (:func:`distill.train.evaluate_batches`)."""
+    batches = loader(ctx.source(), split, batch_size=ctx.config.distill.eval_batch_size, shuffle=False,
+                     device=ctx.device, workers=ctx.config.data.workers)
+    return evaluate_batches(predict, batches)
 
 
 def _resume(ctx: StageContext, row: Row, checkpoints: Checkpointer, trained: nn.ModuleDict,

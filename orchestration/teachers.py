@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from distill.train import TeacherFn, make_teacher
+from generalist.data.core import Split
+from generalist.data.source import ExampleSource
 from orchestration.artifacts import cache_dir, load_ensemble
 from orchestration.pipeline import StageContext
 from orchestration.soft_cache import data_identity
@@ -38,13 +41,13 @@ class Teachers:
 
 def load_teachers(ctx: StageContext) -> Teachers:
     """Generalist + routed ensemble of this run, and the soft-target cache when it is used."""
-    ecfg, data = ctx.config.ensemble, ctx.data()
+    ecfg, source = ctx.config.ensemble, ctx.source()
     loaded = load_ensemble(ctx.run_dir.path, top_n=ecfg.top_n, tol=ecfg.tol, max_iter=ecfg.max_iter,
                            device=ctx.device)
-    if list(loaded.class_names) != list(data.class_names):
+    if list(loaded.class_names) != list(source.class_names):
         raise DistillError(
             f"the generalist of {ctx.run_dir.path} was trained on {len(loaded.class_names)} classes "
-            f"but data set {data.name} has {len(data.class_names)} (or another order); the upstream "
+            f"but data set {source.name} has {len(source.class_names)} (or another order); the upstream "
             f"stages belong to another data set: restore the run's data.* settings or re-run them "
             f"(specdistill run CONFIG run.dir={ctx.run_dir.path})"
         )
@@ -67,10 +70,23 @@ def _open_cache(ctx: StageContext, class_names: list[str]):
                            f"it (specdistill run CONFIG run.dir={ctx.run_dir.path} --from ensemble), {online}")
     try:
         cache = SoftTargetCache(path)
-        cache.check_compatible(class_names, data_identity(ctx.config, "train", ctx.data().train))
+        train = labels_only(ctx.source(), "train")
+        cache.check_compatible(class_names, data_identity(ctx.config, "train", train))
     except (FileNotFoundError, CacheCorruptError, CacheMismatchError) as exc:
         raise DistillError(f"distill.targets=cache: {exc}; {online}") from None
     return cache
+
+
+def labels_only(source: ExampleSource, split: str) -> Split:
+    """The labels of ``split`` as a Split with no pixels (``(N, 0, 0, 0)`` images), for
+    :func:`~orchestration.soft_cache.data_identity`, which reads only labels and size. Nothing is
+    decoded: bit ``b`` of every label comes from one ``class_positions`` call (the classes whose
+    id has that bit set), so ``ceil(log2 K)`` calls recover them all."""
+    labels = np.zeros(source.size(split), dtype=np.int64)                        # (N,)
+    classes = np.arange(source.num_classes)                                      # (K,)
+    for bit in range(max(source.num_classes - 1, 0).bit_length()):
+        labels[source.class_positions(split, classes[(classes >> bit) & 1 == 1])] += 1 << bit
+    return Split(torch.empty((labels.shape[0], 0, 0, 0), dtype=torch.uint8), torch.from_numpy(labels))
 
 
 def teacher_fns(teachers: Teachers, teacher_paths: tuple[str, ...]) -> dict[str, TeacherFn]:

@@ -144,6 +144,14 @@ class FolderSource:
                                           epoch=epoch, rank=rank, world_size=world_size):
             yield self.decode_batch(batch)
 
+    def indexed_batches(self, split: str, *, batch_size: int, shuffle: bool, seed: int = 0,
+                        epoch: int = 0, rank: int = 0,
+                        world_size: int = 1) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """The batches of :meth:`batches` and their positions in the split, (B,) int64."""
+        order = epoch_order(self.size(split), shuffle=shuffle, seed=seed, epoch=epoch)
+        for index in rank_batches(order, batch_size, rank, world_size):
+            yield *self.decode_batch((split, self._records(split, index.numpy()))), index
+
     def encoded_batches(self, split: str, *, batch_size: int, shuffle: bool, seed: int = 0,
                         epoch: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[EncodedBatch]:
         """The batches of :meth:`batches` as file paths (InMemorySource's order and rank rule)."""

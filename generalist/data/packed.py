@@ -96,7 +96,7 @@ class PackedSource:
         n = self.size(split)
         if wanted.size and (wanted.min() < 0 or wanted.max() >= n):
             raise DataError(f"positions must lie in [0, {n}) for the {split} split of {self.name!r}")
-        starts = np.cumsum([0] + [s["records"] for s in self._shards(split)])  # (S + 1,)
+        starts = self._shard_starts(split)                                      # (S + 1,)
         shard_of = np.searchsorted(starts, wanted, side="right") - 1             # (M,)
         images = np.empty((wanted.size, *self.image_shape), dtype=np.uint8)     # (M, C, H, W)
         labels = np.empty(wanted.size, dtype=np.int64)                          # (M,)
@@ -125,6 +125,21 @@ class PackedSource:
         for batch in self.encoded_batches(split, batch_size=batch_size, shuffle=shuffle, seed=seed,
                                           epoch=epoch, rank=rank, world_size=world_size):
             yield self.decode_batch(batch)
+
+    def indexed_batches(self, split: str, *, batch_size: int, shuffle: bool, seed: int = 0,
+                        epoch: int = 0, rank: int = 0,
+                        world_size: int = 1) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """The batches of :meth:`batches` and their positions in the split, (B,) int64: record
+        ``(shard, row)`` sits at the shard's first position + ``row``."""
+        starts = self._shard_starts(split)                                      # (S + 1,)
+        for batch in self.encoded_batches(split, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                                          epoch=epoch, rank=rank, world_size=world_size):
+            origin = batch[1].origin                                            # (B, 2)
+            yield *self.decode_batch(batch), torch.from_numpy(starts[origin[:, 0]] + origin[:, 1])
+
+    def _shard_starts(self, split: str) -> np.ndarray:
+        """The position of each shard's first record, then the split's size: (S + 1,) int64."""
+        return np.cumsum([0] + [int(s["records"]) for s in self._shards(split)]).astype(np.int64)
 
     def encoded_batches(self, split: str, *, batch_size: int, shuffle: bool, seed: int = 0,
                         epoch: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[EncodedBatch]:

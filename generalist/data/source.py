@@ -7,12 +7,16 @@ decoding anything, and yields uint8 batches in a deterministic order::
     source.size("train"), source.class_counts("train")          # int, (K,) int64
     for images, labels in source.batches("train", batch_size=128, shuffle=True, seed=0, epoch=3):
         ...                                                       # (B, C, H, W) uint8, (B,) int64
+    for images, labels, positions in source.indexed_batches("train", batch_size=128, shuffle=True):
+        ...                                                       # the same batches + (B,) int64
 
 Data-parallel reading: with ``world_size`` w > 1 ``batch_size`` is the *global* batch; every rank
 yields the same number of batches, each of ``batch_size // w`` examples (the last, incomplete
 global batch is dropped so no rank waits for another), and the ranks' examples are disjoint
 within an epoch. With ``world_size`` 1 the order of :class:`InMemorySource` is exactly that of
 :func:`generalist.train.iterate_batches`, so a single process sees the batches it always saw.
+``indexed_batches`` yields the batches of ``batches`` with each example's position in its split
+(what ``take`` and the soft-target cache are keyed by).
 
 Small data (the built-in sets, a few thousand images) stays in memory behind
 :class:`InMemorySource`; packed shards and folder trees stream behind the same methods.
@@ -52,6 +56,10 @@ class ExampleSource(Protocol):
 
     def batches(self, split: str, *, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
                 rank: int = 0, world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+    def indexed_batches(self, split: str, *, batch_size: int, shuffle: bool, seed: int = 0,
+                        epoch: int = 0, rank: int = 0,
+                        world_size: int = 1) -> Iterator[tuple[Tensor, Tensor, Tensor]]: ...
 
     def describe(self) -> dict: ...
 
@@ -132,10 +140,19 @@ class InMemorySource:
 
     def batches(self, split: str, *, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
                 rank: int = 0, world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+        for images, labels, _ in self.indexed_batches(split, batch_size=batch_size, shuffle=shuffle,
+                                                      seed=seed, epoch=epoch, rank=rank,
+                                                      world_size=world_size):
+            yield images, labels
+
+    def indexed_batches(self, split: str, *, batch_size: int, shuffle: bool, seed: int = 0,
+                        epoch: int = 0, rank: int = 0,
+                        world_size: int = 1) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """The batches of :meth:`batches` and their positions: the epoch order's slices."""
         data = self.split(split)
         order = epoch_order(len(data), shuffle=shuffle, seed=seed, epoch=epoch)
         for index in rank_batches(order, batch_size, rank, world_size):
-            yield data.images[index], data.labels[index]
+            yield data.images[index], data.labels[index], index                  # ..., (B,) int64
 
     def describe(self) -> dict[str, Any]:
         return self.bundle.describe()

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,11 +30,11 @@ from distill.data_free_train import DataFreeSettings, DataFreeTrainer
 from distill.latency import latencies_side_by_side
 from distill.train import (
     build_objective,
-    evaluate_predictor,
     feature_pairs,
     pair_paths,
     probe_feature_shapes,
 )
+from generalist.data.source import ExampleSource
 from generalist.models import count_parameters
 from generalist.train import set_seed
 from orchestration.artifacts import (
@@ -57,7 +58,7 @@ from orchestration.model_card import model_card
 from orchestration.onnx_export import ONNX_CHECK, export_student
 from orchestration.pipeline import Stage, StageContext, StageResult
 from orchestration.ray_train import SINGLE, check_replicas, on_ray_train, worker_context
-from orchestration.student_train import Row, train_on_workers, train_row
+from orchestration.student_train import Row, evaluate_split, train_on_workers, train_row
 from orchestration.tables import models_table
 from orchestration.teachers import DistillError, Teachers, load_teachers, teacher_fns
 from orchestration.tracking import TrackingError
@@ -71,7 +72,7 @@ LATENCY_ROUNDS = 5                       # round-robin rounds of the final laten
 
 
 def run(ctx: StageContext) -> StageResult:
-    cfg, data = ctx.config.distill, ctx.data()
+    cfg, source = ctx.config.distill, ctx.source()
     teachers = load_teachers(ctx)
     spec = student_spec(ctx)
     pairs, shapes = check_extra_losses(ctx, teachers.generalist, spec)
@@ -85,7 +86,7 @@ def run(ctx: StageContext) -> StageResult:
         rows.append(_data_free_row(ctx, teachers, spec))
     rows = reference_rows(ctx, teachers) + rows
     measure_latencies_together(ctx, teachers, rows)
-    onnx_files, onnx = export_student(ctx.stage_dir, data.test.images, ctx.console)
+    onnx_files, onnx = export_student(ctx.stage_dir, split_images(source, "test"), ctx.console)
     outputs = _write_results(ctx, rows) + onnx_files
     registered = _register(ctx, teachers, spec, rows) if cfg.register_model else None
     if registered:
@@ -94,16 +95,22 @@ def run(ctx: StageContext) -> StageResult:
     metrics = {**_metrics(rows, registered), **onnx}
     ctx.logger.log_metrics(metrics)
     return StageResult(outputs=outputs, metrics=metrics,
-                       details={"registered": registered, "data": data.describe()})
+                       details={"registered": registered, "data": source.describe()})
+
+
+def split_images(source: ExampleSource, split: str, count: int | None = None) -> torch.Tensor:
+    """The first ``count`` (default all) images of ``split``, (count, C, H, W) uint8, by ``take``."""
+    size = source.size(split)
+    return source.take(split, np.arange(size if count is None else min(count, size))).images
 
 
 # -------------------------------------------------------------------------- student setup
 
 
 def student_spec(ctx: StageContext) -> dict[str, Any]:
-    cfg, data = ctx.config.distill, ctx.data()
-    channels, height, _ = data.image_shape
-    return {"name": cfg.student, "num_classes": data.num_classes, "in_channels": channels,
+    cfg, source = ctx.config.distill, ctx.source()
+    channels, height, _ = source.image_shape
+    return {"name": cfg.student, "num_classes": source.num_classes, "in_channels": channels,
             "image_size": height, "width": cfg.width, "depth": cfg.depth}
 
 
@@ -115,14 +122,15 @@ def check_extra_losses(ctx: StageContext, generalist: nn.Module, spec: dict[str,
         pairs = feature_pairs(cfg.losses, cfg.hint_layers, term_layers=cfg.layers)
         if not pairs:
             return {}, ({}, {})
-        x = ctx.data().train.images[:4].to(ctx.device).float() / 255.0
+        source = ctx.source()
+        x = split_images(source, "train", 4).to(ctx.device).float() / 255.0
         student = build_model(spec).to(ctx.device)
         student_paths, teacher_paths = pair_paths(pairs)
         shapes = (probe_feature_shapes(student, student_paths, x, role="student"),
                   probe_feature_shapes(generalist, teacher_paths, x, role="teacher (generalist)"))
         build_objective(temperature=cfg.temperature, alpha=cfg.alpha, losses=cfg.losses, pairs=pairs,
                         student_shapes=shapes[0], teacher_shapes=shapes[1], options=cfg.loss_options,
-                        num_examples=len(ctx.data().train))
+                        num_examples=source.size("train"))
     except ValueError as exc:
         raise DistillError(f"distill.losses={dict(cfg.losses)} with distill.hint_layers="
                            f"{list(cfg.hint_layers)}, distill.layers={dict(cfg.layers)}: {exc}") from None
@@ -144,7 +152,7 @@ def plan_rows(ctx: StageContext, teachers: Teachers, pairs: dict) -> list[Row]:
 
 
 def _print_plan(ctx: StageContext, teachers: Teachers, spec: dict[str, Any], pairs: dict) -> None:
-    cfg, data = ctx.config.distill, ctx.data()
+    cfg = ctx.config.distill
     student, teacher = count_parameters(build_model(spec)), count_parameters(teachers.generalist)
     ratio = teacher / student
     size = f"{ratio:.1f}x fewer" if ratio > 1 else f"{1 / ratio:.1f}x more"
@@ -153,7 +161,7 @@ def _print_plan(ctx: StageContext, teachers: Teachers, spec: dict[str, Any], pai
         f"{size} than the generalist ({teacher:,}); teacher {cfg.teacher}"
         f"{f' ({cfg.targets} targets)' if cfg.teacher == 'ensemble' else ''}, T={cfg.temperature}, "
         f"alpha={cfg.alpha}, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''} on "
-        f"{len(data.train):,} train examples"
+        f"{ctx.source().size('train'):,} train examples"
     )
     if ratio <= 1:
         ctx.console.print("  [yellow]warning[/] the student is not smaller than the generalist; "
@@ -217,7 +225,7 @@ def _finish_row(ctx: StageContext, row: Row, row_dir: Path, student: nn.Module,
               "alpha": row.alpha, "path": f"{Path(row.folder) / STUDENT}.safetensors"}
     cfg = ctx.config.distill
     save_model(row_dir / STUDENT, student, {
-        "model": spec, "class_names": list(ctx.data().class_names), "data": ctx.data().describe(),
+        "model": spec, "class_names": list(ctx.source().class_names), "data": ctx.source().describe(),
         "teacher": row.teacher, "alpha": row.alpha, "temperature": cfg.temperature,
         "config": cfg.model_dump(mode="json"), "metrics": result,
     })
@@ -229,12 +237,10 @@ def _finish_row(ctx: StageContext, row: Row, row_dir: Path, student: nn.Module,
 def evaluate_model(ctx: StageContext, model: nn.Module | Callable, params: int | None = None) -> dict[str, Any]:
     """Test top-1/top-5 of ``model`` (scores for a float batch) and its parameters; its latency
     is measured later, for all models together (:func:`measure_latencies_together`)."""
-    test = ctx.data().test
     if isinstance(model, nn.Module):
         model.eval()
         params = count_parameters(model)
-    scores = evaluate_predictor(model, test.images, test.labels,
-                                batch_size=ctx.config.distill.eval_batch_size, device=ctx.device)
+    scores = evaluate_split(ctx, model, "test")
     return {"top1": scores["top1"], "top5": scores["top5"], "params": params}
 
 
@@ -244,7 +250,7 @@ def evaluate_model(ctx: StageContext, model: nn.Module | Callable, params: int |
 def _data_free_row(ctx: StageContext, teachers: Teachers, spec: dict[str, Any]) -> dict[str, Any]:
     """DAFL: a generator trained against the frozen generalist; the student sees only its samples
     (soft targets from the ensemble on those samples when the teacher is the ensemble)."""
-    cfg, data, row_dir = ctx.config.distill, ctx.data(), ctx.stage_dir / BASELINES / "data_free"
+    cfg, source, row_dir = ctx.config.distill, ctx.source(), ctx.stage_dir / BASELINES / "data_free"
     row = Row("data_free", f"{cfg.teacher} on generated images (DAFL)", 1.0, None, False,
               f"{BASELINES}/data_free")
     if (kept := _finished_earlier(ctx, row.name, row_dir)) is not None:
@@ -256,7 +262,7 @@ def _data_free_row(ctx: StageContext, teachers: Teachers, spec: dict[str, Any]) 
     ctx.console.print(f"  data_free: {cfg.data_free.generator_steps} generator steps, then {steps} "
                       f"student steps on generated images")
     settings = DataFreeSettings(
-        image_shape=tuple(data.image_shape), num_classes=data.num_classes,
+        image_shape=tuple(source.image_shape), num_classes=source.num_classes,
         generator_steps=cfg.data_free.generator_steps, student_steps=steps,
         batch_size=cfg.data_free.batch_size, latent_dim=cfg.data_free.latent_dim,
         temperature=cfg.temperature, lr=cfg.data_free.lr,
@@ -274,7 +280,7 @@ def _data_free_row(ctx: StageContext, teachers: Teachers, spec: dict[str, Any]) 
     history = trainer.run()
     ctx.logger.log_metrics({"data_free/classes_covered": history["classes_covered"]})
     ctx.console.print(f"  data_free: the generator's samples cover {history['classes_covered']} of "
-                      f"{data.num_classes} classes (teacher arg-max)")
+                      f"{source.num_classes} classes (teacher arg-max)")
     return _finish_row(ctx, row, row_dir, student, spec)
 
 
@@ -352,7 +358,7 @@ def measure_latencies_together(ctx: StageContext, teachers: Teachers, rows: list
         if "path" in row:
             model, _ = load_model(ctx.stage_dir / str(row["path"]).removesuffix(".safetensors"))
             predictors[row["name"]] = model.to(ctx.device)
-    one = ctx.data().test.images[:1].to(ctx.device).float() / 255.0
+    one = split_images(ctx.source(), "test", 1).to(ctx.device).float() / 255.0
     latency = latencies_side_by_side(predictors, one, rounds=LATENCY_ROUNDS, repeats=LATENCY_REPEATS)
     for row in rows:
         row["latency_ms"] = latency[row.pop("same_latency_as", row["name"])]
@@ -386,7 +392,7 @@ def _register(ctx: StageContext, teachers: Teachers, spec: dict[str, Any],
 
     cfg = ctx.config.distill
     student, meta = load_model(ctx.stage_dir / STUDENT)
-    example = ctx.data().test.images[:2].float() / 255.0
+    example = split_images(ctx.source(), "test", 2).float() / 255.0
     main = next(r for r in rows if r["name"] == STUDENT)
     metrics = {f"test_{k}": float(main[k]) for k in ("top1", "top5", "latency_ms", "params")}
     try:
@@ -395,7 +401,7 @@ def _register(ctx: StageContext, teachers: Teachers, spec: dict[str, Any],
             class_names=teachers.class_names, metrics=metrics,
             params={f"distill.{k}": v for k, v in cfg.model_dump(mode="json").items()},
             extra_files=[ctx.stage_dir / f"{STUDENT}.json"], model_name=cfg.model_name,
-            description=model_card(rows, teachers.class_names, main["teacher"], ctx.data().describe(),
+            description=model_card(rows, teachers.class_names, main["teacher"], ctx.source().describe(),
                                    read_json(ctx.stage_dir / ONNX_CHECK)),
         ).to_dict()
     except TrackingError as exc:
