@@ -48,7 +48,7 @@ from orchestration.data_access import SourceDescriptor, open_descriptor, source_
 from orchestration.files import sha256_file
 from orchestration.parallel import TaskResources, connect, unmet_request
 from orchestration.ray_data import quiet_ordered_data
-from specialists.ensemble import CacheLayout, ensemble_soft_targets, write_shards
+from specialists.ensemble import CacheLayout, RoutedEnsemble, ensemble_soft_targets, write_shards
 from specialists.ensemble.cache_writer import check_count
 
 if TYPE_CHECKING:
@@ -86,6 +86,21 @@ def split_labels(source: ExampleSource, split: str) -> np.ndarray:
     return labels
 
 
+def actor_ensemble(run_dir: str, settings: Mapping[str, Any]) -> tuple[RoutedEnsemble, torch.device]:
+    """The run's ensemble as a Ray actor loads it, once: on the GPU Ray gave the actor, else on
+    the CPU with one thread (the actor's one CPU); routing and solver from ``settings``
+    (``top_n``, ``tol``, ``max_iter``). Returns it and its device."""
+    import ray
+
+    on_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+    if not on_gpu:
+        torch.set_num_threads(1)
+    device = torch.device("cuda" if on_gpu else "cpu")
+    loaded = load_ensemble(Path(run_dir), top_n=settings["top_n"], tol=settings["tol"],
+                           max_iter=settings["max_iter"], device=device)
+    return loaded.ensemble, device
+
+
 class _TeacherActor:
     """A Ray Data actor: the run's ensemble, and the encoded ``q`` for each batch of example ids."""
 
@@ -93,12 +108,8 @@ class _TeacherActor:
                  settings: dict[str, Any]):
         import ray
 
-        on_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
-        if not on_gpu:
-            torch.set_num_threads(1)
         self.batch_size = settings["batch_size"]
-        self.ensemble = load_ensemble(Path(run_dir), top_n=settings["top_n"], tol=settings["tol"],
-                                      max_iter=settings["max_iter"], device="cuda" if on_gpu else "cpu").ensemble
+        self.ensemble = actor_ensemble(run_dir, settings)[0]
         self.source = open_descriptor(ray.get(descriptor[0]))
         self.split, self.layout = split, layout
 
