@@ -1,9 +1,12 @@
 """Stage 4, ensemble: combine the generalist with its specialists and evaluate like the paper.
 
 Reads top to bottom: load the generalist, the clustering stage's groups and the trained
-specialists (checked against each other), route the test split through the ensemble batch by
-batch as the stage's :class:`~generalist.data.source.ExampleSource` yields it (each specialist runs only on the examples whose generalist top-``n`` class is in its
-group; a frozen shared trunk runs once), then report generalist vs ensemble top-1, the
+specialists (checked against each other), choose the specialists' temperature on the holdout
+split and route the test split through the ensemble, both read block by block from the stage's
+:class:`~generalist.data.source.ExampleSource` (:mod:`orchestration.ensemble_pass`: in this
+process for in-memory data, on Ray Data actors for a streaming source; each specialist runs only
+on the examples whose generalist top-``n`` class is in its group; a frozen shared trunk runs
+once), then report generalist vs ensemble top-1, the
 conditional accuracy on covered examples and the paper's Table 4 breakdown by the number of
 specialists covering the true class. Writes ``evaluation.json``, ``table4.json`` and
 ``table4.md``; logs the metrics and the table to the stage's MLflow run. Then (``ensemble.cache``)
@@ -15,14 +18,12 @@ computes the soft-target cache of ``ensemble.cache.split`` with Ray Data into ``
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import replace
 from typing import Any
 
 import torch
 
-from generalist.data.loader import loader
-from generalist.data.source import ExampleSource
+from generalist.data.source import ExampleSource, InMemorySource
 from orchestration.artifacts import (
     CACHE_DIR,
     COMBINATION,
@@ -34,12 +35,13 @@ from orchestration.artifacts import (
     load_same_compute,
 )
 from orchestration.config import EnsembleConfig, leaf_keys
+from orchestration.ensemble_pass import Pool, Scorer, holdout_nll, predict_test
 from orchestration.files import write_json
 from orchestration.parallel import connect
 from orchestration.pipeline import Stage, StageContext, StageResult
 from orchestration.soft_cache import build_cache, data_identity
 from orchestration.tables import format_number, table4_table
-from specialists.ensemble import RoutedEnsemble, ensemble_forward, evaluate_predictions
+from specialists.ensemble import RoutedEnsemble, evaluate_predictions
 
 NAME = "ensemble"
 # Where and how fast the cache is computed, not what it holds: changing these never re-runs the stage.
@@ -50,18 +52,17 @@ def run(ctx: StageContext) -> StageResult:
     cfg, source = ctx.config.ensemble, ctx.source()
     loaded = load_ensemble(ctx.run_dir.path, top_n=cfg.top_n, tol=cfg.tol, max_iter=cfg.max_iter,
                            device=ctx.device)
-    ensemble, temperature_record = _combine_at(ctx, loaded.ensemble, source)
+    pool = _pool(ctx, source)
+    ensemble, temperature_record = _combine_at(ctx, loaded.ensemble, source, pool)
     ctx.console.print(
         f"  generalist + {len(ensemble.specialists)} specialists, top_n={cfg.top_n}, "
         f"{'shared frozen trunk (heads only)' if ensemble.shared_trunk else 'full specialists'}; "
         f"{source.size('test'):,} test examples"
     )
-    started = time.perf_counter()
-    labels, general_pred, ensemble_pred, n_active = _predict(ctx, ensemble, source)
-    seconds = time.perf_counter() - started
-    baseline_pred = _same_compute_predictions(ctx, source)
-    report = evaluate_predictions(labels, general_pred, ensemble_pred, ensemble.membership, baseline_pred)
-    report.update(_routing_stats(n_active, seconds, ensemble))
+    test = _predict(ctx, ensemble, source, pool)
+    report = evaluate_predictions(test["labels"], test["general"], test["combined"], ensemble.membership,
+                                  test["same_compute"])
+    report.update(_routing_stats(test["n_active"], test["seconds"], ensemble))
     report.update(temperature_record)
     outputs = _write_outputs(ctx, report) + [COMBINATION]
     _log(ctx, report)
@@ -73,38 +74,41 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(outputs=outputs, metrics=metrics)
 
 
-def _batches(ctx: StageContext, source: ExampleSource, split: str):
-    """``(x (B, C, H, W) float32 in [0, 1], y (B,))`` of ``split`` in order, on the stage's device."""
-    return loader(source, split, batch_size=ctx.config.ensemble.batch_size, shuffle=False, device=ctx.device)
+def _pool(ctx: StageContext, source: ExampleSource) -> Pool:
+    """In this process for in-memory data (Ray Data's start-up costs more than scoring it); for
+    a streaming source, ``ensemble.cache.actors`` Ray Data actors of ``gpus_per_actor`` GPUs."""
+    if isinstance(source, InMemorySource):
+        return Pool()
+    cfg, ray_cfg = ctx.config.ensemble.cache, ctx.config.ray
+    where = connect(ray_cfg.address, local_num_cpus=ray_cfg.local_num_cpus)
+    ctx.console.print(f"  evaluation on {where}: {cfg.actors} Ray Data actors, {cfg.gpus_per_actor:g} GPU each")
+    return Pool(ctx.run_dir.path.resolve(), cfg.actors, cfg.gpus_per_actor)
 
 
-@torch.no_grad()
-def _predict(ctx: StageContext, ensemble: RoutedEnsemble, source: ExampleSource) -> tuple[torch.Tensor, ...]:
-    """The test labels, the top-1 of the generalist and of the ensemble, and the active
-    specialists per example, (N,) each."""
-    labels, general, combined, n_active = [], [], [], []
-    for x, y in _batches(ctx, source, "test"):
-        out = ensemble_forward(ensemble, x)
-        labels.append(y.cpu())
-        general.append(out.p_general.argmax(dim=1).cpu())
-        combined.append(out.q.argmax(dim=1).cpu())
-        n_active.append(out.active.sum(dim=1).cpu())
-        if not out.info["converged"]:
-            ctx.console.print(f"  [yellow]warning[/] fixed point not converged in {ensemble.max_iter} "
-                              f"iterations (max change {out.info['max_change']:.2e}); raise ensemble.max_iter")
-    return torch.cat(labels), torch.cat(general), torch.cat(combined), torch.cat(n_active)
+def _predict(ctx: StageContext, ensemble: RoutedEnsemble, source: ExampleSource, pool: Pool) -> dict[str, Any]:
+    """The test labels, the top-1 of the generalist, of the ensemble and of the same-compute
+    generalist (None if the specialists stage trained none), and the active specialists per
+    example, (N,) each; ``seconds`` spent in the ensemble."""
+    loaded = load_same_compute(ctx.run_dir.path)
+    same_compute = None if loaded is None else loaded[0].to(ctx.device)
+    scorer = Scorer(ensemble, same_compute, ctx.config.ensemble.batch_size, ctx.device)
+    test = predict_test(scorer, source, pool=pool)
+    for change in test.unconverged:
+        ctx.console.print(f"  [yellow]warning[/] fixed point not converged in {ensemble.max_iter} "
+                          f"iterations (max change {change:.2e}); raise ensemble.max_iter")
+    return {**test.arrays(), "seconds": test.seconds}
 
 
 TEMPERATURES = (1.0, 1.25, 1.5, 2.0, 3.0)
 
 
-def _combine_at(ctx: StageContext, ensemble: RoutedEnsemble,
-                source: ExampleSource) -> tuple[RoutedEnsemble, dict[str, Any]]:
+def _combine_at(ctx: StageContext, ensemble: RoutedEnsemble, source: ExampleSource,
+                pool: Pool) -> tuple[RoutedEnsemble, dict[str, Any]]:
     """The ensemble at ``ensemble.specialist_temperature`` (or the one of TEMPERATURES with the
     best holdout log-likelihood of q), recorded in ``combination.json`` for every later user."""
     fixed = ctx.config.ensemble.specialist_temperature
-    scores = {} if fixed is not None else {t: _holdout_nll(ctx, replace(ensemble, specialist_temperature=t), source)
-                                           for t in TEMPERATURES}
+    scorer = Scorer(ensemble, None, ctx.config.ensemble.batch_size, ctx.device)
+    scores = {} if fixed is not None else holdout_nll(scorer, source, TEMPERATURES, pool=pool)
     chosen = fixed if fixed is not None else min(scores, key=scores.get)
     write_json(ctx.stage_dir / COMBINATION, {"specialist_temperature": chosen,
                                              "holdout_nll": {str(t): v for t, v in scores.items()}})
@@ -112,27 +116,6 @@ def _combine_at(ctx: StageContext, ensemble: RoutedEnsemble,
         ctx.console.print(f"  specialists combined at temperature {chosen:g} (holdout NLL of q: "
                           + ", ".join(f"T={t:g} {v:.4f}" for t, v in scores.items()) + ")")
     return replace(ensemble, specialist_temperature=chosen), {"specialist_temperature": chosen}
-
-
-@torch.no_grad()
-def _holdout_nll(ctx: StageContext, ensemble: RoutedEnsemble, source: ExampleSource) -> float:
-    total, n = 0.0, 0
-    for x, y in _batches(ctx, source, "holdout"):
-        q = ensemble_forward(ensemble, x).q  # (B, K)
-        total -= float(q.gather(1, y.view(-1, 1).to(q.device)).clamp_min(1e-12).log().sum())
-        n += len(y)
-    return total / n
-
-
-@torch.no_grad()
-def _same_compute_predictions(ctx: StageContext, source: ExampleSource) -> torch.Tensor | None:
-    """Top-1 ``(N,)`` of the same-compute generalist on the test split, if the specialists stage
-    trained one."""
-    loaded = load_same_compute(ctx.run_dir.path)
-    if loaded is None:
-        return None
-    model = loaded[0].to(ctx.device)
-    return torch.cat([model(x).argmax(dim=1).cpu() for x, _ in _batches(ctx, source, "test")])
 
 
 def _build_cache(ctx: StageContext, source: ExampleSource) -> tuple[list[str], dict[str, Any]]:
