@@ -276,8 +276,8 @@ class CacheConfig(Section):
         1024, ge=0, description="Store q densely (float16) when K is at most this; 0 = always top-k."
     )
     shard_size: int = Field(8192, ge=1, description="Examples per cache shard.")
-    actors: int = Field(2, ge=1, description="Ray Data actors computing the cache.")
-    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per cache actor (0 on CPU machines).")
+    actors: int = Field(2, ge=1, description="Ray Data actors computing the cache (and evaluating the ensemble on streamed data).")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per cache or evaluation actor (0 on CPU machines).")
 
 
 class EnsembleConfig(Section):
