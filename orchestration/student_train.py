@@ -30,7 +30,7 @@ from distill.train import (
     prepare_objective,
     source_indexed_batches,
 )
-from generalist.data.loader import loader
+from generalist.data.loader import augment_seed, loader
 from generalist.train import set_seed
 from orchestration.artifacts import CHECKPOINTS
 from orchestration.builders import augment_spec, optimizer_and_schedule
@@ -117,7 +117,8 @@ def _train_epoch(ctx: StageContext, row: Row, trained: nn.ModuleDict, nets: tupl
             source_indexed_batches(source, "train", batch_size=cfg.batch_size, shuffle=True, seed=seed,
                                    epoch=epoch, device=ctx.device, rank=par.rank,
                                    world_size=par.world_size),
-            augment_spec(ctx.config.data.augment, source, cfg.augment), seed=seed, epoch=epoch)
+            augment_spec(ctx.config.data.augment, source, cfg.augment),
+            seed=augment_seed(seed, par.rank, par.world_size), epoch=epoch)
         result = distill_one_epoch(
             nets[0], batches, optimizer, scheduler, objective=trained["objective"], teacher=row.teach,
             epoch=epoch, device=ctx.device, amp=ctx.device.type == "cuda", on_step=advance,
