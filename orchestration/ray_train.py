@@ -78,7 +78,7 @@ class Parallel:
         # BatchNorm statistics are not broadcast before every forward pass: training uses batch
         # statistics, rank 0 alone evaluates, and sync_buffers gives every rank rank 0's at the
         # end of each epoch, so the weights are the same and each step has one collective less.
-        return prepare_model(model, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False})
+        return prepare_model(model, move_to_device=False, parallel_strategy_kwargs={"forward_sync_buffers": False})
 
     def sync_buffers(self, model: nn.Module) -> None:
         """Rank 0's buffers (BatchNorm running statistics) on every rank."""

@@ -131,6 +131,7 @@ def _wait_for_epoch(proc: subprocess.Popen, latest: Path, epoch: int) -> None:
     raise AssertionError(f"no epoch {epoch} checkpoint: {proc.stdout.read()[-3000:]}")
 
 
+@pytest.mark.slow  # the same restart path as the generalist's killed-worker test, which CI runs
 def test_a_killed_worker_restarts_the_row_from_its_last_checkpoint(finished_run, workdir):
     shutil.copytree(finished_run["path"], workdir / "run")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
