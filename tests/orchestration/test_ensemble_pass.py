@@ -1,4 +1,4 @@
-"""The ensemble stage's evaluation pass (orchestration.ensemble_pass) on the session's tiny
+"""The ensemble stage's evaluation pass (orchestration.ensemble_pass) on the shared tiny
 finished run (9 classes, 72 holdout and 72 test examples, batches of 16): blocks of whole batches
 merged in order give the stage's batch-by-batch numbers, and a streaming source scored on 2 Ray
 Data actors gives exactly what the in-process pass gives."""
