@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from generalist.data.core import SPLIT_NAMES, DataError, Split
-from generalist.data.image_folder import _check_root, holdout_source_mask, load_image, read_tree
-from generalist.data.registry import check_float, check_int, check_num_classes
+from generalist.data.core import SPLIT_NAMES, Split
+from generalist.data.image_folder import holdout_source_mask, load_image, open_tree
+from generalist.data.registry import check_float
 from generalist.data.source import check_split, epoch_order, rank_batches
 from generalist.data.splits import SPLIT_STREAM, derive_seed, generator, stratified_indices
 from generalist.data.stream import Records
@@ -50,15 +50,7 @@ def folder_layout(root: str | None, *, seed: int, image_size: int, channels: int
                   holdout_fraction: float, test_fraction: float, num_classes: int | None,
                   source_pattern: str | None) -> FolderLayout:
     """The splits of ``build_image_folder`` with the same arguments, as file indices."""
-    base = _check_root(root)
-    size = check_int("image_size", image_size, minimum=4, maximum=1024)
-    if channels not in (1, 3) or isinstance(channels, bool):
-        raise DataError(f"option channels={channels!r} is invalid; pass channels=1 or 3.")
-    train_files, test_files = read_tree(base)
-    if len(train_files) < 2:
-        raise DataError(f"{base} holds {len(train_files)} class folder(s) with images ({list(train_files)}); "
-                        "a classifier needs at least 2: add one sub-folder of images per class.")
-    check_num_classes("image_folder", num_classes, len(train_files))
+    base, size, train_files, test_files = open_tree(root, image_size, channels, num_classes)
     class_ids = {name: k for k, name in enumerate(train_files)}
     tables = [train_files] + ([test_files] if test_files is not None else [])
     paths = [p for files in tables for name, ps in files.items() for p in ps]

@@ -108,17 +108,7 @@ def build_image_folder(*, root: str | None = None, seed: int = 0, image_size: in
     shares no source with training, as a test split of new sources does: a holdout that shares
     sources with training overstates gains and biases the choices made on it.
     """
-    base = _check_root(root)
-    size = check_int("image_size", image_size, minimum=4, maximum=1024)
-    if channels not in (1, 3) or isinstance(channels, bool):
-        raise DataError(f"option channels={channels!r} is invalid; pass channels=1 or 3.")
-    train_files, test_files = read_tree(base)
-    if len(train_files) < 2:
-        raise DataError(
-            f"{base} holds {len(train_files)} class folder(s) with images ({list(train_files)}); "
-            "a classifier needs at least 2: add one sub-folder of images per class."
-        )
-    check_num_classes("image_folder", num_classes, len(train_files))
+    base, size, train_files, test_files = open_tree(root, image_size, channels, num_classes)
     class_ids = {name: k for k, name in enumerate(train_files)}
     train = load_split(train_files, class_ids, size, channels)
     holdout = None
@@ -137,6 +127,24 @@ def build_image_folder(*, root: str | None = None, seed: int = 0, image_size: in
         info.update(source_pattern=source_pattern, holdout_sources=held)
     return finish("image_folder", list(train_files), train, test, seed, holdout_fraction,
                   num_classes, info, holdout=holdout)
+
+
+def open_tree(root: str | None, image_size: int, channels: int, num_classes: int | None,
+              ) -> tuple[Path, int, dict[str, list[Path]], dict[str, list[Path]] | None]:
+    """(folder, image size, train files by class, test files by class or None) of the tree at
+    ``root``, the options checked: what the data set and the streaming FolderSource both start from."""
+    base = _check_root(root)
+    size = check_int("image_size", image_size, minimum=4, maximum=1024)
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise DataError(f"option channels={channels!r} is invalid; pass channels=1 or 3.")
+    train_files, test_files = read_tree(base)
+    if len(train_files) < 2:
+        raise DataError(
+            f"{base} holds {len(train_files)} class folder(s) with images ({list(train_files)}); "
+            "a classifier needs at least 2: add one sub-folder of images per class."
+        )
+    check_num_classes("image_folder", num_classes, len(train_files))
+    return base, size, train_files, test_files
 
 
 def carve_by_source(train: Split, files: dict[str, list[Path]], pattern: str, fraction: float,
