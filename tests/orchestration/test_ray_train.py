@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from orchestration.cli import main
@@ -14,13 +13,6 @@ from orchestration.ray_train import SINGLE, Parallel, RayTrainError, check_clust
 
 EPOCHS = ("generalist.epochs=4", "generalist.patience=4")
 
-
-@pytest.fixture(scope="module")
-def local_ray():
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
 
 
 def _stage_runs(uri: str, stage: str):

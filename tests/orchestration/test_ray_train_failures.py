@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-
-from orchestration.local_ray import descendants
 
 SPECDISTILL = str(Path(sys.executable).parent / "specdistill")
 PARALLEL = ("ray.train.workers=2", "ray.local_num_cpus=2", "generalist.epochs=12", "generalist.patience=12")
@@ -25,25 +21,6 @@ def _start(args: list[str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def _wait_for_epoch(proc: subprocess.Popen, latest: Path, epoch: int) -> None:
-    deadline = time.time() + 240
-    while proc.poll() is None and time.time() < deadline:
-        if latest.exists() and json.loads(latest.read_text() or "{}").get("epoch", 0) >= epoch:
-            return
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"no epoch {epoch} snapshot: {proc.stdout.read()[-3000:]}")
-
-
-def _train_workers(pid: int) -> list[int]:
-    found = []
-    for child in descendants(pid):
-        try:
-            if b"RayTrainWorker" in Path(f"/proc/{child}/cmdline").read_bytes():
-                found.append(child)
-        except OSError:
-            continue
-    return sorted(found)
 
 
 def _stage_runs(uri: str) -> list:
@@ -52,12 +29,12 @@ def _stage_runs(uri: str) -> list:
     return client.search_runs([exp.experiment_id], filter_string="tags.`specdistill.stage` = 'generalist'")
 
 
-def test_a_killed_worker_restarts_the_group_from_the_last_epoch(tiny_args, workdir):
+def test_a_killed_worker_restarts_the_group_from_the_last_epoch(tiny_args, workdir, wait_for_epoch, train_workers):
     args = tiny_args(*PARALLEL)
     stage = workdir / "run" / "generalist"
     proc = _start(args)
-    _wait_for_epoch(proc, stage / "checkpoints" / "latest.json", 2)
-    workers = _train_workers(proc.pid)
+    wait_for_epoch(proc, stage / "checkpoints" / "latest.json", 2)
+    workers = train_workers(proc.pid)
     assert len(workers) == 2
     os.kill(workers[-1], signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
@@ -69,11 +46,11 @@ def test_a_killed_worker_restarts_the_group_from_the_last_epoch(tiny_args, workd
 
 
 @pytest.mark.slow
-def test_a_killed_job_resubmitted_resumes(tiny_args, workdir):
+def test_a_killed_job_resubmitted_resumes(tiny_args, workdir, wait_for_epoch):
     args = tiny_args(*PARALLEL)
     stage = workdir / "run" / "generalist"
     proc = _start(args)
-    _wait_for_epoch(proc, stage / "checkpoints" / "latest.json", 2)
+    wait_for_epoch(proc, stage / "checkpoints" / "latest.json", 2)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (stage / "manifest.json").exists()

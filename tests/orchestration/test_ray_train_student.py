@@ -10,19 +10,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 
 from distill.objective import TermKind
 from distill.train import iterate_indexed_batches
 from orchestration.cli import main
-from orchestration.local_ray import descendants
 from orchestration.ray_train import RayTrainError
 from orchestration.student_train import Row, check_data_parallel
 
@@ -32,13 +29,6 @@ STUDENT = ("distill.epochs=2", "distill.baselines=true", "distill.student=cnn",
            "distill.losses={hint: 1.0}", "distill.hint_layers=[blocks.1, blocks.1]")
 ROWS = ("student", "hard_labels", "generalist_kd")
 
-
-@pytest.fixture(scope="module")
-def local_ray():
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
 
 
 def _batches(shuffle: bool = False, **kw) -> list:
@@ -110,29 +100,11 @@ def test_students_train_on_two_workers_with_identical_weights_like_one(local_ray
         assert abs(first[0] - first[1]) < 0.05, row             # same model, data and learning rate
 
 
-def _train_workers(pid: int) -> list[int]:
-    found = []
-    for child in descendants(pid):
-        try:
-            if b"RayTrainWorker" in Path(f"/proc/{child}/cmdline").read_bytes():
-                found.append(child)
-        except OSError:
-            continue
-    return sorted(found)
-
-
-def _wait_for_epoch(proc: subprocess.Popen, latest: Path, epoch: int) -> None:
-    deadline = time.time() + 240
-    while proc.poll() is None and time.time() < deadline:
-        if latest.exists() and json.loads(latest.read_text() or "{}").get("epoch", 0) >= epoch:
-            return
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"no epoch {epoch} checkpoint: {proc.stdout.read()[-3000:]}")
 
 
 @pytest.mark.slow  # the same restart path as the generalist's killed-worker test, which CI runs
-def test_a_killed_worker_restarts_the_row_from_its_last_checkpoint(finished_run, workdir):
+def test_a_killed_worker_restarts_the_row_from_its_last_checkpoint(finished_run, workdir, wait_for_epoch,
+                                                                  train_workers):
     shutil.copytree(finished_run["path"], workdir / "run")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     args = ["run", *finished_run["args"], f"run.dir={workdir / 'run'}", f"tracking.uri={uri}",
@@ -141,8 +113,8 @@ def test_a_killed_worker_restarts_the_row_from_its_last_checkpoint(finished_run,
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([SPECDISTILL, *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    _wait_for_epoch(proc, workdir / "run" / "distill" / "checkpoints" / "latest.json", 2)
-    workers = _train_workers(proc.pid)
+    wait_for_epoch(proc, workdir / "run" / "distill" / "checkpoints" / "latest.json", 2)
+    workers = train_workers(proc.pid)
     assert len(workers) == 2
     os.kill(workers[-1], signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
