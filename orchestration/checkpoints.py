@@ -154,6 +154,23 @@ class Checkpointer:
         path = self.latest_dir()
         return None if path is None else load_snapshot(path, module, stateful)
 
+    def resume_or_restart(self, module: torch.nn.Module, stateful: Mapping[str, Any], *,
+                          clear: bool = True) -> tuple[Snapshot | None, CheckpointError | None]:
+        """:meth:`resume`, or when the snapshot is corrupt ``module`` and ``stateful`` put back as
+        they were and (with ``clear``; on one rank of many) the snapshots deleted, so the loop
+        starts again from its initial state: ``(snapshot or None, the error or None)``."""
+        initial = {k: v.clone() for k, v in module.state_dict().items()}
+        initial_state = {name: obj.state_dict() for name, obj in stateful.items()}
+        try:
+            return self.resume(module, stateful), None
+        except CheckpointError as exc:
+            if clear:
+                self.clear()
+            module.load_state_dict(initial)
+            for name, obj in stateful.items():
+                obj.load_state_dict(initial_state[name])
+            return None, exc
+
     def load_best(self, module: torch.nn.Module) -> int:
         """Load the best snapshot's weights into ``module``; returns its epoch."""
         path = self.best_dir()

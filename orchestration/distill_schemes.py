@@ -32,7 +32,7 @@ from distill.train import TeacherFn, make_teacher, source_indexed_batches
 from generalist.train import set_seed
 from orchestration.artifacts import CHECKPOINTS, ROW, SCHEMES, STUDENT, generalist_metadata
 from orchestration.builders import optimizer_and_schedule
-from orchestration.checkpoints import Checkpointer, CheckpointError, build_model, load_model
+from orchestration.checkpoints import Checkpointer, build_model, load_model
 from orchestration.files import read_json
 from orchestration.pipeline import StageContext, step_progress
 from orchestration.student_train import evaluate_split
@@ -148,16 +148,9 @@ def _mutual_rows(ctx, teachers: Teachers, spec, train: TrainFn, finish: FinishFn
 
 def _resume(ctx: StageContext, checkpoints: Checkpointer, group: nn.Module, stateful: dict[str, Any]) -> int:
     """The epoch to continue after; a corrupt snapshot restarts the group from its initial state."""
-    initial = {k: v.clone() for k, v in group.state_dict().items()}
-    initial_state = {name: obj.state_dict() for name, obj in stateful.items()}
-    try:
-        snapshot = checkpoints.resume(group, stateful)
-    except CheckpointError as exc:
-        ctx.console.print(f"[yellow]warning[/] mutual: cannot resume ({exc}); training from scratch")
-        checkpoints.clear()
-        group.load_state_dict(initial)
-        for name, obj in stateful.items():
-            obj.load_state_dict(initial_state[name])
+    snapshot, failed = checkpoints.resume_or_restart(group, stateful)
+    if failed is not None:
+        ctx.console.print(f"[yellow]warning[/] mutual: cannot resume ({failed}); training from scratch")
         return 0
     if snapshot is None:
         return 0

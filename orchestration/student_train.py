@@ -162,17 +162,9 @@ def _resume(ctx: StageContext, row: Row, checkpoints: Checkpointer, trained: nn.
             stateful: dict[str, Any], par: Parallel) -> int:
     """Continue after the last finished epoch; a corrupt checkpoint restarts the row (rank 0
     clears it)."""
-    initial = {k: v.clone() for k, v in trained.state_dict().items()}
-    initial_state = {name: obj.state_dict() for name, obj in stateful.items()}
-    try:
-        snapshot = checkpoints.resume(trained, stateful)
-    except CheckpointError as exc:
-        ctx.console.print(f"[yellow]warning[/] {row.name}: cannot resume ({exc}); training from scratch")
-        if par.is_main:
-            checkpoints.clear()
-        trained.load_state_dict(initial)
-        for name, obj in stateful.items():
-            obj.load_state_dict(initial_state[name])
+    snapshot, failed = checkpoints.resume_or_restart(trained, stateful, clear=par.is_main)
+    if failed is not None:
+        ctx.console.print(f"[yellow]warning[/] {row.name}: cannot resume ({failed}); training from scratch")
         return 0
     if snapshot is None:
         return 0

@@ -71,6 +71,26 @@ def test_no_snapshot_resumes_nothing_and_a_corrupt_one_raises(tmp_path):
         Checkpointer(tmp_path).resume(model, stateful)
 
 
+def test_resume_or_restart_puts_the_loop_back_as_it_started_when_the_snapshot_is_corrupt(tmp_path):
+    for clear in (True, False):
+        folder = tmp_path / str(clear)
+        model, stateful = _loop()
+        _train_step(model, stateful)
+        Checkpointer(folder).save(1, model, stateful)
+        (folder / "epoch_0001" / "model.safetensors").write_bytes(b"damaged")
+        fresh, fresh_state = _loop(seed=3)
+        start = {k: v.clone() for k, v in fresh.state_dict().items()}
+        snapshot, failed = Checkpointer(folder).resume_or_restart(fresh, fresh_state, clear=clear)
+        assert snapshot is None and isinstance(failed, CheckpointError)
+        assert all(torch.equal(v, start[k]) for k, v in fresh.state_dict().items())
+        assert fresh_state["scheduler"].last_epoch == 0
+        assert folder.exists() is not clear              # cleared only when asked (rank 0)
+    model, stateful = _loop()
+    Checkpointer(tmp_path / "ok").save(2, model, stateful)
+    snapshot, failed = Checkpointer(tmp_path / "ok").resume_or_restart(*_loop(seed=5))
+    assert failed is None and snapshot.epoch == 2
+
+
 def test_a_snapshot_for_another_model_does_not_fit(tmp_path):
     model, stateful = _loop()
     Checkpointer(tmp_path).save(1, model, stateful)
