@@ -86,6 +86,11 @@ class Parallel:
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
 
+    def barrier(self) -> None:
+        """Wait for every rank (e.g. until rank 0 has written a file the others read)."""
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
     def from_main(self, compute: Callable[[], dict[str, float]]) -> dict[str, float]:
         """``compute()`` run on rank 0, its result on every rank."""
         if self.world_size == 1:

@@ -103,7 +103,9 @@ def run(ctx: StageContext) -> StageResult:
 
 def train(ctx: StageContext, model, spec: dict[str, Any], par: Parallel) -> EarlyStopping:
     """Train ``model`` with early stopping from the last epoch snapshot on, as rank ``par.rank``
-    (rank 0 saves the snapshots); returns the early-stopping state."""
+    (rank 0 saves the snapshots), then, with ``generalist.clean_epochs``, go on from the best
+    weights without augmentation until the holdout loss stops improving again; returns the
+    early-stopping state."""
     cfg = ctx.config.generalist
     steps_per_epoch = par.steps_per_epoch(ctx.source().size("train"), cfg.batch_size)
     optimizer, scheduler = optimizer_and_schedule(model, cfg.optimizer, steps_per_epoch=steps_per_epoch,
@@ -111,18 +113,65 @@ def train(ctx: StageContext, model, spec: dict[str, Any], par: Parallel) -> Earl
     stopper = EarlyStopping(patience=cfg.patience)
     checkpoints = Checkpointer(ctx.stage_dir / CHECKPOINTS)
     stateful = {"optimizer": optimizer, "scheduler": scheduler, "early_stopping": stopper}
-    start_epoch = _resume(ctx, checkpoints, model, stateful, steps_per_epoch, par)
+    clean = CleanPhase()
+    augmented = augment_spec(ctx.config.data.augment, ctx.source(), cfg.augment).kind != "none"
+    if cfg.clean_epochs and augmented:
+        stateful["clean_phase"] = clean
+    epoch = _resume(ctx, checkpoints, model, stateful, steps_per_epoch, par)
     net = par.wrap(model)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        stop, metrics = _train_epoch(ctx, net, model, optimizer, scheduler, stopper, epoch, steps_per_epoch, par)
-        snapshot = checkpoints.save(epoch + 1, model, stateful, metadata={"model": spec},
-                                    best=stopper.best_epoch == epoch + 1) if par.is_main else None
+    while True:
+        if clean.ended(stopper, epoch, cfg):
+            break
+        if not clean.on and (stopper.should_stop or epoch >= cfg.epochs):
+            if "clean_phase" not in stateful:
+                break
+            _begin_clean_phase(ctx, checkpoints, model, optimizer, scheduler, stopper, clean, epoch, par)
+        stop, metrics = _train_epoch(ctx, net, model, optimizer, scheduler, stopper, epoch, steps_per_epoch,
+                                     par, augment=augmented and not clean.on, clean=clean.on)
+        epoch += 1
+        snapshot = checkpoints.save(epoch, model, stateful, metadata={"model": spec},
+                                    best=stopper.best_epoch == epoch) if par.is_main else None
         par.report(metrics, snapshot)
         if stop:
-            ctx.console.print(f"  early stop after epoch {epoch + 1}: holdout loss did not improve")
-            break
+            what = "without augmentation " if clean.on else ""
+            ctx.console.print(f"  early stop after epoch {epoch}: holdout loss {what}did not improve")
     return stopper
+
+
+class CleanPhase:
+    """The epochs after early stopping that train without augmentation (``generalist.clean_epochs``):
+    the epoch they began after, or None before; kept in the epoch snapshots."""
+
+    def __init__(self) -> None:
+        self.began_after: int | None = None
+
+    @property
+    def on(self) -> bool:
+        return self.began_after is not None
+
+    def ended(self, stopper: EarlyStopping, epoch: int, cfg) -> bool:
+        """The clean phase ran and stopped: early, or after ``cfg.clean_epochs`` epochs."""
+        return self.on and (stopper.should_stop or epoch >= self.began_after + cfg.clean_epochs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"began_after": self.began_after}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.began_after = None if state["began_after"] is None else int(state["began_after"])
+
+
+def _begin_clean_phase(ctx, checkpoints: Checkpointer, model, optimizer, scheduler, stopper: EarlyStopping,
+                       clean: CleanPhase, epoch: int, par: Parallel) -> None:
+    """Back to the best snapshot's weights, optimiser and schedule; early stopping keeps its best
+    holdout loss, so a clean epoch becomes the best only when it beats the augmented phase."""
+    par.barrier()  # rank 0 has written the snapshot every rank now reads
+    best = checkpoints.best_dir()
+    load_snapshot(best, model, {"optimizer": optimizer, "scheduler": scheduler})
+    stopper.num_bad_epochs = 0
+    clean.began_after = epoch
+    ctx.console.print(f"  then up to {ctx.config.generalist.clean_epochs} epochs without augmentation from the "
+                      f"best weights (epoch {stopper.best_epoch})")
 
 
 def _train_on_workers(ctx: StageContext, model, spec: dict[str, Any], checkpoints: Checkpointer) -> EarlyStopping:
@@ -204,13 +253,13 @@ def _convergence(ctx, stopper: EarlyStopping, epochs_trained: int) -> dict[str, 
 
 
 def _train_epoch(ctx, net, model, optimizer, scheduler, stopper, epoch, steps_per_epoch,
-                 par: Parallel) -> tuple[bool, dict[str, float]]:
+                 par: Parallel, *, augment: bool, clean: bool = False) -> tuple[bool, dict[str, float]]:
     """One epoch of ``net`` (``model``, or its DDP wrapper) on this rank's part of every batch,
     then the holdout loss on rank 0, which every rank's early stopping and plateau see."""
     cfg, source, device = ctx.config.generalist, ctx.source(), ctx.device
     batches = loader(source, "train", batch_size=cfg.batch_size, shuffle=True,
                      seed=ctx.config.run.seed, epoch=epoch, rank=par.rank, world_size=par.world_size,
-                     device=device, augment=augment_spec(ctx.config.data.augment, source, cfg.augment),
+                     device=device, augment=augment_spec(ctx.config.data.augment, source, augment),
                      workers=ctx.config.data.workers)
     with step_progress(ctx, epoch, steps_per_epoch) as advance:
         result = train_one_epoch(
@@ -234,7 +283,8 @@ def _train_epoch(ctx, net, model, optimizer, scheduler, stopper, epoch, steps_pe
     if par.is_main:
         ctx.logger.log_metrics(metrics, step=epoch + 1)
     ctx.console.print(
-        f"  epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  train acc "
+        f"  epoch {epoch + 1}{' (no augmentation)' if clean else f'/{cfg.epochs}'}  loss "
+        f"{metrics['train_loss']:.4f}  train acc "
         f"{metrics['train_accuracy']:.3f}  holdout loss {holdout['loss']:.4f}  holdout top1 "
         f"{holdout['top1']:.3f}  {metrics['examples_per_s']:,.0f} img/s  {result.seconds:.1f}s"
     )
@@ -255,8 +305,9 @@ def _resume(ctx, checkpoints: Checkpointer, model, stateful, steps_per_epoch: in
             checkpoints.clear()
         set_seed(ctx.config.run.seed)
         model.load_state_dict(build_model(model_spec(ctx)).state_dict())
-        for name, obj in _fresh_state(ctx, model, steps_per_epoch).items():
-            stateful[name].load_state_dict(obj.state_dict())
+        fresh = _fresh_state(ctx, model, steps_per_epoch)
+        for name, obj in stateful.items():
+            obj.load_state_dict(fresh[name].state_dict())
         return 0
     if snapshot is None:
         return 0
@@ -265,12 +316,12 @@ def _resume(ctx, checkpoints: Checkpointer, model, stateful, steps_per_epoch: in
 
 
 def _fresh_state(ctx, model, steps_per_epoch: int) -> dict[str, Any]:
-    """Optimizer, schedule and early stopping as a fresh start has them."""
+    """Optimizer, schedule, early stopping and clean phase as a fresh start has them."""
     cfg = ctx.config.generalist
     optimizer, scheduler = optimizer_and_schedule(model, cfg.optimizer, steps_per_epoch=steps_per_epoch,
                                                   epochs=cfg.epochs)
     return {"optimizer": optimizer, "scheduler": scheduler,
-            "early_stopping": EarlyStopping(patience=cfg.patience)}
+            "early_stopping": EarlyStopping(patience=cfg.patience), "clean_phase": CleanPhase()}
 
 
 def _finish(ctx, checkpoints: Checkpointer, spec, summary, convergence: dict[str, Any],
