@@ -131,8 +131,8 @@ def _build_cache(ctx: StageContext, source: ExampleSource) -> tuple[list[str], d
         shard_size=cfg.shard_size, num_actors=cfg.actors,
         gpus_per_actor=cfg.gpus_per_actor, batch_size=ctx.config.ensemble.batch_size, console=ctx.console,
     )
-    layout = ("dense float16" if manifest["layout"] == "dense"
-              else f"top-{manifest['top_k']} float16 + int32 ids + residual")
+    layout = ("dense float16 log q" if manifest["layout"] == "dense"
+              else f"top-{manifest['top_k']} float16 log q + int32 ids + residual")
     ctx.console.print(
         f"  cache: {manifest['n_examples']:,} examples, {layout} (K={manifest['num_classes']}), "
         f"{manifest['bytes_per_example']} bytes/example, {manifest['seconds']:.1f}s "

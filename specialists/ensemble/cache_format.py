@@ -2,21 +2,25 @@
 
 One folder of shards of ``shard_size`` examples, plus a manifest written last::
 
-    DIR/shard_00000.values.npy     dense: float16 (n, K) q;  top-k: float16 (n, k) largest q
+    DIR/shard_00000.values.npy     dense: float16 (n, K) log q;  top-k: float16 (n, k) log of the largest q
     DIR/shard_00000.classes.npy    top-k only: int32 (n, k) their class ids (most probable first)
     DIR/shard_00000.residual.npy   top-k only: float32 (n,) the mass of the K - k classes not kept
     DIR/shard_00000.ids.npy        int64 (n,) example ids (positions in the split)
     DIR/manifest.json              written last, atomically: without it there is no cache
 
-The layout is dense (exact up to float16) when ``K <= dense_max_classes``, else top-k. The
-cache stores ``q`` itself, never a softened copy: the reader softens at read time,
-``softmax(log q / T)`` (:func:`distill.targets.soft_targets`), so one cache serves every
-temperature. A top-k row is read back as its ``k`` stored probabilities plus the residual spread
-uniformly over the ``K - k`` classes not stored (:func:`distill.targets.complete_topk`, the
-maximum-entropy completion with the right total mass). Entries that read as 0 (float16 underflow
-below ~6e-8, or a zero residual) stay exactly 0 at every temperature. float16 keeps ~3
-significant digits; probabilities below ~6e-5 lose relative precision and below ~6e-8 read as 0,
-which matters only at high ``T``.
+The layout is dense when ``K <= dense_max_classes``, else top-k. The cache stores ``q`` at
+``T = 1``, never a softened copy: the reader softens at read time, ``softmax(log q / T)``
+(:func:`distill.targets.soft_targets`), so one cache serves every temperature. A top-k row is
+read back as its ``k`` stored probabilities plus the residual spread uniformly over the
+``K - k`` classes not stored (:func:`distill.targets.complete_topk`, the maximum-entropy
+completion with the right total mass).
+
+Values are natural logarithms in float16 (format version 2). A confident teacher puts
+probabilities of 1e-10 and below on most classes of a training example; at ``T = 4`` they are
+``q ** (1 / 4)``, a third of the softened mass on 320 classes, and float16 probabilities (version
+1) read them all as 0 (below ~6e-8). A float16 logarithm keeps them to a relative error of at most
+``|log q| * 2**-11`` (0.3 % at ``q = 0.5``, 1.1 % at ``q = 1e-10``). Exact zeros are stored as
+``-inf`` and stay exactly 0 at every temperature.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-FORMAT, FORMAT_VERSION = "specdistill.soft_target_cache", 1
+FORMAT, FORMAT_VERSION = "specdistill.soft_target_cache", 2
 MANIFEST = "manifest.json"
 DENSE, TOPK = "dense", "topk"
 SHARD = "shard_{:05d}.{}.npy"
@@ -87,11 +91,21 @@ class CacheLayout:
         """The stored arrays (all but ``ids``) of ``(n, K)`` probabilities ``q``."""
         q = q.detach().to("cpu", torch.float64)
         if self.kind == DENSE:
-            return {"values": q.numpy().astype(np.float16)}
+            return {"values": log_values(q)}
         values, classes = q.topk(self.top_k, dim=1)  # (n, k) each, most probable first
         rest = q.scatter(1, classes, 0.0).sum(dim=1)  # (n,) the exact mass of the classes not kept
-        return {"values": values.numpy().astype(np.float16), "classes": classes.numpy().astype(np.int32),
+        return {"values": log_values(values), "classes": classes.numpy().astype(np.int32),
                 "residual": rest.numpy().astype(np.float32)}
+
+
+def log_values(q: Tensor) -> np.ndarray:
+    """The stored form of probabilities ``q``: float16 natural logarithms, ``-inf`` for exact zeros."""
+    return q.to(torch.float64).log().numpy().astype(np.float16)
+
+
+def probabilities(values: np.ndarray) -> Tensor:
+    """float32 probabilities of stored float16 logarithms (``-inf`` reads as exactly 0)."""
+    return torch.from_numpy(np.asarray(values)).float().exp()
 
 
 def cache_manifest(layout: CacheLayout, *, shards: list[dict[str, Any]], shard_size: int,
@@ -120,7 +134,8 @@ def cache_manifest(layout: CacheLayout, *, shards: list[dict[str, Any]], shard_s
         "data": dict(identity),
         "class_names": list(class_names),
         "targets": _SOFTEN,
-        "reconstruction": _TOPK_READ if layout.kind == TOPK else "dense: q itself (float16)",
+        "values": "natural logarithms of q (float16; -inf = exactly 0)",
+        "reconstruction": _TOPK_READ if layout.kind == TOPK else "dense: q itself",
         "bytes_per_example": layout.bytes_per_example,
         "file_bytes": file_bytes,
         "seconds": round(seconds, 3),

@@ -29,6 +29,7 @@ from specialists.ensemble.cache_format import (
     CacheCorruptError,
     CacheMismatchError,
     layout_of,
+    probabilities,
 )
 from specialists.ensemble.cache_writer import sha256_file
 
@@ -123,7 +124,7 @@ class SoftTargetCache(Dataset):
             mask = shard_of == shard
             for name in names:
                 rows[name][mask] = self._shards[shard][name][idx[mask] - self._starts[shard]]
-        values = torch.from_numpy(rows["values"]).float()  # (B, K) dense, (B, k) top-k
+        values = probabilities(rows["values"])  # (B, K) dense, (B, k) top-k
         if self.layout == DENSE:
             return values
         return complete_topk(values, torch.from_numpy(rows["classes"]).long(), self.num_classes,
