@@ -66,7 +66,8 @@ def commands(names: list[str], omniglot: Path) -> dict[str, str]:
 ABLATIONS = {
     "groups from covariance columns (not confusions)": ["clustering.affinity=covariance"],
     "disjoint groups, top-1 routing": ["clustering.overlap=0", "ensemble.top_n=1"],
-    "specialists without augmentation": ["specialists.augment=false"],
+    "generalist without its clean epochs": ["generalist.clean_epochs=0"],
+    "specialists with augmentation": ["specialists.augment=true"],
     "students from cached fixed views": ["distill.targets=cache"],
     "students without augmentation": ["distill.augment=false"],
 }
