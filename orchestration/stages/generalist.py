@@ -115,16 +115,15 @@ def train(ctx: StageContext, model, spec: dict[str, Any], par: Parallel) -> Earl
     stateful = {"optimizer": optimizer, "scheduler": scheduler, "early_stopping": stopper}
     clean = CleanPhase()
     augmented = augment_spec(ctx.config.data.augment, ctx.source(), cfg.augment).kind != "none"
-    if cfg.clean_epochs and augmented:
+    with_clean_phase = bool(cfg.clean_epochs) and augmented
+    if with_clean_phase:
         stateful["clean_phase"] = clean
     epoch = _resume(ctx, checkpoints, model, stateful, steps_per_epoch, par)
     net = par.wrap(model)
 
-    while True:
-        if clean.ended(stopper, epoch, cfg):
-            break
+    while not clean.ended(stopper, epoch, cfg):
         if not clean.on and (stopper.should_stop or epoch >= cfg.epochs):
-            if "clean_phase" not in stateful:
+            if not with_clean_phase:
                 break
             _begin_clean_phase(ctx, checkpoints, model, optimizer, scheduler, stopper, clean, epoch, par)
         stop, metrics = _train_epoch(ctx, net, model, optimizer, scheduler, stopper, epoch, steps_per_epoch,

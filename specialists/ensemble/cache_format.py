@@ -17,8 +17,8 @@ completion with the right total mass).
 
 Values are natural logarithms in float16 (format version 2). A confident teacher puts
 probabilities of 1e-10 and below on most classes of a training example; at ``T = 4`` they are
-``q ** (1 / 4)``, a third of the softened mass on 320 classes, and float16 probabilities (version
-1) read them all as 0 (below ~6e-8). A float16 logarithm keeps them to a relative error of at most
+``q ** (1 / 4)``, together a sizeable part of the softened mass, and float16 probabilities
+(version 1) read them all as 0 (below ~6e-8). A float16 logarithm keeps them to a relative error of at most
 ``|log q| * 2**-11`` (0.3 % at ``q = 0.5``, 1.1 % at ``q = 1e-10``). Exact zeros are stored as
 ``-inf`` and stay exactly 0 at every temperature.
 """

@@ -165,3 +165,14 @@ def test_a_confident_teachers_tail_survives_softening(tmp_path):
     assert bool((got > 0).all())
     assert float(want[0, 2:].sum()) > 0.1  # the mass a cache of float16 probabilities loses
     torch.testing.assert_close(got, want, rtol=5e-3, atol=0)  # |log q| * 2**-11 / T, |log q| <= 60
+
+
+def test_a_version_1_cache_is_refused_with_the_command_that_rebuilds_it(tmp_path):
+    """Version 1 stored probabilities, not their logarithms: reading its values as logarithms
+    would give wrong targets, so the reader refuses it and says how to rebuild it."""
+    write_cache(tmp_path, Q, class_names=NAMES, identity=IDENTITY, teacher={})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(ValueError, match=r"not a version-2 soft-target cache.*version 1.*rebuild it: "
+                                         r"specdistill run CONFIG --from ensemble"):
+        SoftTargetCache(tmp_path)
