@@ -27,16 +27,20 @@ def test_a_group_without_confusions_between_its_classes():
 def test_montage_has_one_row_per_class_with_its_name():
     images = [np.zeros((3, 1, 8, 8), np.uint8), np.full((2, 1, 8, 8), 255, np.uint8)]
     fig = group_montage(images, ["a", "b"], "group 0")
-    axes = fig.get_axes()
-    assert len(axes) == 2 * 3
-    assert [axes[0].get_ylabel(), axes[3].get_ylabel()] == ["a", "b"]
-    assert len(axes[5].images) == 0 and len(axes[4].images) == 1   # class b has two images
+    (ax,) = fig.get_axes()
+    (shown,) = ax.images
+    tiles = np.asarray(shown.get_array())
+    assert tiles.shape == (2 * 8 + 1, 3 * 8 + 2)                    # 2 rows, 3 columns, 1-px gaps
+    assert [label.get_text() for label in ax.get_yticklabels()] == ["a", "b"]
+    assert (tiles[:8, :8] == 0).all() and (tiles[9:, 18:] == 128).all()  # class b has two images
+    assert (tiles[9:, :8] == 255).all() and (tiles[9:, 9:17] == 255).all()
 
 
 def test_montage_shows_colour_and_two_channel_images():
     colour = np.zeros((1, 3, 8, 8), np.uint8)
     colour[0, 0] = 255                                              # pure red
-    fig = group_montage([colour, np.zeros((1, 2, 8, 8), np.uint8)], ["red", "two"], "g")
-    first, second = fig.get_axes()[0].images[0], fig.get_axes()[1].images[0]
-    assert first.get_array().shape == (8, 8, 3) and first.get_array()[0, 0, 0] == 255
-    assert second.get_array().shape == (8, 8)
+    fig = group_montage([colour, np.full((1, 2, 8, 8), 7, np.uint8)], ["red", "two"], "g")
+    tiles = np.asarray(fig.get_axes()[0].images[0].get_array())
+    assert tiles.shape == (17, 8, 3)
+    assert tuple(tiles[0, 0]) == (255, 0, 0)
+    assert tuple(tiles[9, 0]) == (7, 7, 7)                          # the first channel, as grey
