@@ -29,7 +29,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from clustering import group_table
-from clustering.confusion import grouping_quality
+from clustering.confusion import captured_share, grouping_quality
 from clustering.review import ConfusionCounts
 from orchestration.artifacts import (
     CONFIG,
@@ -113,7 +113,20 @@ def edit_outputs(folder: Path, edit_path: Path, *, generalist: str) -> tuple[lis
 
 def _table_rows(folder: Path, groups: list[list[int]], names: list[str]) -> list[dict[str, Any]]:
     path = folder / COVARIANCE
-    return group_table(np.load(path), [np.asarray(g) for g in groups], names) if path.exists() else []
+    rows = group_table(np.load(path), [np.asarray(g) for g in groups], names) if path.exists() else []
+    if rows and (folder / CONFUSION).exists():
+        add_confusion_shares(rows, np.load(folder / CONFUSION))
+    return rows
+
+
+def add_confusion_shares(rows: list[dict[str, Any]], confusion: np.ndarray) -> list[dict[str, Any]]:
+    """Set ``confusion_share`` on each group-table row: the share of the generalist's off-diagonal
+    holdout confusion mass (``confusion``: the soft (K, K) confusion the groups are chosen on)
+    between the group's classes. For disjoint groups they sum to the stage's ``captured_share``;
+    ``mass_share`` is the same share of the prediction covariance."""
+    for row in rows:
+        row["confusion_share"] = captured_share(confusion, [row["class_indices"]])
+    return rows
 
 
 def _edit_metrics(folder: Path, computed: dict[str, Any], groups: list[list[int]], rows, k: int) -> dict[str, Any]:

@@ -89,10 +89,12 @@ def table_cell(value: Any) -> str | Any:
 
 def groups_table(rows: Sequence[Mapping[str, Any]]) -> Table:
     """The confusable groups (the clustering stage's ``groups_table.json`` rows)."""
-    cells = tuple((str(r["group_id"]), str(r["size"]), f"{r['mass_share']:.3f}", str(table_cell(r["classes"])))
+    cells = tuple((str(r["group_id"]), str(r["size"]), format_number(r.get("confusion_share"), ".3f"),
+                   f"{r['mass_share']:.3f}", str(table_cell(r["classes"])))
                   for r in rows)
-    return Table("confusable groups", ("group", "size", "mass share", "classes"),
-                 (True, True, True, False), cells)
+    return Table("confusable groups (share of the holdout confusions inside each: conf.; of the "
+                 "prediction covariance: cov.)", ("group", "size", "conf.", "cov.", "classes"),
+                 (True, True, True, True, False), cells)
 
 
 def _percent(value: float | None) -> str:

@@ -65,6 +65,7 @@ from orchestration.groups_record import (
     GROUPS_DIFF,
     GROUPS_DIFF_MD,
     SOURCE_TAG,
+    add_confusion_shares,
     approval_message,
     edit_outputs,
 )
@@ -125,6 +126,8 @@ def run(ctx: StageContext) -> StageResult:
     stats = _holdout_pass(ctx, source, len(class_names))
     grouping = _group(ctx, stats)
     rows = group_table(stats.cov, grouping.groups, class_names) if _dense(stats.cov) else []
+    if rows and stats.confusion:
+        add_confusion_shares(rows, stats.total_confusion)
     metrics = _metrics(grouping, stats, rows, n_holdout)
     outputs = _write_outputs(ctx, stats, grouping, rows, class_names, metrics)
     _log_review(ctx, stats.cov, grouping, rows, class_names, metrics)

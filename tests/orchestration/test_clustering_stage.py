@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from sklearn.metrics import adjusted_rand_score
@@ -41,8 +42,17 @@ def test_planted_superclasses_recovered_and_reviewable(tiny_args, workdir, capsy
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"groups_table.json", "covariance_heatmap.png", "group_sizes.png", "groups.json"} <= names
     table = json.loads(Path(client.download_artifacts(run.info.run_id, "groups_table.json")).read_text())
-    assert set(table["columns"]) >= {"group_id", "size", "classes", "mass_share"}
+    assert set(table["columns"]) >= {"group_id", "size", "classes", "mass_share", "confusion_share"}
     assert len(table["data"]) == 8
+    # each group's share of the holdout confusion mass; the 8 disjoint groups together hold the
+    # share the stage reports
+    confusion = np.load(workdir / "run" / "clustering" / "confusion.npy")
+    np.fill_diagonal(confusion, 0.0)
+    rows = json.loads((workdir / "run" / "clustering" / "groups_table.json").read_text())
+    for row in rows:
+        inside = np.ix_(row["class_indices"], row["class_indices"])
+        assert row["confusion_share"] == pytest.approx(confusion[inside].sum() / confusion.sum())
+    assert sum(r["confusion_share"] for r in rows) == pytest.approx(record["metrics"]["captured_share"])
     heatmap = Image.open(client.download_artifacts(run.info.run_id, "covariance_heatmap.png"))
     assert heatmap.size[0] > 200 and heatmap.size[1] > 200
 
