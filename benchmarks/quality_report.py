@@ -87,7 +87,8 @@ def _ablation(quality: dict[str, Any], aggs: dict[str, Any]) -> list[str]:
     name, runs = quality.get("ablation_dataset"), quality.get("ablation") or {}
     if not runs or name not in aggs:
         return []
-    columns = (("ensemble_top1", "ensemble"), ("ensemble_rel_gain", "rel. gain vs generalist"),
+    columns = (("generalist_top1", "generalist"), ("same_compute_top1", "same-compute"),
+               ("ensemble_top1", "ensemble"), ("ensemble_rel_gain", "rel. gain vs generalist"),
                ("same_compute_rel_gain", "rel. gain vs same-compute"), ("grouping_ratio", "grouping ratio"),
                ("student_top1", "student (ensemble)"), ("student_ens_minus_gen", "ensemble- minus generalist-taught"))
     seeds = quality.get("ablation_seeds", quality.get("seeds", []))

@@ -50,8 +50,8 @@ def test_markdown_and_summary_from_results_json(tmp_path, capsys):
     assert "| omniglot-5 | 0, 1 | 0.9000 ± 0.0000 | 0.9100 ± 0.0000 | 0.9300 ± 0.0141 |" in text
     assert "- omniglot-5: `specdistill run configs/full.yaml run.seed=S`" in text
     assert "not measured (no finished run): glyphs-full" in text and "| glyphs-full |" not in text
-    assert "| full method | 0.9200 |" in text and "(seeds 0, the same for every row)" in text
-    assert "| disjoint groups, top-1 routing | 0.9100 |" in text and "1: 180 ex., +5.0% / +2.4%" in text
+    assert "| full method | 0.9000 | 0.9100 | 0.9200 |" in text and "(seeds 0, the same for every row)" in text
+    assert "| disjoint groups, top-1 routing | 0.9000 | 0.9100 | 0.9100 |" in text and "1: 180 ex., +5.0% / +2.4%" in text
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"quality": quality}))
     assert print_summary(path) == 0
