@@ -28,8 +28,8 @@ from clustering._validation import check_num_classes, check_probs, to_numpy
 
 AFFINITIES = ("confusion", "copred", "offdiag")
 
-__all__ = ["AFFINITIES", "ConfusionAccumulator", "affinity_from", "captured_share", "grouping_quality",
-           "normalised_affinity", "random_share"]
+__all__ = ["AFFINITIES", "ConfusionAccumulator", "affinity_from", "captured_share", "group_shares",
+           "grouping_quality", "normalised_affinity", "random_share"]
 
 
 class ConfusionAccumulator:
@@ -106,6 +106,17 @@ def captured_share(confusion: np.ndarray, groups: Sequence[Sequence[int]]) -> fl
     if total <= 0:
         return float("nan")
     return float(m[_inside(m.shape[0], groups)].sum() / total)
+
+
+def group_shares(confusion: np.ndarray, groups: Sequence[Sequence[int]]) -> np.ndarray:
+    """``(G,)``: :func:`captured_share` of each group alone, the off-diagonal total computed once
+    and only each group's block read (NaN when the generalist confuses nothing)."""
+    m = np.asarray(confusion, dtype=np.float64)
+    total = float(m.sum() - np.trace(m))
+    if total <= 0:
+        return np.full(len(groups), np.nan)
+    blocks = (m[np.ix_(idx, idx)] for idx in (np.unique(np.asarray(g, dtype=np.int64)) for g in groups))
+    return np.array([(block.sum() - np.trace(block)) / total for block in blocks], dtype=np.float64)
 
 
 def random_share(confusion: np.ndarray, groups: Sequence[Sequence[int]], *, seeds: int = 20) -> float:

@@ -29,7 +29,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from clustering import group_table
-from clustering.confusion import captured_share, grouping_quality
+from clustering.confusion import group_shares, grouping_quality
 from clustering.review import ConfusionCounts
 from orchestration.artifacts import (
     CONFIG,
@@ -124,8 +124,9 @@ def add_confusion_shares(rows: list[dict[str, Any]], confusion: np.ndarray) -> l
     holdout confusion mass (``confusion``: the soft (K, K) confusion the groups are chosen on)
     between the group's classes. For disjoint groups they sum to the stage's ``captured_share``;
     ``mass_share`` is the same share of the prediction covariance."""
-    for row in rows:
-        row["confusion_share"] = captured_share(confusion, [row["class_indices"]])
+    shares = group_shares(confusion, [row["class_indices"] for row in rows])
+    for row, share in zip(rows, shares, strict=True):
+        row["confusion_share"] = float(share)
     return rows
 
 

@@ -8,6 +8,7 @@ from clustering.confusion import (
     ConfusionAccumulator,
     affinity_from,
     captured_share,
+    group_shares,
     grouping_quality,
     normalised_affinity,
     random_share,
@@ -30,6 +31,14 @@ def test_captured_share_by_hand():
     assert captured_share(m, [[1, 2]]) == pytest.approx(4 / 10)       # 0 + 4
     assert captured_share(m, [[0, 1, 2]]) == pytest.approx(1.0)
     assert np.isnan(captured_share(np.eye(3), [[0, 1]]))
+
+
+def test_group_shares_are_each_groups_captured_share():
+    m = np.array([[5.0, 2.0, 1.0], [3.0, 6.0, 0.0], [0.0, 4.0, 7.0]])
+    groups = [[0, 1], [1, 2], [0, 1, 2], [2]]
+    assert group_shares(m, groups).tolist() == pytest.approx([captured_share(m, [g]) for g in groups])
+    assert group_shares(m, groups).tolist() == pytest.approx([0.5, 0.4, 1.0, 0.0])
+    assert np.isnan(group_shares(np.eye(3), [[0, 1], [2]])).all()
 
 
 def test_random_share_of_a_partition_is_its_pair_fraction_on_uniform_confusion():
