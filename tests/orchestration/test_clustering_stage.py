@@ -23,7 +23,7 @@ HIERARCHY = (
 
 
 def test_planted_superclasses_recovered_and_reviewable(tiny_args, workdir, capsys):
-    assert main(["run", *tiny_args(*HIERARCHY)]) == 0
+    assert main(["run", *tiny_args(*HIERARCHY), "--to", "clustering"]) == 0
     record = json.loads((workdir / "run" / "clustering" / "groups.json").read_text())
     truth = create_dataset("hierarchy", train_per_class=1, holdout_per_class=1,
                            test_per_class=1).info["superclass_of"]

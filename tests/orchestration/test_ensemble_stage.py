@@ -60,7 +60,7 @@ def _check_evaluation(run_dir):
 
 
 def test_run_report_query(tiny_args, workdir, capsys):
-    assert main(["run", *tiny_args(*SPECIALISTS)]) == 0
+    assert main(["run", *tiny_args(*SPECIALISTS), "--to", "ensemble"]) == 0
     out = capsys.readouterr().out
     assert "stage ensemble" in out and "Table 4" in out and "ensemble: test top1 generalist" in out
     run_dir = workdir / "run"

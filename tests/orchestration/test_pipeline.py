@@ -62,43 +62,43 @@ def test_changing_a_stage_key_reruns_it_other_keys_do_not(tiny_args, capsys):
 
 
 def test_from_stage_reruns_it_and_everything_after(tiny_args, capsys):
-    assert main(["run", *tiny_args()]) == 0
+    assert main(["run", *tiny_args(), "--to", "specialists"]) == 0
     capsys.readouterr()
-    assert main(["run", *tiny_args(), "--from", "clustering"]) == 0
+    assert main(["run", *tiny_args(), "--from", "clustering", "--to", "specialists"]) == 0
     out = capsys.readouterr().out
     assert "skip generalist" in out
     assert "stage clustering (--from clustering" in out and "stage specialists (--from clustering" in out
 
 
 def test_corrupted_final_checkpoint_is_detected_and_rebuilt(tiny_args, workdir, capsys):
-    assert main(["run", *tiny_args()]) == 0
+    assert main(["run", *tiny_args(), "--to", "generalist"]) == 0
     weights = workdir / "run" / "generalist" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     capsys.readouterr()
-    assert main(["run", *tiny_args()]) == 0
+    assert main(["run", *tiny_args(), "--to", "generalist"]) == 0
     assert "model.safetensors changed or corrupt" in capsys.readouterr().out
     model, meta = load_generalist(workdir / "run")
     assert meta["model"]["num_classes"] == 9 and len(meta["class_names"]) == 9
 
 
 def test_corrupted_epoch_checkpoint_retrains_from_scratch(tiny_args, workdir, capsys):
-    assert main(["run", *tiny_args()]) == 0
+    assert main(["run", *tiny_args(), "--to", "generalist"]) == 0
     stage = workdir / "run" / "generalist"
     (stage / "manifest.json").unlink()
     latest = json.loads((stage / "checkpoints" / "latest.json").read_text())["dir"]
     last = stage / "checkpoints" / latest / "model.safetensors"
     last.write_bytes(last.read_bytes()[: len(last.read_bytes()) // 2])
     capsys.readouterr()
-    assert main(["run", *tiny_args()]) == 0
+    assert main(["run", *tiny_args(), "--to", "generalist"]) == 0
     out = capsys.readouterr().out
     assert "cannot resume" in out and "training from scratch" in out and "epoch 1/2" in out
 
 
 def test_finished_epochs_are_resumed_not_repeated(tiny_args, workdir, capsys):
-    assert main(["run", *tiny_args()]) == 0
+    assert main(["run", *tiny_args(), "--to", "generalist"]) == 0
     (workdir / "run" / "generalist" / "manifest.json").unlink()
     capsys.readouterr()
-    assert main(["run", *tiny_args()]) == 0
+    assert main(["run", *tiny_args(), "--to", "generalist"]) == 0
     out = capsys.readouterr().out
     assert "resuming after epoch 2" in out and "epoch 1/2" not in out
 

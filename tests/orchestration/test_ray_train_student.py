@@ -61,15 +61,21 @@ def test_a_memory_bank_by_example_id_cannot_train_data_parallel():
         check_data_parallel(row, SimpleNamespace(kinds={"hint": hint, "crd": by_id}))
 
 
-def test_students_train_on_two_workers_with_identical_weights_like_one(local_ray, pipeline_args, workdir, capsys):
+def test_students_train_on_two_workers_with_identical_weights_like_one(local_ray, finished_run, workdir, capsys):
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     parallel, single = workdir / "run", workdir / "single"
-    assert main(["run", *pipeline_args(parallel, uri, *STUDENT, "ray.train.workers=2")]) == 0
+    for run_dir in (parallel, single):                 # the session's run, finished up to the ensemble
+        shutil.copytree(finished_run["path"], run_dir)
+
+    def distill(run_dir: Path, *extra: str) -> list[str]:
+        return ["run", *finished_run["args"], f"run.dir={run_dir}", f"tracking.uri={uri}", *STUDENT, *extra,
+                "--only", "distill"]
+
+    assert main(distill(parallel, "ray.train.workers=2")) == 0
     out = capsys.readouterr().out
     for row in ROWS:
         assert f"{row}: data-parallel on Ray Train, 2 workers x 1 CPUs" in out
-    shutil.copytree(parallel, single, ignore=lambda folder, names: ["distill"] if folder == str(parallel) else [])
-    assert main(["run", *pipeline_args(single, uri, *STUDENT), "--only", "distill"]) == 0
+    assert main(distill(single)) == 0
     assert "data-parallel" not in capsys.readouterr().out
 
     rows = {d: {r["name"]: r for r in json.loads((d / "distill" / "results.json").read_text())["rows"]}
