@@ -1,8 +1,9 @@
 """The review pages of a grouping, logged to the clustering stage's MLflow run under ``review/``.
 
     review/overview.md            the groups, most confusion first: size, the generalist's holdout
-                                  top-1 inside the group, its share of the confusion mass, its most
-                                  confused pair, the names of its page and montage; PAGE rows a page
+                                  top-1 inside the group, its share of the holdout misclassifications,
+                                  its most confused pair, the names of its page and montage; PAGE rows
+                                  a page
     review/overview_002.md, ...   the next pages (K in the thousands stays readable)
     review/group_NNN.md           one group: its classes, those numbers, its most confused pairs with
                                   the generalist's holdout confusion counts
@@ -11,6 +12,9 @@
     review/groups_review.json     all of it as data, every group
 
 Montages are drawn for the MONTAGES groups with the most confusion; the others have a page only.
+The pages count hard holdout predictions (``confusion_share``: the group's share of the examples
+the generalist's top-1 put in the wrong class); the groups table's ``confusion_share`` is the
+share of its soft confusion (probability mass), so the two differ by a few points per group.
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ def group_page(entry: dict[str, Any], montage: bool) -> str:
     lines = [f"# Group {gid}: {entry['size']} classes", "",
              f"- generalist holdout top-1 inside the group: {_pct(entry['holdout_top1'])} "
              f"({entry['holdout_examples']} holdout examples)",
-             f"- share of the generalist's holdout confusion mass: {entry['confusion_share']:.1%}",
+             f"- share of the generalist's holdout misclassifications (top-1) inside the group: "
+             f"{entry['confusion_share']:.1%}",
              f"- montage: {f'group_{gid:03d}.png' if montage else f'none (only the {MONTAGES} groups with the most confusion have one)'}",
              "", "Classes: " + ", ".join(entry["classes"]), "", "## Most confused pairs (holdout counts)", ""]
     if not entry["confused_pairs"]:
@@ -66,7 +71,8 @@ def overview_pages(entries: list[dict[str, Any]], source: str) -> list[str]:
                  f"{len(entries)} groups, most confusion first. Each group has a page review/group_NNN.md; "
                  f"the first {MONTAGES} a montage review/group_NNN.png. All of it: review/groups_review.json.", "",
                  "Columns: the generalist's holdout top-1 on the group's classes, the group's share of all "
-                 "its holdout confusions, its most confused pair (true -> predicted, count).", "",
+                 "its holdout misclassifications (top-1 predictions; the groups table's confusion share counts "
+                 "probability mass instead), its most confused pair (true -> predicted, count).", "",
                  "| group | size | top-1 | share | top pair | page |",
                  "| ---: | ---: | ---: | ---: | --- | --- |"]
         for e in chunk:
@@ -115,4 +121,5 @@ def log_review(logger: RunLogger, groups: Sequence[Sequence[int]], names: Sequen
 def _montage_title(entry: dict[str, Any]) -> str:
     more = entry["size"] - MONTAGE_CLASSES
     return (f"group {entry['id']}: {entry['size']} classes{f' (first {MONTAGE_CLASSES}; {more} more)' if more > 0 else ''}, "
-            f"generalist holdout top-1 {_pct(entry['holdout_top1'])}, confusion share {entry['confusion_share']:.1%}")
+            f"generalist holdout top-1 {_pct(entry['holdout_top1'])}, share of misclassifications "
+            f"{entry['confusion_share']:.1%}")

@@ -21,6 +21,8 @@ def test_entries_rank_groups_by_confusion_share_and_name_the_pairs():
     assert first[0]["confused_pairs"][0] == {"true": "cat", "predicted": "lynx", "count": 2}
     page = group_page(first[0], montage=True)
     assert "| cat | lynx | 2 |" in page and "group_000.png" in page and "57.1%" in page
+    # hard top-1 counts, named apart from the groups table's share of the soft confusion
+    assert "holdout misclassifications (top-1) inside the group: 42.9%" in page
 
 
 def test_overview_pages_hold_page_rows_and_link_the_next():
