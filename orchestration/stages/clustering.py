@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +95,9 @@ class HoldoutStats:
     # (examples of ``true`` the generalist predicted as ``predicted``), any K.
     hard_counts: dict[str, np.ndarray] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def total_confusion(self) -> np.ndarray | None:
+        """The soft confusion of the whole holdout split (summed once: K x K, read several times)."""
         return self.confusion[0] + self.confusion[1] if self.confusion else None
 
 
@@ -126,7 +128,7 @@ def run(ctx: StageContext) -> StageResult:
     stats = _holdout_pass(ctx, source, len(class_names))
     grouping = _group(ctx, stats)
     rows = group_table(stats.cov, grouping.groups, class_names) if _dense(stats.cov) else []
-    if rows and stats.confusion:
+    if rows and stats.total_confusion is not None:
         add_confusion_shares(rows, stats.total_confusion)
     metrics = _metrics(grouping, stats, rows, n_holdout)
     outputs = _write_outputs(ctx, stats, grouping, rows, class_names, metrics)
