@@ -41,7 +41,7 @@ from orchestration.data_access import open_descriptor, source_descriptor
 from orchestration.parallel import TaskResources, unmet_request
 from orchestration.ray_data import quiet_ordered_data
 from orchestration.soft_cache import actor_ensemble
-from specialists.ensemble import RoutedEnsemble, ensemble_forward
+from specialists.ensemble import RoutedEnsemble, ensemble_forward, ensemble_forward_at
 
 HOLDOUT, TEST = "holdout", "test"
 BATCHES_PER_BLOCK = 32   # at most: a block's results are a few arrays of its examples
@@ -138,11 +138,8 @@ def nll_block(scorer: Scorer, source: ExampleSource, start: int, stop: int,
     """Holdout positions ``start..stop-1``: minus log ``q`` of the true class per batch and temperature."""
     sums, count = [], 0
     for x, y in _read(scorer, source, HOLDOUT, start, stop):
-        row = []
-        for t in temperatures:
-            q = ensemble_forward(replace(scorer.ensemble, specialist_temperature=t), x).q   # (B, K)
-            row.append(-float(q.gather(1, y.view(-1, 1)).clamp_min(1e-12).log().sum()))
-        sums.append(row)
+        outs = ensemble_forward_at(scorer.ensemble, x, temperatures)   # the models run once
+        sums.append([-float(out.q.gather(1, y.view(-1, 1)).clamp_min(1e-12).log().sum()) for out in outs])
         count += len(y)
     return NllPartial(np.array(sums, dtype=np.float64).reshape(len(sums), len(temperatures)), count)
 

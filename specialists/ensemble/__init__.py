@@ -53,6 +53,7 @@ from specialists.ensemble.routed_ensemble import (
     build_ensemble,
     combine_routed,
     ensemble_forward,
+    ensemble_forward_at,
     shares_trunk,
     specialist_outputs,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "combine_objective",
     "combine_routed",
     "ensemble_forward",
+    "ensemble_forward_at",
     "ensemble_soft_targets",
     "evaluate_predictions",
     "route",

@@ -142,22 +142,35 @@ def _general(ensemble: RoutedEnsemble, x: Tensor) -> tuple[Tensor, Tensor | None
     return torch.softmax(logits.to(ensemble.dtype), dim=1), features
 
 
+def specialist_logits(
+    ensemble: RoutedEnsemble, x: Tensor, active: Tensor, features: Tensor | None = None
+) -> list[tuple[Tensor, Tensor]]:
+    """Run specialist ``m`` on the rows ``b`` with ``active[b, m]`` only: ``x (B, C, H, W)``,
+    ``active (B, S)`` bool -> ``[(example_index (n_m,), logits (n_m, L_m + 1)), ...]`` in the
+    ensemble's dtype. With ``features (B, D)`` (shared trunk) only the heads run."""
+    routed: list[tuple[Tensor, Tensor]] = []
+    for spec, index in zip(ensemble.specialists, route(active), strict=True):
+        if index.numel() == 0:
+            logits = x.new_zeros(0, len(spec.group) + 1, dtype=ensemble.dtype)
+        else:
+            rows = index.to(x.device)
+            logits = spec.head_logits(features[rows]) if features is not None else spec(x[rows])
+        routed.append((index, logits.to(ensemble.dtype)))
+    return routed
+
+
+def soften(routed_logits: Sequence[tuple[Tensor, Tensor]], temperature: float) -> list[SpecialistOutput]:
+    """The routed specialists' probabilities at ``temperature``: ``softmax(logits / T)`` per row."""
+    return [(index, torch.softmax(logits / temperature, dim=1)) for index, logits in routed_logits]
+
+
 def specialist_outputs(
     ensemble: RoutedEnsemble, x: Tensor, active: Tensor, features: Tensor | None = None
 ) -> list[SpecialistOutput]:
     """Run specialist ``m`` on the rows ``b`` with ``active[b, m]`` only: ``x (B, C, H, W)``,
-    ``active (B, S)`` bool -> routed ``[(example_index (n_m,), probs (n_m, L_m + 1)), ...]``.
-    With ``features (B, D)`` (shared trunk) only the heads run."""
-    outputs: list[SpecialistOutput] = []
-    for spec, index in zip(ensemble.specialists, route(active), strict=True):
-        if index.numel() == 0:
-            probs = x.new_zeros(0, len(spec.group) + 1, dtype=ensemble.dtype)
-        else:
-            rows = index.to(x.device)
-            logits = spec.head_logits(features[rows]) if features is not None else spec(x[rows])
-            probs = torch.softmax(logits.to(ensemble.dtype) / ensemble.specialist_temperature, dim=1)  # (n_m, L_m + 1)
-        outputs.append((index, probs))
-    return outputs
+    ``active (B, S)`` bool -> routed ``[(example_index (n_m,), probs (n_m, L_m + 1)), ...]``
+    at the ensemble's ``specialist_temperature``. With ``features (B, D)`` only the heads run."""
+    return soften(specialist_logits(ensemble, x, active, features), ensemble.specialist_temperature)
 
 
 @torch.no_grad()
@@ -171,6 +184,18 @@ def ensemble_forward(ensemble: RoutedEnsemble, x: Tensor) -> EnsembleOutput:
     active = active_specialists(p_general, ensemble.membership, ensemble.top_n)  # (B, S)
     routed = specialist_outputs(ensemble, x, active, features)
     return combine_routed(ensemble, p_general, routed, active)
+
+
+@torch.no_grad()
+def ensemble_forward_at(ensemble: RoutedEnsemble, x: Tensor,
+                        temperatures: Sequence[float]) -> list[EnsembleOutput]:
+    """:func:`ensemble_forward` of ``x`` at each specialist temperature in ``temperatures``, the
+    models run once: the same outputs as ``ensemble_forward(replace(ensemble,
+    specialist_temperature=t), x)`` for each ``t``, at about the cost of one of them."""
+    p_general, features = _general(ensemble, x)
+    active = active_specialists(p_general, ensemble.membership, ensemble.top_n)  # (B, S)
+    logits = specialist_logits(ensemble, x, active, features)
+    return [combine_routed(ensemble, p_general, soften(logits, t), active) for t in temperatures]
 
 
 def combine_routed(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from specialists.ensemble import (
     build_ensemble,
     combine_routed,
     ensemble_forward,
+    ensemble_forward_at,
     ensemble_soft_targets,
     evaluate_predictions,
     route,
@@ -90,6 +92,24 @@ def test_routed_equals_running_every_specialist_on_every_example(top_n):
     assert out.info["converged"]
     changed = active.any(dim=1)
     assert (out.q[changed] - p_general[changed]).abs().amax() > 1e-3, "specialists must matter here"
+
+
+def test_forward_at_several_temperatures_runs_the_models_once_and_equals_one_forward_each():
+    generalist = _generalist()
+    specs = _specialists(generalist, "all")
+    ensemble = build_ensemble(generalist, specs, top_n=2)
+    x = _images()
+    temperatures = (1.0, 1.5, 3.0)
+    seen = [[] for _ in specs]
+    hooks = [_count_rows(s, c) for s, c in zip(specs, seen, strict=True)]
+    outs = ensemble_forward_at(ensemble, x, temperatures)
+    for h in hooks:
+        h.remove()
+    assert [sum(c) for c in seen] == outs[0].active.sum(dim=0).tolist(), "each specialist runs once"
+    for t, out in zip(temperatures, outs, strict=True):
+        one = ensemble_forward(replace(ensemble, specialist_temperature=t), x)
+        assert torch.equal(out.q, one.q) and torch.equal(out.active, one.active)
+    assert (outs[0].q - outs[2].q).abs().amax() > 1e-3, "the temperature must matter here"
 
 
 def test_no_active_specialist_gives_the_generalist():
