@@ -8,7 +8,7 @@ import torch
 
 from generalist.data import DataBundle
 from generalist.data.augment import AugmentSpec, default_augment
-from generalist.train import WarmupPlateau, build_optimizer, build_scheduler
+from generalist.train import WarmupPlateau, build_optimizer, build_scheduler, native_cpu_bf16
 from orchestration.config import AugmentConfig, OptimizerConfig
 
 
@@ -38,3 +38,15 @@ def augment_spec(cfg: AugmentConfig, data: DataBundle, enabled: bool = True) -> 
     kind = declared if cfg.kind == "auto" else cfg.kind
     return AugmentSpec(kind=kind, rotate=cfg.rotate, scale=cfg.scale, shift=cfg.shift,
                        padding=cfg.padding, flip=cfg.flip)
+
+
+def precision_note(device: torch.device, amp: bool, cpu_bf16: bool) -> str:
+    """How a stage trains, in words for its first line: ``amp`` is what it passes to the training
+    loop (:func:`generalist.train.mixed_precision`), ``cpu_bf16`` the run's ``run.cpu_bf16``."""
+    if amp:
+        if device.type == "cpu":
+            return "bf16 mixed precision (this CPU computes bf16 natively; run.cpu_bf16=false for float32)"
+        return "mixed precision"
+    if device.type == "cpu" and cpu_bf16 and not native_cpu_bf16():
+        return "float32 (this CPU has no native bf16)"
+    return "float32"

@@ -19,7 +19,14 @@ import torch
 from generalist.data.augment import AugmentSpec
 from generalist.data.loader import loader
 from generalist.data.source import ExampleSource
-from generalist.train import EarlyStopping, evaluate, plateau_epoch_end, set_seed, train_one_epoch
+from generalist.train import (
+    EarlyStopping,
+    evaluate,
+    mixed_precision,
+    plateau_epoch_end,
+    set_seed,
+    train_one_epoch,
+)
 from orchestration.artifacts import CHECKPOINTS, MODEL, load_generalist
 from orchestration.builders import optimizer_and_schedule
 from orchestration.checkpoints import Checkpointer, CheckpointError, read_metadata, save_model
@@ -38,6 +45,7 @@ class SameComputeJob:
     settings: SpecialistsConfig
     augment: AugmentSpec = AugmentSpec()
     threads: int = 1
+    cpu_bf16: bool = False       # run.cpu_bf16, as the specialists train
 
     @property
     def dir(self) -> Path:
@@ -80,7 +88,8 @@ def train_same_compute(job: SameComputeJob, data: SourceDescriptor) -> dict[str,
         if stopper.should_stop:
             break
         batches = _limited(source, cfg, job, epoch, device)
-        train_one_epoch(model, batches, optimizer, scheduler, epoch=epoch, device=device)
+        train_one_epoch(model, batches, optimizer, scheduler, epoch=epoch, device=device,
+                        amp=mixed_precision(device, cuda=False, cpu_bf16=job.cpu_bf16))
         loss = _holdout_loss(model, source, cfg, device)
         plateau_epoch_end(scheduler, loss)
         improved = stopper.improves(loss)

@@ -32,7 +32,13 @@ from torch import Tensor
 
 from generalist.data.augment import AugmentSpec, augmented_batches
 from generalist.data.source import ExampleSource
-from generalist.train import EarlyStopping, plateau_epoch_end, set_seed, train_one_epoch
+from generalist.train import (
+    EarlyStopping,
+    mixed_precision,
+    plateau_epoch_end,
+    set_seed,
+    train_one_epoch,
+)
 from orchestration.artifacts import CHECKPOINTS, MODEL, PID_FILE, PROGRESS, load_generalist
 from orchestration.builders import optimizer_and_schedule
 from orchestration.checkpoints import (
@@ -75,6 +81,7 @@ class SpecialistJob:
     augment: AugmentSpec = AugmentSpec()
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
+    cpu_bf16: bool = False       # run.cpu_bf16: bf16 mixed precision where this worker's CPU has it
 
     @property
     def dir(self) -> Path:
@@ -136,7 +143,8 @@ def train_specialist(job: SpecialistJob, data: SourceDescriptor) -> dict[str, An
         batches = augmented_batches(_group_batches(source, job.classes, sampler, device),
                                     job.augment, seed=job.seed, epoch=epoch)
         result = train_one_epoch(model, _teach(batches, soft), optimizer, scheduler, epoch=epoch,
-                                 device=device, loss_fn=soft)
+                                 device=device, loss_fn=soft,
+                                 amp=mixed_precision(device, cuda=False, cpu_bf16=job.cpu_bf16))
         scores = _evaluate(job, model, holdout, device)
         plateau_epoch_end(scheduler, scores["loss"])
         improved = stopper.improves(scores["loss"])

@@ -31,7 +31,7 @@ from distill.train import (
     source_indexed_batches,
 )
 from generalist.data.loader import augment_seed, loader
-from generalist.train import set_seed
+from generalist.train import mixed_precision, set_seed
 from orchestration.artifacts import CHECKPOINTS
 from orchestration.builders import augment_spec, optimizer_and_schedule
 from orchestration.checkpoints import Checkpointer, CheckpointError, build_model, load_snapshot
@@ -121,7 +121,7 @@ def _train_epoch(ctx: StageContext, row: Row, trained: nn.ModuleDict, nets: tupl
             seed=augment_seed(seed, par.rank, par.world_size), epoch=epoch)
         result = distill_one_epoch(
             nets[0], batches, optimizer, scheduler, objective=trained["objective"], teacher=row.teach,
-            epoch=epoch, device=ctx.device, amp=ctx.device.type == "cuda", on_step=advance,
+            epoch=epoch, device=ctx.device, amp=mixed_precision(ctx.device, cpu_bf16=ctx.config.run.cpu_bf16), on_step=advance,
             features_of=trained["student"], objective_fn=nets[1])
     par.sync_buffers(trained)
     return result

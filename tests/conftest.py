@@ -43,6 +43,10 @@ TINY_GENERALIST = (
 # A 2-epoch tiny generalist confuses classes at random: the tiny runs group its covariance columns
 # (the machinery under test); the confusion affinity is tested on data with real structure.
 TINY_CLUSTERING = ("clustering.affinity=covariance",)
+# Tests train in float32, so that a tiny run's groups and figures are the same on every CPU (bf16
+# mixed precision takes another path on a CPU with native bf16): tests/orchestration/test_pipeline.py
+# runs the stages' bf16 path.
+TINY_RUN = ("run.cpu_bf16=false",)
 # Whole-pipeline tests run the distill stage too: one short epoch, no data-free row, no registry
 # (tests/orchestration/test_distill_stage.py covers those).
 TINY_DISTILL = (
@@ -64,7 +68,7 @@ def tiny_args(workdir):
     def make(*extra: str, run_dir: str = "run", uri: str | None = None) -> list[str]:
         uri = uri or f"sqlite:///{workdir / 'mlflow.db'}"
         return [
-            f"run.dir={workdir / run_dir}", "run.device=cpu", "run.num_threads=1",
+            f"run.dir={workdir / run_dir}", "run.device=cpu", "run.num_threads=1", *TINY_RUN,
             f"tracking.uri={uri}", *TINY_DATA, *TINY_GENERALIST, *TINY_CLUSTERING, *TINY_DISTILL, *extra,
         ]
 
@@ -207,7 +211,7 @@ def finished_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("finished-run")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    args = [f"run.dir={root / 'run'}", "run.device=cpu", "run.num_threads=1", f"tracking.uri={uri}",
+    args = [f"run.dir={root / 'run'}", "run.device=cpu", "run.num_threads=1", *TINY_RUN, f"tracking.uri={uri}",
             *TINY_DATA, *TINY_GENERALIST, *TINY_CLUSTERING, *TINY_SPECIALISTS, *TINY_DISTILL]
     cwd, saved = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.chdir(root)
@@ -225,7 +229,7 @@ def pipeline_args():
     """``make(run_dir, uri, *extra)``: CLI overrides for the whole tiny pipeline (every stage)."""
 
     def make(run_dir: Path, uri: str, *extra: str) -> list[str]:
-        return [f"run.dir={run_dir}", "run.device=cpu", "run.num_threads=1", f"tracking.uri={uri}",
+        return [f"run.dir={run_dir}", "run.device=cpu", "run.num_threads=1", *TINY_RUN, f"tracking.uri={uri}",
                 *TINY_DATA, *TINY_GENERALIST, *TINY_CLUSTERING, *TINY_SPECIALISTS, *TINY_DISTILL, *extra]
 
     return make

@@ -36,7 +36,7 @@ from distill.train import (
 )
 from generalist.data.source import ExampleSource
 from generalist.models import count_parameters
-from generalist.train import set_seed
+from generalist.train import mixed_precision, set_seed
 from orchestration.artifacts import (
     BASELINES,
     CHECKPOINTS,
@@ -51,6 +51,7 @@ from orchestration.artifacts import (
     load_same_compute,
     stage_dir,
 )
+from orchestration.builders import precision_note
 from orchestration.checkpoints import Checkpointer, CheckpointError, build_model, save_model
 from orchestration.distill_schemes import SchemeModel, scheme_rows
 from orchestration.files import read_json, write_json
@@ -163,6 +164,9 @@ def _print_plan(ctx: StageContext, teachers: Teachers, spec: dict[str, Any], pai
         f"alpha={cfg.alpha}, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''} on "
         f"{ctx.source().size('train'):,} train examples"
     )
+    amp = mixed_precision(ctx.device, cpu_bf16=ctx.config.run.cpu_bf16)
+    ctx.console.print(f"  students train in {precision_note(ctx.device, amp, ctx.config.run.cpu_bf16)}; "
+                      "the data-free one and every teacher in float32")
     if ratio <= 1:
         ctx.console.print("  [yellow]warning[/] the student is not smaller than the generalist; "
                           "lower distill.width or distill.depth")
@@ -427,7 +431,7 @@ def _metrics(rows: list[dict[str, Any]], registered: dict[str, Any] | None) -> d
 
 STAGE = Stage(
     name=NAME,
-    config_keys=("distill", "data.augment", "run.seed"),
+    config_keys=("distill", "data.augment", "run.seed", "run.cpu_bf16"),
     upstream=("generalist", "ensemble"),
     run=run,
 )

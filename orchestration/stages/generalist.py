@@ -22,12 +22,13 @@ from generalist.models import summarize_model
 from generalist.train import (
     EarlyStopping,
     evaluate,
+    mixed_precision,
     plateau_epoch_end,
     set_seed,
     train_one_epoch,
 )
 from orchestration.artifacts import CHECKPOINTS, METRICS, MODEL
-from orchestration.builders import augment_spec, optimizer_and_schedule
+from orchestration.builders import augment_spec, optimizer_and_schedule, precision_note
 from orchestration.checkpoints import (
     Checkpointer,
     CheckpointError,
@@ -88,6 +89,7 @@ def run(ctx: StageContext) -> StageResult:
         f"{summary.latency_ms:.3f} ms/example; data {source.name}: {source.num_classes} classes, "
         f"{source.size('train'):,} train / {source.size('holdout'):,} holdout / {source.size('test'):,} test"
     )
+    ctx.console.print(f"  training in {precision_note(ctx.device, _amp(ctx), ctx.config.run.cpu_bf16)}")
     init = _bring_your_own(ctx, model, spec) if cfg.init else None
     if init is not None and cfg.init_mode == "evaluate":
         return _write(ctx, model, spec, summary, {"epochs_trained": 0, "early_stopped": False,
@@ -263,7 +265,7 @@ def _train_epoch(ctx, net, model, optimizer, scheduler, stopper, epoch, steps_pe
     with step_progress(ctx, epoch, steps_per_epoch) as advance:
         result = train_one_epoch(
             net, batches, optimizer, scheduler, epoch=epoch, device=device,
-            label_smoothing=cfg.label_smoothing, amp=cfg.amp and device.type == "cuda",
+            label_smoothing=cfg.label_smoothing, amp=_amp(ctx),
             on_step=advance,
         )
     par.sync_buffers(model)
@@ -369,6 +371,11 @@ def _write(ctx, model, spec, summary, convergence: dict[str, Any], best_epoch: i
     return StageResult(outputs=outputs, metrics=metrics, details={"data": source.describe()})
 
 
+def _amp(ctx) -> bool:
+    """Mixed precision for the generalist: ``generalist.amp`` on CUDA, and ``run.cpu_bf16`` on a CPU with native bf16."""
+    return ctx.config.generalist.amp and mixed_precision(ctx.device, cpu_bf16=ctx.config.run.cpu_bf16)
+
+
 def _eval_batches(ctx, split: str):
     return loader(ctx.source(), split, batch_size=ctx.config.generalist.eval_batch_size,
                   shuffle=False, device=ctx.device, workers=ctx.config.data.workers)
@@ -376,7 +383,7 @@ def _eval_batches(ctx, split: str):
 
 STAGE = Stage(
     name=NAME,
-    config_keys=("data", "generalist", "run.seed"),
+    config_keys=("data", "generalist", "run.seed", "run.cpu_bf16"),
     upstream=(),
     run=run,
     extra_inputs=init_input,

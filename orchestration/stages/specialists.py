@@ -72,7 +72,8 @@ def run(ctx: StageContext) -> StageResult:
     reused = _reuse_earlier(ctx, jobs, fingerprints)
     todo = [job for job in jobs if not is_finished(job)]
     ctx.console.print(
-        f"  {len(jobs)} specialists (finetune={cfg.finetune}, up to {cfg.epochs} epochs); "
+        f"  {len(jobs)} specialists (finetune={cfg.finetune}, up to {cfg.epochs} epochs, "
+        f"{'bf16 mixed precision on CPUs with native bf16' if ctx.config.run.cpu_bf16 else 'float32'}); "
         f"{finished} finished earlier, "
         + (f"{reused} kept from the result this one replaces (same classes and settings), " if reused else "")
         + f"{len(todo)} to train"
@@ -145,6 +146,7 @@ def _plan(ctx: StageContext, group: dict[str, Any]) -> SpecialistJob:
         settings=ctx.config.specialists,
         augment=augment_spec(ctx.config.data.augment, ctx.source(), ctx.config.specialists.augment),
         tracking_uri=_absolute_uri(tracker.uri) if tracker else None,
+        cpu_bf16=ctx.config.run.cpu_bf16,
     )
 
 
@@ -196,7 +198,8 @@ def _same_compute(ctx: StageContext, summaries: list[dict[str, Any]]) -> dict[st
     job = SameComputeJob(
         run_dir=str(ctx.run_dir.path.resolve()), out_dir=str((ctx.stage_dir / SAME_COMPUTE_DIR).resolve()),
         budget=budget, seed=ctx.config.run.seed * 100_003 + 99_991, settings=cfg,
-        augment=augment_spec(ctx.config.data.augment, ctx.source(), cfg.augment), threads=threads)
+        augment=augment_spec(ctx.config.data.augment, ctx.source(), cfg.augment), threads=threads,
+        cpu_bf16=ctx.config.run.cpu_bf16)
     if not same_compute_finished(job):
         ctx.console.print(f"  same-compute baseline: the generalist fine-tuned for up to {budget:,} examples "
                           f"(what the {len(summaries)} specialists saw) with their recipe")
@@ -372,7 +375,7 @@ class ProgressPrinter:
         self.jobs.pop(job.group_id, None)
 
 
-CONFIG_KEYS = ("run.seed", "data.augment", *leaf_keys(SpecialistsConfig, NAME, exclude=EXECUTION_KEYS))
+CONFIG_KEYS = ("run.seed", "run.cpu_bf16", "data.augment", *leaf_keys(SpecialistsConfig, NAME, exclude=EXECUTION_KEYS))
 STAGE = Stage(
     name=NAME,
     config_keys=CONFIG_KEYS,

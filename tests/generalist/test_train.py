@@ -21,6 +21,8 @@ from generalist.train import (
     build_scheduler,
     evaluate,
     iterate_batches,
+    mixed_precision,
+    native_cpu_bf16,
     set_seed,
     train_one_epoch,
 )
@@ -264,23 +266,27 @@ def test_custom_loss_fn_and_soft_targets() -> None:
     assert result.accuracy == pytest.approx(2 / 3)
 
 
-def test_amp_flag_is_ignored_on_cpu() -> None:
+def test_amp_on_cpu_trains_in_bf16_close_to_float32(monkeypatch) -> None:
     images, labels = quadrant_data(64)
-    results = []
+    results, dtypes = [], []
     for amp in (False, True):
         set_seed(0)
         model = tiny_cnn()
+        hook = model.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
         optimizer = build_optimizer(model, "sgd", lr=0.05, weight_decay=0.0)
         batches = iterate_batches(images, labels, batch_size=32, shuffle=True)
-        results.append(
-            (
-                train_one_epoch(model, batches, optimizer, None, epoch=0, amp=amp).loss,
-                params_of(model),
-            )
-        )
-    assert results[0][0] == results[1][0]
-    for key, value in results[0][1].items():
-        torch.testing.assert_close(results[1][1][key], value, rtol=0, atol=0)
+        results.append(train_one_epoch(model, batches, optimizer, None, epoch=0, amp=amp).loss)
+        hook.remove()
+    assert set(dtypes[:2]) == {torch.float32} and set(dtypes[2:]) == {torch.bfloat16}
+    assert results[0] != results[1] and math.isclose(results[0], results[1], rel_tol=0.05)
+
+    # Whether a stage asks for it: CUDA follows its own flag; a CPU needs run.cpu_bf16 and native bf16.
+    assert mixed_precision("cpu", cpu_bf16=False) is False
+    assert mixed_precision("cpu", cpu_bf16=True) is native_cpu_bf16()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert native_cpu_bf16() is False and mixed_precision("cpu", cpu_bf16=True) is False
+    assert mixed_precision("cuda", cuda=True) is True and mixed_precision("cuda", cuda=False) is False
 
 
 def test_build_optimizer_groups_and_errors() -> None:

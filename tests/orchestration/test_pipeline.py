@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from generalist.train import native_cpu_bf16
 from orchestration.artifacts import load_generalist
 from orchestration.cli import main
 
@@ -58,6 +59,21 @@ def test_changing_a_stage_key_reruns_it_other_keys_do_not(tiny_args, capsys):
     assert "skip generalist" in capsys.readouterr().out
     assert main(["generalist", *tiny_args("generalist.optimizer.lr=0.02")]) == 0
     out = capsys.readouterr().out
+    assert "stage generalist (config changed)" in out and "skip" not in out
+
+
+def test_cpu_bf16_trains_every_stage_in_bf16_and_retrains_when_changed(tiny_args, capsys):
+    assert main(["run", *tiny_args("run.cpu_bf16=true", "specialists.epochs=1", "specialists.same_compute=false")]) == 0
+    out = capsys.readouterr().out
+    if native_cpu_bf16():
+        assert "training in bf16 mixed precision" in out
+        assert "students train in bf16 mixed precision" in out
+    else:
+        assert "training in float32 (this CPU has no native bf16)" in out
+    assert "bf16 mixed precision on CPUs with native bf16" in out  # the specialists' line
+    assert main(["run", *tiny_args("run.cpu_bf16=false"), "--to", "generalist"]) == 0
+    out = capsys.readouterr().out
+    assert "training in float32\n" in out
     assert "stage generalist (config changed)" in out and "skip" not in out
 
 
