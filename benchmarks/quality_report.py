@@ -46,7 +46,8 @@ def markdown(quality: dict[str, Any]) -> list[str]:
              "Mean ± std over the seeds each data set lists. The generalist is trained to convergence (early stopping on "
              "the holdout loss); the same-compute generalist is it fine-tuned for as many examples as "
              "all specialists together saw, with their recipe; error reduction = 1 - ensemble error / "
-             "generalist error.", ""]
+             "generalist error. configs/quickstart.yaml trains in bf16 mixed precision on a CPU that computes "
+             "bf16 natively (`run.cpu_bf16`; evaluation and teachers in float32), configs/full.yaml in float32.", ""]
     lines += [f"- {name}: `{command}`" for name, command in quality.get("commands", {}).items() if name in base]
     lines += [f"- not measured (no finished run): {', '.join(missing)}"] if missing else []
     lines += [""] if quality.get("commands") or missing else []
