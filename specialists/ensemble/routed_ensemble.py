@@ -180,10 +180,7 @@ def ensemble_forward(ensemble: RoutedEnsemble, x: Tensor) -> EnsembleOutput:
     Raises ``ValueError`` (from :mod:`specialists.ensemble.validation`) when a model emits probabilities
     that are not finite or do not sum to 1.
     """
-    p_general, features = _general(ensemble, x)
-    active = active_specialists(p_general, ensemble.membership, ensemble.top_n)  # (B, S)
-    routed = specialist_outputs(ensemble, x, active, features)
-    return combine_routed(ensemble, p_general, routed, active)
+    return ensemble_forward_at(ensemble, x, (ensemble.specialist_temperature,))[0]
 
 
 @torch.no_grad()
