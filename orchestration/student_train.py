@@ -108,6 +108,11 @@ def _wrap_learnable(par: Parallel, objective: DistillObjective) -> nn.Module:
     return par.wrap(objective) if learnable else objective
 
 
+def student_amp(ctx: StageContext) -> bool:
+    """Whether the students train in mixed precision (CUDA, or ``run.cpu_bf16`` on a CPU with native bf16)."""
+    return mixed_precision(ctx.device, cpu_bf16=ctx.config.run.cpu_bf16)
+
+
 def _train_epoch(ctx: StageContext, row: Row, trained: nn.ModuleDict, nets: tuple[nn.Module, nn.Module],
                  optimizer, scheduler, epoch: int, steps: int, par: Parallel) -> DistillEpochResult:
     """One epoch on this rank's part of every global batch, augmented before the teacher sees it."""
@@ -121,7 +126,7 @@ def _train_epoch(ctx: StageContext, row: Row, trained: nn.ModuleDict, nets: tupl
             seed=augment_seed(seed, par.rank, par.world_size), epoch=epoch)
         result = distill_one_epoch(
             nets[0], batches, optimizer, scheduler, objective=trained["objective"], teacher=row.teach,
-            epoch=epoch, device=ctx.device, amp=mixed_precision(ctx.device, cpu_bf16=ctx.config.run.cpu_bf16), on_step=advance,
+            epoch=epoch, device=ctx.device, amp=student_amp(ctx), on_step=advance,
             features_of=trained["student"], objective_fn=nets[1])
     par.sync_buffers(trained)
     return result

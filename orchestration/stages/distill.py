@@ -36,7 +36,7 @@ from distill.train import (
 )
 from generalist.data.source import ExampleSource
 from generalist.models import count_parameters
-from generalist.train import mixed_precision, set_seed
+from generalist.train import set_seed
 from orchestration.artifacts import (
     BASELINES,
     CHECKPOINTS,
@@ -59,7 +59,13 @@ from orchestration.model_card import model_card
 from orchestration.onnx_export import ONNX_CHECK, export_student
 from orchestration.pipeline import Stage, StageContext, StageResult
 from orchestration.ray_train import SINGLE, check_replicas, on_ray_train, worker_context
-from orchestration.student_train import Row, evaluate_split, train_on_workers, train_row
+from orchestration.student_train import (
+    Row,
+    evaluate_split,
+    student_amp,
+    train_on_workers,
+    train_row,
+)
 from orchestration.tables import models_table
 from orchestration.teachers import DistillError, Teachers, load_teachers, teacher_fns
 from orchestration.tracking import TrackingError
@@ -164,8 +170,7 @@ def _print_plan(ctx: StageContext, teachers: Teachers, spec: dict[str, Any], pai
         f"alpha={cfg.alpha}, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''} on "
         f"{ctx.source().size('train'):,} train examples"
     )
-    amp = mixed_precision(ctx.device, cpu_bf16=ctx.config.run.cpu_bf16)
-    ctx.console.print(f"  students train in {precision_note(ctx.device, amp, ctx.config.run.cpu_bf16)}; "
+    ctx.console.print(f"  students train in {precision_note(ctx.device, student_amp(ctx), ctx.config.run.cpu_bf16)}; "
                       "the data-free one and every teacher in float32")
     if ratio <= 1:
         ctx.console.print("  [yellow]warning[/] the student is not smaller than the generalist; "
