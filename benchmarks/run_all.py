@@ -25,6 +25,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -247,6 +248,26 @@ def run_quality(reuse: bool, extra: list[str]) -> dict[str, Any]:
     return json.loads(QUALITY_OUT.read_text())
 
 
+def merge_quality(new: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
+    """The quality section of this invocation over the one kept from before, data set by data set:
+    a data set measured now replaces its earlier rows, the others keep theirs, and the ablation is
+    kept unless this invocation ran one. A failed invocation keeps every earlier row and says it failed."""
+    previous = {key: value for key, value in previous.items() if key != "returncode"}
+    if not previous:
+        return new
+    if new.get("returncode"):
+        return {**previous, "returncode": new["returncode"]}
+    merged = {**previous, **new}
+    for key in ("base", "commands"):
+        merged[key] = {**previous.get(key, {}), **new.get(key, {})}
+    if not new.get("ablation"):
+        for key in ("ablation_dataset", "ablation", "ablation_seeds"):
+            if key in previous:
+                merged[key] = previous[key]
+    merged["seeds"] = sorted({*previous.get("seeds", []), *new.get("seeds", [])})
+    return merged
+
+
 def _machine_lines(results: dict[str, Any]) -> list[str]:
     m = results["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
@@ -390,9 +411,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run the quality benchmark (python -m benchmarks.quality: 4 data sets x 3 seeds "
                              "and the ablation; hours on 2 cores)")
     parser.add_argument("--quality-args", nargs="*", default=[],
-                        help="arguments for benchmarks.quality, e.g. --datasets omniglot-5 --seeds 0")
+                        help="arguments for benchmarks.quality in one quoted string, split as a shell would: "
+                             "--quality-args='--datasets omniglot-5 --seeds 0'")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for the pipeline runs (after --)")
     args = parser.parse_args(argv)
+    args.quality_args = [word for value in args.quality_args for word in shlex.split(value)]
     started = time.perf_counter()
     command = "python -m benchmarks.run_all" + (" --quick" if args.quick else "") + \
         (f" --only {' '.join(args.only)}".rstrip() if args.only != list(COMPONENTS) else "") + \
@@ -420,8 +443,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.seeds:
             results["pipeline_runs"] = previous.get("pipeline_runs", [])
             results["pipeline_command"] = previous.get("pipeline_command", results["pipeline_command"])
-        if not args.quality and previous.get("quality"):
-            results["quality"] = previous["quality"]
+        if previous.get("quality"):
+            results["quality"] = merge_quality(results["quality"], previous["quality"]) if args.quality \
+                else previous["quality"]
         results["command"] = f"{previous['command']}`, then `{command}" if previous.get("command") else command
     results["kd_methods_md"] = kd_methods_section(results, previous if args.merge and args.out.exists() else {},
                                                   args.md)
@@ -432,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out} and "
           f"{args.md.name} in {results['wall_seconds'] / 60:.1f} min")
     failed = [n for n, c in results["components"].items() if c["returncode"] != 0] + \
-        [f"seed {r['seed']}" for r in results["pipeline_runs"] if r["returncode"] != 0]
+        [f"seed {r['seed']}" for r in results["pipeline_runs"] if r["returncode"] != 0] + \
+        (["quality"] if args.quality and results["quality"].get("returncode") else [])
     if failed:
         print(f"FAILED: {', '.join(failed)}")
         return 1

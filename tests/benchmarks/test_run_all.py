@@ -3,6 +3,7 @@ BENCHMARKS.md it writes."""
 
 from __future__ import annotations
 
+import json
 import runpy
 import subprocess
 import sys
@@ -122,3 +123,40 @@ def test_the_scale_output_is_a_section_without_the_ray_workers_lines():
     assert "## Scale (`python -m benchmarks.scale --quick`)" in text
     assert "rss_ratio_10x=1.05 ddp_speedup=1.8" in text and "RayTrainWorker" not in text and "INFO" not in text
     assert _scale_lines({"scale": {"command": "x", "returncode": 1, "output": output}}) == []
+
+
+def _quality(names: list[str], top1: float, ablation: str = "") -> dict:
+    runs = {name: [{"seed": 0, "returncode": 0, "generalist_top1": top1}] for name in names}
+    out = {"seeds": [0], "base": runs, "commands": {name: f"specdistill run {name}" for name in names}}
+    if ablation:
+        out.update(ablation_dataset=ablation, ablation={"lever off": [{"seed": 0}]}, ablation_seeds=[0])
+    return out
+
+
+def test_quality_rows_of_data_sets_not_re_run_are_kept_when_merging(tmp_path, monkeypatch):
+    """`--quality --merge` with `--quality-args=--datasets glyphs`: glyphs' rows are replaced, the
+    other data sets and the ablation keep the rows the earlier results.json has; a failed quality
+    run loses none of them and makes run_all exit 1."""
+    out, md = tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
+    earlier = _quality(["glyphs", "omniglot-5"], 0.5, ablation="omniglot-5")
+    out.write_text(json.dumps({"command": "earlier", "quality": earlier}))
+    calls = []
+
+    def fake_quality(reuse, extra):
+        calls.append(extra)
+        return _quality(["glyphs"], 0.9) if len(calls) == 1 else {"returncode": 2, "base": {}}
+
+    module_globals = RUN_ALL["main"].__globals__  # runpy returns a copy; main reads the original
+    monkeypatch.setitem(module_globals, "run_quality", fake_quality)
+    argv = ["--only", "--seeds", "--merge", "--quality", "--out", str(out), "--md", str(md),
+            "--quality-args=--datasets glyphs"]
+    assert RUN_ALL["main"](argv) == 0
+    assert calls == [["--datasets", "glyphs"]]
+    merged = json.loads(out.read_text())["quality"]
+    assert merged["base"]["glyphs"][0]["generalist_top1"] == 0.9
+    assert merged["base"]["omniglot-5"][0]["generalist_top1"] == 0.5
+    assert set(merged["commands"]) == {"glyphs", "omniglot-5"}
+    assert merged["ablation_dataset"] == "omniglot-5" and merged["ablation"] == earlier["ablation"]
+    assert RUN_ALL["main"](argv) == 1
+    failed = json.loads(out.read_text())["quality"]
+    assert failed["returncode"] == 2 and failed["base"] == merged["base"]
