@@ -183,7 +183,7 @@ class GeneralistConfig(Section):
     batch_size: int = Field(128, ge=1, description="Training batch size.")
     eval_batch_size: int = Field(512, ge=1, description="Batch size for holdout and test evaluation.")
     optimizer: OptimizerConfig = Field(
-        default_factory=lambda: OptimizerConfig(lr=0.003, warmup_epochs=0.5, schedule="plateau"),
+        default_factory=lambda: OptimizerConfig(lr=0.01, warmup_epochs=0.5, schedule="plateau"),
         description="Optimiser and schedule (plateau: train to convergence).",
     )
     augment: bool = Field(True, description="Augment training batches as data.augment says.")
@@ -351,7 +351,7 @@ class DistillConfig(Section):
     targets: Literal["cache", "online"] = Field(
         "cache", description="cache = the ensemble stage's soft-target cache (fixed views); online = routed ensemble per batch."
     )
-    temperature: float = Field(4.0, gt=0, description="Softening temperature T of teacher and student.")
+    temperature: float = Field(8.0, gt=0, description="Softening temperature T of teacher and student.")
     alpha: float = Field(0.9, ge=0, le=1, description="Weight of T^2 * KL(teacher_T || student_T); 1 - alpha on hard labels.")
     losses: dict[str, float] = Field(
         default_factory=dict, description="Extra losses by name with weights, e.g. {hint: 1.0, rkd: 0.5}."
