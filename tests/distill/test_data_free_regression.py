@@ -13,30 +13,34 @@ RECORDED = {
         "student_kd": [0.1795482039451599, 0.15925216674804688, 0.14676803350448608, 0.1328698992729187,
                        0.12437283992767334, 0.11958807706832886],
         "fc_weight": [0.2770179510116577, -0.42616385221481323, -0.1404707282781601, -0.23766566812992096],
-        "student_weight_sum": 3.717591606080532,
+        "student_weight_sum": 3.9691485157236457,
     },
     "sequential": {
         "generator_loss": [-2.323301315307617, -2.341569423675537, -2.354635238647461, -2.3625097274780273],
         "student_kd": [0.18195676803588867, 0.16564339399337769, 0.1494397521018982, 0.1328023076057434,
                        0.1283608078956604, 0.12461048364639282],
         "fc_weight": [0.27697470784187317, -0.42615193128585815, -0.140488862991333, -0.23761971294879913],
-        "student_weight_sum": 4.142658853903413,
+        "student_weight_sum": 4.346187265124172,
     },
     "alternate": {
         "generator_loss": [-2.331908941268921, -2.3453469276428223, -2.349813222885132, -2.3549704551696777],
         "student_kd": [0.18073415756225586, 0.16504478454589844, 0.14658194780349731, 0.13766175508499146,
                        0.12872940301895142, 0.12822598218917847],
         "fc_weight": [0.27699241042137146, -0.42623287439346313, -0.1404620260000229, -0.23767726123332977],
-        "student_weight_sum": 3.6601918768137693,
+        "student_weight_sum": 3.8846398629248142,
     },
     "probs": {
         "generator_loss": [-2.323301315307617, -2.341569423675537, -2.354635238647461, -2.3625097274780273],
         "student_kd": [0.18195664882659912, 0.16564297676086426, 0.14944005012512207, 0.13280260562896729,
                        0.12836092710494995, 0.12461048364639282],
         "fc_weight": [0.27697470784187317, -0.42615193128585815, -0.140488862991333, -0.23761971294879913],
-        "student_weight_sum": 4.1197535446844995,
+        "student_weight_sum": 4.346187170594931,
     },
 }
+# The convolution's bias feeds a BatchNorm, which removes it: its true gradient is 0, and AdamW turns
+# the rounding noise it gets instead into full-size steps, which differ between CPUs and thread counts
+# (so does the running mean that carries that bias). The pinned weight sum leaves those two out.
+NOISE_ONLY = ("features.0.bias", "features.1.running_mean")
 VARIANTS = {"plain": {"w_bn": 0.0}, "sequential": {}, "alternate": {"schedule": "alternate"},
             "probs": {"probs": True}}
 
@@ -72,6 +76,7 @@ def test_same_numbers_as_recorded(variant):
     assert history["generator"]["loss"] == pytest.approx(want["generator_loss"], rel=1e-5, abs=1e-7)
     assert history["student"]["kd"] == pytest.approx(want["student_kd"], rel=1e-5, abs=1e-7)
     assert student.fc.weight.flatten()[:4].tolist() == pytest.approx(want["fc_weight"], rel=1e-5, abs=1e-7)
-    total = float(sum(v.double().sum() for v in student.state_dict().values() if v.is_floating_point()))
+    total = float(sum(v.double().sum() for k, v in student.state_dict().items()
+                      if v.is_floating_point() and k not in NOISE_ONLY))
     assert total == pytest.approx(want["student_weight_sum"], rel=1e-5)
     assert history["class_histogram"] == [0, 16, 0, 0] and history["transfer_histogram"] == [0, 48, 0, 0]
