@@ -257,13 +257,9 @@ def merge_quality(new: dict[str, Any], previous: dict[str, Any]) -> dict[str, An
         return new
     if new.get("returncode"):
         return {**previous, "returncode": new["returncode"]}
-    merged = {**previous, **new}
+    merged = {**previous, **new}  # the ablation's keys come from whichever invocation ran one last
     for key in ("base", "commands"):
         merged[key] = {**previous.get(key, {}), **new.get(key, {})}
-    if not new.get("ablation"):
-        for key in ("ablation_dataset", "ablation", "ablation_seeds"):
-            if key in previous:
-                merged[key] = previous[key]
     merged["seeds"] = sorted({*previous.get("seeds", []), *new.get("seeds", [])})
     return merged
 
