@@ -251,17 +251,39 @@ def run_quality(reuse: bool, extra: list[str]) -> dict[str, Any]:
 def merge_quality(new: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
     """The quality section of this invocation over the one kept from before, data set by data set:
     a data set measured now replaces its earlier rows, the others keep theirs, and the ablation is
-    kept unless this invocation ran one. A failed invocation keeps every earlier row and says it failed."""
+    merged lever by lever (``_merge_ablation``). A failed invocation keeps every earlier row and says it failed."""
     previous = {key: value for key, value in previous.items() if key != "returncode"}
     if not previous:
         return new
     if new.get("returncode"):
         return {**previous, "returncode": new["returncode"]}
-    merged = {**previous, **new}  # the ablation's keys come from whichever invocation ran one last
+    merged = {**previous, **new}
     for key in ("base", "commands"):
         merged[key] = {**previous.get(key, {}), **new.get(key, {})}
     merged["seeds"] = sorted({*previous.get("seeds", []), *new.get("seeds", [])})
+    merged.update(_merge_ablation(new, previous))
     return merged
+
+
+def _merge_ablation(new: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
+    """The ablation keys: on the same data set, lever by lever and seed by seed (a lever or seed
+    this invocation has no run for keeps the earlier one); on another data set, this invocation's
+    ablation if it has any run, else the earlier one."""
+    keys = ("ablation_dataset", "ablation", "ablation_seeds")
+    old = {k: previous[k] for k in keys if k in previous}
+    if "ablation" not in new:
+        return old
+    fresh = {k: new[k] for k in keys if k in new}
+    has_runs = any(new["ablation"].values())
+    if not old.get("ablation") or new.get("ablation_dataset") != old.get("ablation_dataset"):
+        return fresh if has_runs or not old else old
+    levers: dict[str, list] = {}
+    for lever in {**old["ablation"], **new["ablation"]}:
+        by_seed = {r["seed"]: r for r in old["ablation"].get(lever, [])}
+        by_seed.update({r["seed"]: r for r in new["ablation"].get(lever, [])})
+        levers[lever] = [by_seed[seed] for seed in sorted(by_seed)]
+    seeds = sorted({r["seed"] for runs in levers.values() for r in runs})
+    return {"ablation_dataset": old["ablation_dataset"], "ablation": levers, "ablation_seeds": seeds}
 
 
 def _machine_lines(results: dict[str, Any]) -> list[str]:
@@ -411,7 +433,11 @@ def main(argv: list[str] | None = None) -> int:
                              "--quality-args='--datasets omniglot-5 --seeds 0'")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for the pipeline runs (after --)")
     args = parser.parse_args(argv)
-    args.quality_args = [word for value in args.quality_args for word in shlex.split(value)]
+    try:
+        args.quality_args = [word for value in args.quality_args for word in shlex.split(value)]
+    except ValueError as err:  # unbalanced quotes
+        parser.error(f"--quality-args {' '.join(args.quality_args)!r}: {err}; quote it as one string, "
+                     "e.g. --quality-args='--datasets omniglot-5 --seeds 0'")
     started = time.perf_counter()
     command = "python -m benchmarks.run_all" + (" --quick" if args.quick else "") + \
         (f" --only {' '.join(args.only)}".rstrip() if args.only != list(COMPONENTS) else "") + \

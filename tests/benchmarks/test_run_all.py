@@ -160,3 +160,32 @@ def test_quality_rows_of_data_sets_not_re_run_are_kept_when_merging(tmp_path, mo
     assert RUN_ALL["main"](argv) == 1
     failed = json.loads(out.read_text())["quality"]
     assert failed["returncode"] == 2 and failed["base"] == merged["base"]
+
+
+def test_an_ablation_collected_without_runs_keeps_the_earlier_levers_and_seeds():
+    """`benchmarks.quality --collect` with the ablation's data set but no ablation run on disk writes
+    each lever with no rows; merging keeps the earlier rows lever by lever and seed by seed."""
+    earlier = _quality(["omniglot-5"], 0.5, ablation="omniglot-5")
+    earlier["ablation"] = {"groups off": [{"seed": 0, "x": 1}, {"seed": 1, "x": 2}], "aug off": [{"seed": 0, "x": 3}]}
+    earlier["ablation_seeds"] = [0, 1]
+    empty = {**_quality(["omniglot-5"], 0.9), "ablation_dataset": "omniglot-5",
+             "ablation": {"groups off": [], "aug off": []}, "ablation_seeds": []}
+    merged = RUN_ALL["merge_quality"](empty, earlier)
+    assert merged["ablation"] == earlier["ablation"] and merged["ablation_seeds"] == [0, 1]
+    assert merged["base"]["omniglot-5"][0]["generalist_top1"] == 0.9
+
+    one_seed = {**empty, "ablation": {"groups off": [{"seed": 1, "x": 9}], "aug off": []}, "ablation_seeds": [1]}
+    merged = RUN_ALL["merge_quality"](one_seed, earlier)
+    assert merged["ablation"] == {"groups off": [{"seed": 0, "x": 1}, {"seed": 1, "x": 9}],
+                                  "aug off": [{"seed": 0, "x": 3}]}
+    other = {**empty, "ablation_dataset": "glyphs", "ablation": {"groups off": [{"seed": 0, "x": 7}]}}
+    assert RUN_ALL["merge_quality"](other, earlier)["ablation_dataset"] == "glyphs"
+    assert RUN_ALL["merge_quality"]({**other, "ablation": {"groups off": []}}, earlier)["ablation"] == earlier["ablation"]
+
+
+def test_unbalanced_quotes_in_quality_args_are_a_usage_error_that_names_the_fix(capsys):
+    with pytest.raises(SystemExit) as exc:
+        RUN_ALL["main"](["--only", "--seeds", "--quality", "--quality-args=--datasets 'glyphs"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--quality-args" in err and "No closing quotation" in err and "quote it as one string" in err
