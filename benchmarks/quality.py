@@ -9,7 +9,7 @@ file without training anything.
 
 For every data set and seed it runs the whole pipeline (``specdistill run CONFIG ...`` in its own
 run directory under ``benchmarks/results/quality/``) and collects, from what the stages wrote:
-the converged generalist (and whether it converged), the same-compute generalist (fine-tuned for
+the converged generalist (and whether it converged), the same-compute generalist (trained on for
 as many examples as the specialists saw), the ensemble and its Table 4, the grouping quality
 (share of holdout confusion mass inside groups, and its ratio to random groups of the same
 sizes), the student distilled from the ensemble, the one distilled from the generalist alone,
@@ -108,6 +108,7 @@ def collect(run_dir: Path) -> dict[str, Any]:
     evaluation = _read(run_dir / "ensemble" / "evaluation.json") or {}
     groups = (_read(run_dir / "clustering" / "groups.json") or {}).get("metrics", {})
     results = _read(run_dir / "distill" / "results.json") or {"rows": []}
+    same = (_read(run_dir / "specialists" / "same_compute" / "model.json") or {}).get("same_compute", {})
     rows = {r["name"]: r for r in results["rows"]}
     top1 = {name: row.get("top1") for name, row in rows.items()}
     return {
@@ -115,6 +116,7 @@ def collect(run_dir: Path) -> dict[str, Any]:
         "generalist_converged": bool(generalist.get("early_stopped")),
         "generalist_epochs": generalist.get("epochs_trained"),
         "same_compute_top1": evaluation.get("same_compute_top1"),
+        "same_compute_recipe": same.get("recipe", "specialists") if same else None,
         "ensemble_top1": evaluation.get("ensemble_top1"),
         "table4": evaluation.get("table4", []),
         "mean_covering_specialists": evaluation.get("mean_covering_specialists"),

@@ -44,8 +44,9 @@ def markdown(quality: dict[str, Any]) -> list[str]:
         return []
     lines = ["", "## Does it pay off? Quality over seeds (`python -m benchmarks.quality`)", "",
              "Mean ± std over the seeds each data set lists. The generalist is trained to convergence (early stopping on "
-             "the holdout loss); the same-compute generalist is it fine-tuned for as many examples as "
-             "all specialists together saw, with their recipe; error reduction = 1 - ensemble error / "
+             "the holdout loss); the same-compute generalist is it trained on for as many examples as "
+             "all specialists together saw (`specialists.same_compute_recipe`, the generalist's own recipe by "
+             "default), keeping its epoch with the best holdout top-1; error reduction = 1 - ensemble error / "
              "generalist error. configs/quickstart.yaml trains in bf16 mixed precision on a CPU that computes "
              "bf16 natively (`run.cpu_bf16`; evaluation and teachers in float32), configs/full.yaml in float32.", ""]
     lines += [f"- {name}: `{command}`" for name, command in quality.get("commands", {}).items() if name in base]
@@ -54,6 +55,7 @@ def markdown(quality: dict[str, Any]) -> list[str]:
     aggs = {name: aggregate(runs) for name, runs in base.items()}
     lines += _table(["data set", "seeds", *[label for _, label in MAIN_COLUMNS]],
                     [[name, _seeds(base[name]), *_cells(aggs[name], MAIN_COLUMNS)] for name in base])
+    lines += _recipes(base)
     lines += ["", "Students (a quarter of the generalist's parameters or fewer; the same budget each):", ""]
     lines += _table(["data set", *[label for _, label in STUDENT_COLUMNS]],
                     [[name, *_cells(_with_kept(aggs[name], base[name]), STUDENT_COLUMNS)] for name in base])
@@ -67,6 +69,18 @@ def markdown(quality: dict[str, Any]) -> list[str]:
     lines += ["", "Summary (`python -m benchmarks.quality --summary`):", "", "```",
               *[summary_line(name, runs) for name, runs in base.items()], "```"]
     return lines
+
+
+def _recipes(base: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Which recipe each data set's same-compute row was trained with (runs collected before the
+    recipe was recorded had the specialists' one, the only one there was)."""
+    names = {"generalist": "the generalist's recipe", "specialists": "the specialists' recipe"}
+    by_recipe: dict[str, list[str]] = {}
+    for name, runs in base.items():
+        recipes = {r.get("same_compute_recipe") or "specialists" for r in runs if r.get("returncode", 0) == 0}
+        by_recipe.setdefault(" and ".join(names.get(x, x) for x in sorted(recipes)), []).append(name)
+    return ["", "Same-compute rows trained with " + "; ".join(f"{recipe}: {', '.join(sets)}"
+                                                          for recipe, sets in by_recipe.items()) + "."]
 
 
 def _seeds(runs: list[dict[str, Any]]) -> str:

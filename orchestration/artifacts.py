@@ -22,7 +22,7 @@ Layout (``RUN`` = ``run.dir``, or ``run.root/run.name``)::
     RUN/specialists/specialists.json         the index: one entry per trained specialist
     RUN/specialists/group_NNN/model.*        a prior-corrected specialist (+ mlflow.json,
                                              progress.json, worker.pid while it trains)
-    RUN/specialists/same_compute/model.*     the generalist fine-tuned for what the specialists
+    RUN/specialists/same_compute/model.*     the generalist trained on for what the specialists
                                              saw (the same-compute baseline)
     RUN/ensemble/evaluation.json, table4.json, table4.md     the ensemble's evaluation
     RUN/ensemble/combination.json            the specialists' temperature chosen on the holdout

@@ -116,7 +116,7 @@ def baseline_lines(report: dict[str, Any]) -> list[str]:
                      f"(best epoch {b['best_epoch']}).")
     e = report.get("ensemble", {})
     if e.get("same_compute_top1") is not None:
-        lines.append(f"Same-compute generalist (fine-tuned for as many examples as the specialists saw): "
+        lines.append(f"Same-compute generalist (trained on for as many examples as the specialists saw): "
                      f"top-1 {format_number(e['same_compute_top1'])}; ensemble minus same-compute "
                      f"{e['ensemble_top1'] - e['same_compute_top1']:+.4f}.")
     if b.get("captured_share") is not None:

@@ -342,7 +342,7 @@ def reference_rows(ctx: StageContext, teachers: Teachers) -> list[dict[str, Any]
     rows = [general_row, ensemble_row]
     same = load_same_compute(run_path)
     if same is not None:  # the generalist's architecture: its size and latency
-        rows.append({"name": "same_compute", "teacher": "generalist fine-tuned for the specialists' examples",
+        rows.append({"name": "same_compute", "teacher": "generalist trained on for the specialists' examples",
                         **evaluate_model(ctx, same[0].to(ctx.device)), "same_latency_as": "generalist"})
     return rows
 

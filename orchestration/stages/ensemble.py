@@ -194,7 +194,7 @@ def print_report(console, report: dict[str, Any]) -> None:
         f"specialists per example"
     )
     if "same_compute_top1" in report:
-        console.print(f"  same-compute generalist (fine-tuned for what the specialists saw): test top1 "
+        console.print(f"  same-compute generalist (trained on for what the specialists saw): test top1 "
                       f"{format_number(report['same_compute_top1'])}; ensemble minus same-compute "
                       f"{report['ensemble_top1'] - report['same_compute_top1']:+.4f}")
     console.print(table4_table(report["table4"]).rich())

@@ -190,19 +190,30 @@ def _train_in_parallel(ctx: StageContext, jobs: list[SpecialistJob]) -> None:
         raise first.error
 
 
+RECIPE_NAMES = {"generalist": "the generalist's recipe", "specialists": "the specialists' recipe"}
+
+
 def _same_compute(ctx: StageContext, summaries: list[dict[str, Any]]) -> dict[str, Any]:
-    """The generalist fine-tuned for what all specialists saw, with their recipe (one Ray task)."""
-    cfg = ctx.config.specialists
+    """The generalist trained on for what all specialists saw (one Ray task), with the recipe
+    ``specialists.same_compute_recipe`` names."""
+    cfg, gen = ctx.config.specialists, ctx.config.generalist
     budget = int(sum(s["metrics"].get("examples_seen", 0) for s in summaries))
     threads = max(1, min(int(_cpus_available(ctx)), int(cfg.cpus_per_specialist * 2)))
+    if cfg.same_compute_recipe == "generalist":
+        optimizer, batch_size, augment = gen.optimizer.model_copy(update={"schedule": "cosine"}), \
+            gen.batch_size, gen.augment
+    else:
+        optimizer, batch_size, augment = cfg.optimizer, cfg.batch_size, cfg.augment
     job = SameComputeJob(
         run_dir=str(ctx.run_dir.path.resolve()), out_dir=str((ctx.stage_dir / SAME_COMPUTE_DIR).resolve()),
-        budget=budget, seed=ctx.config.run.seed * 100_003 + 99_991, settings=cfg,
-        augment=augment_spec(ctx.config.data.augment, ctx.source(), cfg.augment), threads=threads,
+        budget=budget, seed=ctx.config.run.seed * 100_003 + 99_991, settings=cfg, optimizer=optimizer,
+        batch_size=batch_size, recipe=cfg.same_compute_recipe,
+        augment=augment_spec(ctx.config.data.augment, ctx.source(), augment), threads=threads,
         cpu_bf16=ctx.config.run.cpu_bf16)
     if not same_compute_finished(job):
-        ctx.console.print(f"  same-compute baseline: the generalist fine-tuned for up to {budget:,} examples "
-                          f"(what the {len(summaries)} specialists saw) with their recipe")
+        ctx.console.print(f"  same-compute baseline: the generalist trained on for {budget:,} examples (what "
+                          f"the {len(summaries)} specialists saw) with {RECIPE_NAMES[cfg.same_compute_recipe]}, "
+                          f"lr {optimizer.lr:g}")
         data = source_descriptor(ctx.source(), ("train", "holdout"))   # what the specialists read
         failures = run_tasks(train_same_compute, [job], shared=data,
                              resources=TaskResources(cpus=threads, gpus=cfg.gpus_per_specialist),
@@ -210,8 +221,9 @@ def _same_compute(ctx: StageContext, summaries: list[dict[str, Any]]) -> dict[st
         if failures:
             raise failures[0].error
     summary = read_metadata(job.dir / MODEL)["same_compute"]
-    ctx.console.print(f"  same-compute baseline: {summary['examples_seen']:,} examples, best epoch "
-                      f"{summary['best_epoch']} of {summary['epochs_trained']}")
+    ctx.console.print(f"  same-compute baseline: {summary['examples_seen']:,} examples, best holdout top-1 "
+                      f"{summary.get('best_holdout_top1', float('nan')):.4f} at epoch {summary['best_epoch']} of "
+                      f"{summary['epochs_trained']} (epoch 0 = the generalist)")
     return summary
 
 

@@ -42,7 +42,8 @@ def test_aggregate_summary_and_table4_over_seeds():
 
 
 def test_markdown_and_summary_from_results_json(tmp_path, capsys):
-    quality = {"seeds": [0, 1], "base": {"omniglot-5": [_run(0), _run(1, ens=0.94)], "glyphs-full": []},
+    quality = {"seeds": [0, 1], "base": {"omniglot-5": [_run(0), _run(1, ens=0.94)], "glyphs-full": [],
+                                         "glyphs": [{**_run(0), "same_compute_recipe": "generalist"}]},
                "commands": {"omniglot-5": "specdistill run configs/full.yaml run.seed=S"},
                "ablation_dataset": "omniglot-5", "ablation_seeds": [0],
                "ablation": {"disjoint groups, top-1 routing": [_run(0, ens=0.91)]}}
@@ -50,6 +51,8 @@ def test_markdown_and_summary_from_results_json(tmp_path, capsys):
     assert "| omniglot-5 | 0, 1 | 0.9000 ± 0.0000 | 0.9100 ± 0.0000 | 0.9300 ± 0.0141 |" in text
     assert "- omniglot-5: `specdistill run configs/full.yaml run.seed=S`" in text
     assert "not measured (no finished run): glyphs-full" in text and "| glyphs-full |" not in text
+    assert ("Same-compute rows trained with the specialists' recipe: omniglot-5; the generalist's recipe: glyphs."
+            in text)  # a run collected before the recipe was recorded had the specialists' one
     assert "| full method | 0.9000 | 0.9100 | 0.9200 |" in text and "(seeds 0, the same for every row)" in text
     assert "| disjoint groups, top-1 routing | 0.9000 | 0.9100 | 0.9100 |" in text and "1: 180 ex., +5.0% / +2.4%" in text
     path = tmp_path / "results.json"
@@ -69,10 +72,14 @@ def test_collect_gathers_finished_runs_and_trains_nothing(tmp_path, monkeypatch,
     (finished / "distill" / "results.json").write_text(json.dumps(
         {"rows": [{"name": "student", "top1": 0.8, "params": 10}]}))
     (finished / "ensemble").mkdir()
+    (finished / "specialists" / "same_compute").mkdir(parents=True)
+    (finished / "specialists" / "same_compute" / "model.json").write_text(json.dumps(
+        {"same_compute": {"recipe": "generalist", "budget": 100}}))
     (finished / "ensemble" / "evaluation.json").write_text(json.dumps(
         {"generalist_top1": 0.9, "ensemble_top1": 0.92}))
     monkeypatch.setattr(quality, "run_once", lambda *a, **k: pytest.fail("--collect must not train"))
     out = quality.base_runs(["glyphs"], [0, 1], tmp_path / "omniglot", "sqlite://", reuse=False, collect_only=True)
     assert [r["seed"] for r in out["glyphs"]] == [0]
     assert out["glyphs"][0]["ensemble_top1"] == 0.92 and out["glyphs"][0]["students"] == {"student": 0.8}
+    assert out["glyphs"][0]["same_compute_recipe"] == "generalist"
     assert "no finished run in" in capsys.readouterr().out
