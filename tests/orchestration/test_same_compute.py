@@ -18,8 +18,10 @@ from orchestration.cli import main
 from orchestration.config import load_config
 
 
-def _holdout_top1(model, source) -> float:
-    return float(evaluate(model, loader(source, "holdout", batch_size=64, shuffle=False), device="cpu")["top1"])
+def _holdout_top1(model, source, batch_size: int) -> float:
+    """As the job measures it (its eval batch size, so the same sums)."""
+    batches = loader(source, "holdout", batch_size=batch_size, shuffle=False)
+    return float(evaluate(model, batches, device="cpu")["top1"])
 
 
 def _summary(run) -> dict:
@@ -40,9 +42,10 @@ def test_the_baseline_spends_the_specialists_budget_with_the_generalists_recipe(
 
     data = create_dataset(config.data.name, root=config.data.root, seed=config.run.seed, **config.data.options)
     source = InMemorySource(data)
-    kept = _holdout_top1(load_same_compute(run)[0], source)
+    batch = config.specialists.eval_batch_size
+    kept = _holdout_top1(load_same_compute(run)[0], source, batch)
     assert kept == pytest.approx(summary["best_holdout_top1"], abs=1e-6)
-    assert kept >= _holdout_top1(load_generalist(run)[0].eval(), source)     # epoch 0 is the generalist
+    assert kept >= _holdout_top1(load_generalist(run)[0].eval(), source, batch)  # epoch 0 is the generalist
 
     args = ["run", *finished_run["args"], f"run.dir={run}", f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}"]
     assert main([*args, "specialists.same_compute_recipe=specialists", "--to", "specialists"]) == 0
