@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from benchmarks.quality import aggregate, per_run, summary_line, table4_by_coverage
+from orchestration.config_sections import SAME_COMPUTE_RECIPES
 from orchestration.tables import format_number
 
 MAIN_COLUMNS = (
@@ -74,11 +75,10 @@ def markdown(quality: dict[str, Any]) -> list[str]:
 def _recipes(base: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Which recipe each data set's same-compute row was trained with (runs collected before the
     recipe was recorded had the specialists' one, the only one there was)."""
-    names = {"generalist": "the generalist's recipe", "specialists": "the specialists' recipe"}
     by_recipe: dict[str, list[str]] = {}
     for name, runs in base.items():
         recipes = {r.get("same_compute_recipe") or "specialists" for r in runs if r.get("returncode", 0) == 0}
-        by_recipe.setdefault(" and ".join(names.get(x, x) for x in sorted(recipes)), []).append(name)
+        by_recipe.setdefault(" and ".join(SAME_COMPUTE_RECIPES.get(x, x) for x in sorted(recipes)), []).append(name)
     return ["", "Same-compute rows trained with " + "; ".join(f"{recipe}: {', '.join(sets)}"
                                                           for recipe, sets in by_recipe.items()) + "."]
 

@@ -242,6 +242,10 @@ class ClusteringConfig(Section):
     )
 
 
+# specialists.same_compute_recipe: its values, in words (the stage's output, the benchmark report).
+SAME_COMPUTE_RECIPES = {"generalist": "the generalist's recipe", "specialists": "the specialists' recipe"}
+
+
 class SpecialistsConfig(Section):
     """Stage 3: one specialist per group (group classes + dustbin), trained in parallel on Ray."""
 

@@ -41,6 +41,7 @@ from orchestration.artifacts import (
 from orchestration.builders import augment_spec
 from orchestration.checkpoints import CheckpointError, read_metadata, verify_model_files
 from orchestration.config import ConfigError, SpecialistsConfig, flatten, leaf_keys
+from orchestration.config_sections import SAME_COMPUTE_RECIPES
 from orchestration.data_access import source_descriptor
 from orchestration.files import read_json, write_json
 from orchestration.parallel import (
@@ -190,9 +191,6 @@ def _train_in_parallel(ctx: StageContext, jobs: list[SpecialistJob]) -> None:
         raise first.error
 
 
-RECIPE_NAMES = {"generalist": "the generalist's recipe", "specialists": "the specialists' recipe"}
-
-
 def _same_compute(ctx: StageContext, summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """The generalist trained on for what all specialists saw (one Ray task), with the recipe
     ``specialists.same_compute_recipe`` names."""
@@ -211,9 +209,9 @@ def _same_compute(ctx: StageContext, summaries: list[dict[str, Any]]) -> dict[st
         augment=augment_spec(ctx.config.data.augment, ctx.source(), augment), threads=threads,
         cpu_bf16=ctx.config.run.cpu_bf16)
     if not same_compute_finished(job):
+        recipe = SAME_COMPUTE_RECIPES[cfg.same_compute_recipe]
         ctx.console.print(f"  same-compute baseline: the generalist trained on for {budget:,} examples (what "
-                          f"the {len(summaries)} specialists saw) with {RECIPE_NAMES[cfg.same_compute_recipe]}, "
-                          f"lr {optimizer.lr:g}")
+                          f"the {len(summaries)} specialists saw) with {recipe}, lr {optimizer.lr:g}")
         data = source_descriptor(ctx.source(), ("train", "holdout"))   # what the specialists read
         failures = run_tasks(train_same_compute, [job], shared=data,
                              resources=TaskResources(cpus=threads, gpus=cfg.gpus_per_specialist),

@@ -28,13 +28,17 @@ def _summary(run) -> dict:
     return json.loads((run / "specialists" / "same_compute" / "model.json").read_text())["same_compute"]
 
 
+def _specialists_seen(run) -> int:
+    return sum(json.loads(p.read_text())["metrics"]["examples_seen"]
+               for p in (run / "specialists").glob("group_*/model.json"))
+
+
 def test_the_baseline_spends_the_specialists_budget_with_the_generalists_recipe(finished_run, workdir, capsys):
     run = workdir / "run"
     shutil.copytree(finished_run["path"], run)
     config = load_config(run / "config.yaml")
     summary = _summary(run)
-    seen = sum(json.loads(p.read_text())["metrics"]["examples_seen"]
-               for p in (run / "specialists").glob("group_*/model.json"))
+    seen = _specialists_seen(run)
     assert summary["budget"] == seen > 0
     assert summary["recipe"] == "generalist" and summary["lr"] == config.generalist.optimizer.lr
     assert summary["epochs_trained"] == summary["epochs_planned"] >= 1       # the whole budget, no early stop
@@ -53,8 +57,7 @@ def test_the_baseline_spends_the_specialists_budget_with_the_generalists_recipe(
     assert "with the specialists' recipe, lr 0.001" in out and "(epoch 0 = the generalist)" in out
     summary = _summary(run)
     assert summary["recipe"] == "specialists" and summary["lr"] == config.specialists.optimizer.lr
-    assert summary["budget"] == sum(json.loads(p.read_text())["metrics"]["examples_seen"]
-                                    for p in (run / "specialists").glob("group_*/model.json"))
+    assert summary["budget"] == _specialists_seen(run)
 
 
 def test_an_unknown_recipe_is_refused_with_the_choices(tiny_args, capsys):
