@@ -74,13 +74,20 @@ def markdown(quality: dict[str, Any]) -> list[str]:
 
 def _recipes(base: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Which recipe each data set's same-compute row was trained with (runs collected before the
-    recipe was recorded had the specialists' one, the only one there was)."""
+    recipe was recorded had the specialists' one, the only one there was; a run without a
+    same-compute model, ``specialists.same_compute: false``, is named as such)."""
     by_recipe: dict[str, list[str]] = {}
     for name, runs in base.items():
-        recipes = {r.get("same_compute_recipe") or "specialists" for r in runs if r.get("returncode", 0) == 0}
+        recipes = {_recipe(r) for r in runs if r.get("returncode", 0) == 0}
         by_recipe.setdefault(" and ".join(SAME_COMPUTE_RECIPES.get(x, x) for x in sorted(recipes)), []).append(name)
     return ["", "Same-compute rows trained with " + "; ".join(f"{recipe}: {', '.join(sets)}"
                                                           for recipe, sets in by_recipe.items()) + "."]
+
+
+def _recipe(run: dict[str, Any]) -> str:
+    if run.get("same_compute_top1") is None:
+        return "no model (specialists.same_compute=false)"
+    return run.get("same_compute_recipe") or "specialists"
 
 
 def _seeds(runs: list[dict[str, Any]]) -> str:

@@ -43,7 +43,8 @@ def test_aggregate_summary_and_table4_over_seeds():
 
 def test_markdown_and_summary_from_results_json(tmp_path, capsys):
     quality = {"seeds": [0, 1], "base": {"omniglot-5": [_run(0), _run(1, ens=0.94)], "glyphs-full": [],
-                                         "glyphs": [{**_run(0), "same_compute_recipe": "generalist"}]},
+                                         "glyphs": [{**_run(0), "same_compute_recipe": "generalist"}],
+                                         "glyphs-heldout-fonts": [_run(0, same=None)]},
                "commands": {"omniglot-5": "specdistill run configs/full.yaml run.seed=S"},
                "ablation_dataset": "omniglot-5", "ablation_seeds": [0],
                "ablation": {"disjoint groups, top-1 routing": [_run(0, ens=0.91)]}}
@@ -51,8 +52,10 @@ def test_markdown_and_summary_from_results_json(tmp_path, capsys):
     assert "| omniglot-5 | 0, 1 | 0.9000 ± 0.0000 | 0.9100 ± 0.0000 | 0.9300 ± 0.0141 |" in text
     assert "- omniglot-5: `specdistill run configs/full.yaml run.seed=S`" in text
     assert "not measured (no finished run): glyphs-full" in text and "| glyphs-full |" not in text
-    assert ("Same-compute rows trained with the specialists' recipe: omniglot-5; the generalist's recipe: glyphs."
-            in text)  # a run collected before the recipe was recorded had the specialists' one
+    assert ("Same-compute rows trained with the specialists' recipe: omniglot-5; the generalist's recipe: glyphs; "
+            "no model (specialists.same_compute=false): glyphs-heldout-fonts." in text)
+    # a run collected before the recipe was recorded had the specialists' one; a run without the
+    # baseline is not labelled with a recipe it never trained
     assert "| full method | 0.9000 | 0.9100 | 0.9200 |" in text and "(seeds 0, the same for every row)" in text
     assert "| disjoint groups, top-1 routing | 0.9000 | 0.9100 | 0.9100 |" in text and "1: 180 ex., +5.0% / +2.4%" in text
     path = tmp_path / "results.json"
