@@ -79,15 +79,17 @@ def _recipes(base: dict[str, list[dict[str, Any]]]) -> list[str]:
     by_recipe: dict[str, list[str]] = {}
     for name, runs in base.items():
         recipes = {_recipe(r) for r in runs if r.get("returncode", 0) == 0}
-        by_recipe.setdefault(" and ".join(SAME_COMPUTE_RECIPES.get(x, x) for x in sorted(recipes)), []).append(name)
+        by_recipe.setdefault(" and ".join(sorted(recipes)), []).append(name)
     return ["", "Same-compute rows trained with " + "; ".join(f"{recipe}: {', '.join(sets)}"
                                                           for recipe, sets in by_recipe.items()) + "."]
 
 
 def _recipe(run: dict[str, Any]) -> str:
+    """The run's same-compute recipe in words."""
     if run.get("same_compute_top1") is None:
         return "no model (specialists.same_compute=false)"
-    return run.get("same_compute_recipe") or "specialists"
+    recipe = run.get("same_compute_recipe") or "specialists"
+    return SAME_COMPUTE_RECIPES.get(recipe, recipe)
 
 
 def _seeds(runs: list[dict[str, Any]]) -> str:
