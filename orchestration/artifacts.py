@@ -169,7 +169,8 @@ def load_specialist(group_dir: Path) -> tuple[Specialist, dict[str, Any]]:
     meta = read_metadata(group_dir / MODEL)
     spec = meta["specialist"]
     skeleton = build_specialist(build_model(meta["model"]), spec["classes"],
-                                finetune=spec["finetune"], last_n=spec["last_n"])
+                                finetune=spec["finetune"], last_n=spec["last_n"],
+                                train_out_rows=bool(spec.get("train_out_rows")))
     return load_weights(group_dir / MODEL, skeleton).eval(), meta
 
 

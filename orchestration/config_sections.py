@@ -271,6 +271,11 @@ class SpecialistsConfig(Section):
         "all", description="What trains: everything, the head only, or the last_n blocks + head."
     )
     last_n: int = Field(1, ge=1, description="Trailing trunk blocks that train when finetune=last_n.")
+    reinit_blocks: int = Field(
+        0, ge=0, description="Trailing trunk blocks (with the head and the dustbin's rows) each specialist "
+        "starts afresh, seeded per specialist, instead of from the generalist: its errors then differ from "
+        "the generalist's, as an ensemble member's do; 0 = every block from the generalist.",
+    )
     patience: int = Field(2, ge=1, description="Early stopping patience on the specialist's holdout loss.")
     cpus_per_specialist: float = Field(1.0, gt=0, description="Ray CPUs per specialist (also its torch threads).")
     gpus_per_specialist: float = Field(0.0, ge=0, description="Ray GPUs per specialist (fractions share a GPU); 0 on CPU machines.")
@@ -288,6 +293,15 @@ class SpecialistsConfig(Section):
         "recipe. It keeps its epoch with the best holdout top-1. On glyphs (seed 0) the specialists' recipe "
         "never beat the generalist; the generalist's reached the ensemble.",
     )
+
+    @model_validator(mode="after")
+    def _fresh_blocks_train(self) -> SpecialistsConfig:
+        frozen = self.finetune == "head" or (self.finetune == "last_n" and self.last_n < self.reinit_blocks)
+        if self.reinit_blocks and frozen:
+            raise ValueError(f"specialists.reinit_blocks={self.reinit_blocks} would leave freshly initialised "
+                             f"blocks frozen under finetune={self.finetune}; set specialists.finetune=all, "
+                             f"or last_n >= reinit_blocks")
+        return self
 
 
 class CacheConfig(Section):

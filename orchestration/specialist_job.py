@@ -51,7 +51,7 @@ from orchestration.checkpoints import (
 from orchestration.config import SpecialistsConfig
 from orchestration.data_access import SourceDescriptor, open_descriptor
 from orchestration.files import read_json, write_json
-from specialists.model import build_specialist
+from specialists.model import build_specialist, reinitialise_trailing
 from specialists.prior import (
     apply_prior_correction,
     dustbin_log_correction,
@@ -115,11 +115,14 @@ def train_specialist(job: SpecialistJob, data: SourceDescriptor) -> dict[str, An
     device = torch.device("cuda" if cfg.gpus_per_specialist > 0 and torch.cuda.is_available() else "cpu")
     generalist, gen_meta = load_generalist(job.run_dir)
     set_seed(job.seed)
-    model = build_specialist(generalist, job.classes, finetune=cfg.finetune, last_n=cfg.last_n).to(device)
+    model = build_specialist(generalist, job.classes, finetune=cfg.finetune, last_n=cfg.last_n,
+                             train_out_rows=cfg.reinit_blocks > 0).to(device)
 
     source = open_descriptor(data)
     holdout = _balanced_holdout(source, job)
     invariant = init_invariant_maxdiff(generalist, model, holdout[0][:INVARIANT_EXAMPLES])
+    if cfg.reinit_blocks:
+        reinitialise_trailing(model, cfg.reinit_blocks)
     sampler = HalfAndHalfBatchSampler.from_positions(
         source.class_positions("train", job.classes), source.size("train"), job.classes,
         batch_size=cfg.batch_size, num_batches=cfg.num_batches, seed=job.seed)
@@ -276,7 +279,7 @@ def _finish(job, model, gen_meta, pi_m: float, sampler, progress, invariant) -> 
             "group_id": job.group_id, "classes": list(job.classes), "names": list(job.names),
             "size": len(job.classes), "order": "group classes as listed, then the dustbin",
             "dustbin_index": len(job.classes), "finetune": cfg.finetune, "last_n": cfg.last_n,
-            "train_out_rows": False,
+            "train_out_rows": cfg.reinit_blocks > 0, "reinit_blocks": cfg.reinit_blocks,
         },
         "pi_m": pi_m, "in_group_fraction": sampler.in_group_fraction,
         "prior_correction": corrected.prior_correction,

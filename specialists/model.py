@@ -55,6 +55,7 @@ __all__ = [
     "FINETUNE_MODES",
     "Specialist",
     "build_specialist",
+    "reinitialise_trailing",
     "collapse_probs",
     "trainable_parameters",
     "validate_group",
@@ -331,6 +332,47 @@ def build_specialist(generalist: nn.Module, group: Sequence[int], *, finetune: s
     """
     return Specialist(generalist, group, finetune=finetune, last_n=last_n,
                       train_out_rows=train_out_rows)
+
+
+def reinitialise_trailing(specialist: Specialist, blocks: int) -> Specialist:
+    """Start ``trunk.blocks[-blocks:]`` and the whole head afresh, in place, from the current torch
+    seed: Kaiming-normal convs, unit/zero norms with reset running statistics, torch's default
+    Linear init for the group rows and the dustbin's out-rows (which must be trainable:
+    ``train_out_rows=True``, since the generalist's rows no longer fit the new features).
+
+    A specialist fine-tuned from the generalist keeps its errors; one whose last blocks start
+    fresh errs differently, which is what lets a combination of models gain (DESIGN §2.2).
+    """
+    blocks_seq = getattr(specialist.trunk, "blocks", None)
+    if not isinstance(blocks_seq, nn.Sequential):
+        raise ValueError("re-initialising trailing blocks needs the generalist to have `blocks` as an "
+                         "nn.Sequential; use specialists.reinit_blocks=0 for this model")
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= len(blocks_seq):
+        raise ValueError(f"reinit_blocks={blocks!r} is out of range: the generalist has {len(blocks_seq)} "
+                         f"blocks, so use 1 <= reinit_blocks <= {len(blocks_seq)} (or 0 to keep them all)")
+    if specialist.finetune == "head" or (specialist.finetune == "last_n" and specialist.last_n < blocks):
+        raise ValueError(f"reinit_blocks={blocks} would leave fresh blocks frozen under finetune="
+                         f"{specialist.finetune!r}; use finetune='all', or last_n >= reinit_blocks")
+    if not specialist.train_out_rows:
+        raise ValueError("re-initialised specialists need trainable out-rows: build them with "
+                         "train_out_rows=True")
+    for module in blocks_seq[-blocks:].modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm | nn.Linear):
+            module.reset_parameters()
+            if isinstance(module, nn.BatchNorm2d):
+                module.reset_running_stats()
+    fresh = nn.Linear(specialist.feature_dim, specialist.out_weight.shape[0], device=specialist.out_weight.device,
+                      dtype=specialist.out_weight.dtype)
+    with torch.no_grad():
+        specialist.head.reset_parameters()
+        specialist.out_weight.copy_(fresh.weight)
+        specialist.out_bias.copy_(fresh.bias)
+        specialist.dustbin_bias.zero_()
+    return specialist
 
 
 def trainable_parameters(specialist: Specialist) -> list[nn.Parameter]:

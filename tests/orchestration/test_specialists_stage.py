@@ -212,6 +212,31 @@ def test_more_gpus_than_the_cluster_has_fails_fast(copy_of, local_ray, capsys):
     assert _specialist_runs(copy_of)[2] == []
 
 
+def test_reinit_blocks_trains_specialists_whose_last_block_starts_afresh(copy_of, local_ray, capsys):
+    """``specialists.reinit_blocks=1`` through the CLI: every specialist's earlier blocks are the
+    generalist's fine-tuned, its last block is trained from a fresh start (far from the
+    generalist's), its dustbin rows train, and the saved specialist loads back as it was trained."""
+    from orchestration.artifacts import load_generalist
+
+    fast = ("specialists.epochs=1", "specialists.num_batches=4", "specialists.same_compute=false")
+    assert main(["specialists", *_args(copy_of, *fast, "specialists.reinit_blocks=1")]) == 0
+    generalist, _ = load_generalist(copy_of / "run")
+    for group_dir in sorted((copy_of / "run" / "specialists").glob("group_*")):
+        spec, meta = load_specialist(group_dir)
+        spec.requires_grad_(False)
+        assert meta["specialist"]["reinit_blocks"] == 1 and meta["specialist"]["train_out_rows"] is True
+        moved = [float((a - b).abs().max()) for a, b in zip(
+            spec.trunk.blocks[-1].parameters(), generalist.blocks[-1].parameters(), strict=True)]
+        kept = [float((a - b).abs().max()) for a, b in zip(
+            spec.trunk.blocks[0].parameters(), generalist.blocks[0].parameters(), strict=True)]
+        assert max(moved) > 10 * max(kept)  # a fresh block, not a 4-step fine-tune of the generalist's
+        assert not torch.equal(spec.out_weight, generalist.head.weight[list(spec.out_classes)])
+    capsys.readouterr()
+    assert main(["specialists", *_args(copy_of, "specialists.reinit_blocks=1", "specialists.finetune=head")]) == 2
+    err = capsys.readouterr().err
+    assert "reinit_blocks=1 would leave freshly initialised blocks frozen" in err and "finetune=all" in err
+
+
 def test_corrupt_snapshot_is_reported_and_the_specialist_restarts(upstream, tmp_path):
     config = load_config(None, _args(upstream, "specialists.epochs=1", "specialists.num_batches=2"))
     data = create_dataset("hierarchy", seed=0, **config.data.options)

@@ -12,6 +12,7 @@ from specialists.model import (
     Specialist,
     build_specialist,
     collapse_probs,
+    reinitialise_trailing,
     trainable_parameters,
     validate_group,
 )
@@ -266,3 +267,41 @@ def test_with_generalist_create_model() -> None:
     after = snapshot(spec)
     assert not changed(before, after, "trunk.stem.")
     assert changed(before, after, "trunk.blocks.0.")
+
+
+def _changed(a: nn.Module, b: nn.Module) -> bool:
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    return any(not torch.allclose(p.float(), q.float(), rtol=0, atol=0, equal_nan=True) for p, q in pairs)
+
+
+def test_reinitialise_trailing_starts_the_last_blocks_and_head_afresh() -> None:
+    gen = make_generalist()
+    spec = build_specialist(gen, [2, 5, 7], train_out_rows=True)
+    torch.manual_seed(3)
+    reinitialise_trailing(spec, 1)
+    assert not _changed(spec.trunk.stem, gen.stem) and not _changed(spec.trunk.blocks[:2], gen.blocks[:2])
+    assert _changed(spec.trunk.blocks[2], gen.blocks[2])
+    assert torch.equal(spec.trunk.blocks[2].bn.running_var, torch.ones(6))  # running statistics reset
+    assert not torch.equal(spec.head.weight, gen.head.weight[[2, 5, 7]])
+    assert float(spec.dustbin_bias.detach()) == 0.0 and spec.out_weight.requires_grad
+    # seeded: the same seed gives the same specialist, another seed another one
+    again = build_specialist(gen, [2, 5, 7], train_out_rows=True)
+    torch.manual_seed(3)
+    reinitialise_trailing(again, 1)
+    assert not _changed(spec, again)
+    other = build_specialist(gen, [2, 5, 7], train_out_rows=True)
+    torch.manual_seed(4)
+    assert _changed(spec, reinitialise_trailing(other, 1))
+    x = torch.rand(4, 1, 8, 8)
+    assert spec(x).shape == (4, 4)
+
+
+@pytest.mark.parametrize(("kwargs", "blocks", "match"), [
+    ({"train_out_rows": False}, 1, "trainable out-rows"),
+    ({"train_out_rows": True}, 4, r"out of range.*1 <= reinit_blocks <= 3"),
+    ({"train_out_rows": True, "finetune": "head"}, 1, "frozen under finetune='head'"),
+    ({"train_out_rows": True, "finetune": "last_n", "last_n": 1}, 2, "frozen under finetune='last_n'"),
+])
+def test_reinitialise_trailing_refuses_what_cannot_train(kwargs: dict, blocks: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        reinitialise_trailing(build_specialist(make_generalist(), [1, 2], **kwargs), blocks)
