@@ -306,7 +306,7 @@ _SUMMARY_LINES = {
     ),
     "specialists": lambda m: (
         f"specialists: {m['n_specialists']} trained, group top1 {m['mean_group_top1']:.3f} "
-        f"(generalist {m['mean_init_group_top1']:.3f}), {m['n_resumed']} resumed from a checkpoint"
+        f"(generalist {m.get('mean_generalist_group_top1', m['mean_init_group_top1']):.3f}), {m['n_resumed']} resumed from a checkpoint"
     ),
     "ensemble": lambda m: (
         f"ensemble: test top1 generalist {m['generalist_top1']:.4f} -> ensemble "

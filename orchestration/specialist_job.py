@@ -121,6 +121,8 @@ def train_specialist(job: SpecialistJob, data: SourceDescriptor) -> dict[str, An
     source = open_descriptor(data)
     holdout = _balanced_holdout(source, job)
     invariant = init_invariant_maxdiff(generalist, model, holdout[0][:INVARIANT_EXAMPLES])
+    # the generalist's own figures on this holdout (what the untrained specialist scores, by the invariant)
+    start = _evaluate(job, model, holdout, device) if cfg.reinit_blocks else None
     if cfg.reinit_blocks:
         reinitialise_trailing(model, cfg.reinit_blocks)
     sampler = HalfAndHalfBatchSampler.from_positions(
@@ -135,6 +137,7 @@ def train_specialist(job: SpecialistJob, data: SourceDescriptor) -> dict[str, An
     progress = _resume(job, model, stateful)
     if not progress["epochs"]:
         progress["init"] = _evaluate(job, model, holdout, device)
+        progress["generalist"] = start or progress["init"]
         write_json(job.dir / PROGRESS, progress)
         _log(job, {f"holdout_{k}": v for k, v in progress["init"].items()}, step=0)
 
@@ -268,6 +271,7 @@ def _finish(job, model, gen_meta, pi_m: float, sampler, progress, invariant) -> 
         "best_holdout_loss": best["holdout_loss"], "best_holdout_top1": best["holdout_top1"],
         "best_group_top1": best["holdout_group_top1"],
         "init_holdout_loss": progress["init"]["loss"], "init_group_top1": progress["init"]["group_top1"],
+        "generalist_group_top1": progress.get("generalist", progress["init"])["group_top1"],
         "best_epoch": best_epoch, "epochs_trained": len(progress["epochs"]),
         "examples_seen": sum(r.get("examples", 0) for r in progress["epochs"]),
         "init_invariant_maxdiff": invariant,

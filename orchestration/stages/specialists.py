@@ -306,6 +306,7 @@ def _finish(ctx: StageContext, jobs: list[SpecialistJob], summaries: list[dict[s
         "n_specialists": len(jobs),
         "mean_group_top1": statistics.fmean(m["best_group_top1"] for m in ms),
         "mean_init_group_top1": statistics.fmean(m["init_group_top1"] for m in ms),
+        "mean_generalist_group_top1": statistics.fmean(m.get("generalist_group_top1", m["init_group_top1"]) for m in ms),
         "mean_holdout_loss": statistics.fmean(m["best_holdout_loss"] for m in ms),
         "init_invariant_maxdiff": max(m["init_invariant_maxdiff"] for m in ms),
         "n_resumed": sum(bool(s["resumed_from_epochs"]) for s in summaries),
@@ -320,7 +321,7 @@ def _finish(ctx: StageContext, jobs: list[SpecialistJob], summaries: list[dict[s
     ctx.logger.log_artifact(ctx.stage_dir / SPECIALISTS_INDEX)
     ctx.console.print(
         f"  {len(jobs)} specialists: group top1 {metrics['mean_group_top1']:.3f} "
-        f"(generalist {metrics['mean_init_group_top1']:.3f}) on their balanced holdouts; "
+        f"(generalist {metrics['mean_generalist_group_top1']:.3f}) on their balanced holdouts; "
         f"init invariant max diff {metrics['init_invariant_maxdiff']:.1e}"
     )
     return StageResult(outputs=outputs, metrics=metrics)
@@ -379,7 +380,7 @@ class ProgressPrinter:
         m = summary["metrics"]
         self.console.print(
             f"  [green]done[/] group {job.group_id}: best epoch {m['best_epoch']}, group top1 "
-            f"{m['best_group_top1']:.3f} (generalist {m['init_group_top1']:.3f}), dustbin logit "
+            f"{m['best_group_top1']:.3f} (generalist {m.get('generalist_group_top1', m['init_group_top1']):.3f}), dustbin logit "
             f"{summary['prior_correction']:+.3f} (pi {summary['pi_m']:.4f})"
         )
         self.jobs.pop(job.group_id, None)

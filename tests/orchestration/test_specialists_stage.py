@@ -212,7 +212,7 @@ def test_more_gpus_than_the_cluster_has_fails_fast(copy_of, local_ray, capsys):
     assert _specialist_runs(copy_of)[2] == []
 
 
-def test_reinit_blocks_trains_specialists_whose_last_block_starts_afresh(copy_of, local_ray, capsys):
+def test_reinit_blocks_trains_specialists_whose_last_block_starts_afresh(copy_of, trained, local_ray, capsys):
     """``specialists.reinit_blocks=1`` through the CLI: every specialist's earlier blocks are the
     generalist's fine-tuned, its last block is trained from a fresh start (far from the
     generalist's), its dustbin rows train, and the saved specialist loads back as it was trained."""
@@ -221,6 +221,7 @@ def test_reinit_blocks_trains_specialists_whose_last_block_starts_afresh(copy_of
     fast = ("specialists.epochs=1", "specialists.num_batches=4", "specialists.same_compute=false")
     assert main(["specialists", *_args(copy_of, *fast, "specialists.reinit_blocks=1")]) == 0
     generalist, _ = load_generalist(copy_of / "run")
+    generalist.requires_grad_(False)
     for group_dir in sorted((copy_of / "run" / "specialists").glob("group_*")):
         spec, meta = load_specialist(group_dir)
         spec.requires_grad_(False)
@@ -231,6 +232,10 @@ def test_reinit_blocks_trains_specialists_whose_last_block_starts_afresh(copy_of
             spec.trunk.blocks[0].parameters(), generalist.blocks[0].parameters(), strict=True)]
         assert max(moved) > 10 * max(kept)  # a fresh block, not a 4-step fine-tune of the generalist's
         assert not torch.equal(spec.out_weight, generalist.head.weight[list(spec.out_classes)])
+        # the generalist's own group top-1 is still what the stage compares with (measured before the
+        # fresh start): the same as the untrained specialist of the run without reinit_blocks
+        plain = json.loads((trained["root"] / "run" / "specialists" / group_dir.name / "model.json").read_text())
+        assert meta["metrics"]["generalist_group_top1"] == plain["metrics"]["init_group_top1"]
     capsys.readouterr()
     assert main(["specialists", *_args(copy_of, "specialists.reinit_blocks=1", "specialists.finetune=head")]) == 2
     err = capsys.readouterr().err
