@@ -121,9 +121,9 @@ def train_specialist(job: SpecialistJob, data: SourceDescriptor) -> dict[str, An
     source = open_descriptor(data)
     holdout = _balanced_holdout(source, job)
     invariant = init_invariant_maxdiff(generalist, model, holdout[0][:INVARIANT_EXAMPLES])
-    # the generalist's own figures on this holdout (what the untrained specialist scores, by the invariant)
-    start = _evaluate(job, model, holdout, device) if cfg.reinit_blocks else None
+    start = None  # the generalist's own holdout figures, when the specialist does not start from it
     if cfg.reinit_blocks:
+        start = _evaluate(job, model, holdout, device)  # = the generalist's, by the init invariant
         reinitialise_trailing(model, cfg.reinit_blocks)
     sampler = HalfAndHalfBatchSampler.from_positions(
         source.class_positions("train", job.classes), source.size("train"), job.classes,
@@ -137,7 +137,8 @@ def train_specialist(job: SpecialistJob, data: SourceDescriptor) -> dict[str, An
     progress = _resume(job, model, stateful)
     if not progress["epochs"]:
         progress["init"] = _evaluate(job, model, holdout, device)
-        progress["generalist"] = start or progress["init"]
+        if start is not None:
+            progress["generalist"] = start
         write_json(job.dir / PROGRESS, progress)
         _log(job, {f"holdout_{k}": v for k, v in progress["init"].items()}, step=0)
 

@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from generalist.models.base import init_conv_bn
+
 FINETUNE_MODES: tuple[str, ...] = ("all", "head", "last_n")
 
 __all__ = [
@@ -356,15 +358,11 @@ def reinitialise_trailing(specialist: Specialist, blocks: int) -> Specialist:
     if not specialist.train_out_rows:
         raise ValueError("re-initialised specialists need trainable out-rows: build them with "
                          "train_out_rows=True")
-    for module in blocks_seq[-blocks:].modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm | nn.Linear):
+    fresh_blocks = blocks_seq[-blocks:]
+    for module in fresh_blocks.modules():  # every layer's own init (norms also reset their running statistics)
+        if module is not fresh_blocks and hasattr(module, "reset_parameters"):
             module.reset_parameters()
-            if isinstance(module, nn.BatchNorm2d):
-                module.reset_running_stats()
+    init_conv_bn(fresh_blocks)  # then the generalists' conv/norm init
     fresh = nn.Linear(specialist.feature_dim, specialist.out_weight.shape[0], device=specialist.out_weight.device,
                       dtype=specialist.out_weight.dtype)
     with torch.no_grad():
