@@ -95,7 +95,7 @@ def _baselines(run: Path, rows: list[dict[str, Any]], groups: dict[str, Any] | N
     metrics = _read(stage_dir(run, "generalist") / METRICS) or {}
     by_name = {r["name"]: r for r in rows}
     out: dict[str, Any] = {k: metrics.get(k) for k in ("early_stopped", "still_improving", "epochs_trained",
-                                                          "best_epoch")}
+                                                          "best_epoch", "epoch_limit")}
     if groups is not None:
         out.update({k: groups["metrics"].get(k) for k in ("captured_share", "random_share", "ratio_to_random")})
     student, hard, ensemble = (by_name.get(n, {}).get("top1") for n in ("student", "hard_labels", "ensemble"))
@@ -108,9 +108,10 @@ def baseline_lines(report: dict[str, Any]) -> list[str]:
     """The honest-baseline sentences of the report (terminal and Markdown)."""
     b, lines = report.get("baselines", {}), []
     if b.get("still_improving"):
-        lines.append(f"The generalist is NOT converged: it stopped at the epoch limit ({b['epochs_trained']} "
-                     "epochs) with its holdout loss still falling; gains shown here may be extra training "
-                     "(raise generalist.epochs).")
+        limit = b.get("epoch_limit") or "generalist.epochs"
+        lines.append(f"The generalist is NOT converged: it stopped at the epoch limit ({limit}; "
+                     f"{b['epochs_trained']} epochs in all) with its holdout loss still falling; gains shown "
+                     f"here may be extra training (raise {limit.split('=')[0]}).")
     elif b.get("early_stopped") is not None:
         lines.append(f"The generalist converged: early stopping after {b['epochs_trained']} epochs "
                      f"(best epoch {b['best_epoch']}).")

@@ -116,8 +116,8 @@ def train(ctx: StageContext, model, spec: dict[str, Any], par: Parallel) -> Earl
     checkpoints = Checkpointer(ctx.stage_dir / CHECKPOINTS)
     stateful = {"optimizer": optimizer, "scheduler": scheduler, "early_stopping": stopper}
     clean = CleanPhase()
-    augmented = augment_spec(ctx.config.data.augment, ctx.source(), cfg.augment).kind != "none"
-    with_clean_phase = bool(cfg.clean_epochs) and augmented
+    augmented = _augmented(ctx)
+    with_clean_phase = _has_clean_phase(ctx)
     if with_clean_phase:
         stateful["clean_phase"] = clean
     epoch = _resume(ctx, checkpoints, model, stateful, steps_per_epoch, par)
@@ -138,6 +138,16 @@ def train(ctx: StageContext, model, spec: dict[str, Any], par: Parallel) -> Earl
             what = "without augmentation " if clean.on else ""
             ctx.console.print(f"  early stop after epoch {epoch}: holdout loss {what}did not improve")
     return stopper
+
+
+def _augmented(ctx) -> bool:
+    return augment_spec(ctx.config.data.augment, ctx.source(), ctx.config.generalist.augment).kind != "none"
+
+
+def _has_clean_phase(ctx) -> bool:
+    """Whether training goes on without augmentation after early stopping (then it ends only by
+    early stopping or at ``generalist.clean_epochs``)."""
+    return bool(ctx.config.generalist.clean_epochs) and _augmented(ctx)
 
 
 class CleanPhase:
@@ -242,14 +252,16 @@ def _convergence(ctx, stopper: EarlyStopping, epochs_trained: int) -> dict[str, 
     cfg = ctx.config.generalist
     early = stopper.should_stop
     still_falling = not early and stopper.best_epoch >= epochs_trained
+    # with a clean phase the loop ends only by early stopping or at the clean phase's own limit
+    limit = f"generalist.clean_epochs={cfg.clean_epochs}" if _has_clean_phase(ctx) else f"generalist.epochs={cfg.epochs}"
     record = {"early_stopped": early, "epochs_trained": epochs_trained,
-              "still_improving": still_falling,
+              "still_improving": still_falling, "epoch_limit": limit,
               "train_examples_seen": epochs_trained * ctx.source().size("train")}
     if still_falling:
         ctx.console.print(
-            f"  [yellow]not converged[/]: the generalist stopped at the epoch limit "
-            f"(generalist.epochs={cfg.epochs}) while its holdout loss was still falling; raise "
-            "generalist.epochs, or every gain the specialists show may be extra training")
+            f"  [yellow]not converged[/]: the generalist stopped at the epoch limit ({limit}) while its "
+            f"holdout loss was still falling; raise {limit.split('=')[0]}, or every gain the specialists "
+            "show may be extra training")
     return record
 
 
@@ -360,7 +372,9 @@ def _write(ctx, model, spec, summary, convergence: dict[str, Any], best_epoch: i
     }
     save_model(ctx.stage_dir / MODEL, model, metadata)
     write_json(ctx.stage_dir / METRICS, metrics)
-    ctx.logger.log_metrics({k: float(v) for k, v in metrics.items() if k != "best_epoch"})
+    ctx.logger.log_metrics({k: float(v) for k, v in metrics.items() if k not in ("best_epoch", "epoch_limit")})
+    if "epoch_limit" in metrics:
+        ctx.logger.set_tags({"specdistill.generalist_epoch_limit": metrics["epoch_limit"]})
     ctx.logger.log_artifact(ctx.stage_dir / METRICS)
     ctx.logger.log_artifact(ctx.stage_dir / f"{MODEL}.json")
     ctx.console.print(

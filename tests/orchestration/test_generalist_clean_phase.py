@@ -11,6 +11,7 @@ import pytest
 import orchestration.stages.generalist as generalist_stage
 from orchestration.artifacts import load_generalist
 from orchestration.cli import main
+from orchestration.report import baseline_lines
 
 
 @pytest.fixture
@@ -37,6 +38,7 @@ def test_clean_epochs_follow_the_augmented_ones_from_the_best_weights(tiny_args,
     assert augment_kinds[:2] != ["none", "none"] and augment_kinds[2:] == ["none", "none"]
     _, meta = load_generalist(workdir / "run")
     assert meta["metrics"]["epochs_trained"] == 4
+    assert meta["metrics"]["epoch_limit"] == "generalist.clean_epochs=2"  # the limit that ends this loop
     latest = json.loads((workdir / "run" / "generalist" / "checkpoints" / "latest.json").read_text())
     assert latest["dir"].endswith("0004")
 
@@ -46,6 +48,19 @@ def test_without_augmentation_there_is_no_clean_phase(tiny_args, workdir, augmen
     assert main(["run", *tiny_args("generalist.clean_epochs=2", off), "--to", "generalist"]) == 0
     assert "without augmentation" not in capsys.readouterr().out
     assert augment_kinds == ["none", "none"]
+    assert load_generalist(workdir / "run")[1]["metrics"]["epoch_limit"] == "generalist.epochs=2"
+
+
+@pytest.mark.parametrize(("limit", "knob"), [("generalist.clean_epochs=10", "generalist.clean_epochs"),
+                                             ("generalist.epochs=40", "generalist.epochs"),
+                                             (None, "generalist.epochs")])  # a run recorded before the limit was
+def test_a_generalist_still_improving_at_its_limit_is_reported_with_the_knob_that_ended_it(limit, knob):
+    report = {"baselines": {"still_improving": True, "early_stopped": False, "epochs_trained": 42,
+                            "epoch_limit": limit}}
+    line = baseline_lines(report)[0]
+    assert line.startswith("The generalist is NOT converged") and "42 epochs in all" in line
+    assert line.endswith(f"(raise {knob}).")
+    assert (limit or "generalist.epochs") in line
 
 
 def test_a_run_stopped_in_the_clean_phase_resumes_in_it(tiny_args, workdir, monkeypatch, capsys):
