@@ -261,7 +261,8 @@ class SpecialistsConfig(Section):
     )
     augment: bool = Field(False, description="Augment training batches as data.augment says. Off by default: "
                           "a specialist is a short fine-tune of a generalist that ended without augmentation "
-                          "(generalist.clean_epochs); on omniglot-5 augmented specialists scored 1 point lower.")
+                          "(generalist.clean_epochs). On omniglot-5 the measurements disagree (1 point lower "
+                          "in one ablation, about 0.5 points higher over 3 seeds in another): see docs/cluster.md.")
     soft_targets: float = Field(
         0.0, ge=0, le=1, description="Weight of the generalist's soft targets (collapsed onto the group + "
         "dustbin) against the hard labels: (1 - w) CE + w T^2 KL; 0 = hard labels only.",
